@@ -1,0 +1,155 @@
+"""A charm: a directory with `metadata.yaml`, an optional `config.yaml`, and `hooks/`.
+
+Deploying copies the charm into ZooKeeper as a zip bundle, so every machine gets the
+same bytes and later edits to the directory do not change a deployed service.
+"""
+
+import hashlib
+import io
+import os
+import stat
+import zipfile
+
+import yaml
+
+from ensemble.errors import InvalidCharm, InvalidValue
+from ensemble.names import validate_service_name
+from ensemble.errors import InvalidName
+
+REQUIRED_HOOKS = ("install", "start", "stop")
+# ZooKeeper's default jute.maxbuffer is 1 MiB for a whole request, bundle included.
+MAX_BUNDLE_BYTES = 900 * 1024
+OPTION_TYPES = ("string", "int", "boolean")
+_FIXED_TIME = (2000, 1, 1, 0, 0, 0)
+
+
+class Charm:
+    def __init__(self, directory, metadata, options):
+        self.directory = directory
+        self.metadata = metadata
+        self.options = options
+
+    @property
+    def name(self):
+        return self.metadata["name"]
+
+    @classmethod
+    def load(cls, directory):
+        directory = os.path.abspath(directory)
+        if not os.path.isdir(directory):
+            raise InvalidCharm(f"charm directory {directory} does not exist")
+        metadata = _read_yaml(os.path.join(directory, "metadata.yaml"), required=True)
+        name = metadata.get("name")
+        try:
+            validate_service_name(name)
+        except InvalidName:
+            raise InvalidCharm(
+                f"{directory}/metadata.yaml: 'name' must be [a-z][a-z0-9-]*, at most 40 characters"
+            )
+        hooks = os.path.join(directory, "hooks")
+        if not os.path.isdir(hooks):
+            raise InvalidCharm(f"charm {name} has no hooks/ directory")
+        for hook in REQUIRED_HOOKS:
+            path = os.path.join(hooks, hook)
+            if not os.path.isfile(path):
+                raise InvalidCharm(f"charm {name} has no '{hook}' hook (hooks/{hook})")
+            if not os.access(path, os.X_OK):
+                raise InvalidCharm(f"charm {name}: hooks/{hook} is not executable")
+        config = _read_yaml(os.path.join(directory, "config.yaml"), required=False)
+        options = config.get("options") or {}
+        if not isinstance(options, dict):
+            raise InvalidCharm(f"charm {name}: config.yaml 'options' must be a mapping")
+        for key, option in options.items():
+            if not isinstance(option, dict) or option.get("type", "string") not in OPTION_TYPES:
+                raise InvalidCharm(
+                    f"charm {name}: option {key!r} needs a mapping with type one of {', '.join(OPTION_TYPES)}"
+                )
+        return cls(directory, metadata, options)
+
+    def config(self, overrides):
+        """Defaults from config.yaml with `overrides` ({key: string}) applied and typed."""
+        values = {k: o["default"] for k, o in self.options.items() if "default" in o}
+        for key, text in overrides.items():
+            if key not in self.options:
+                known = ", ".join(sorted(self.options)) or "none"
+                raise InvalidValue(f"charm {self.name} has no option {key!r} (options: {known})")
+            values[key] = _coerce(key, text, self.options[key].get("type", "string"))
+        return values
+
+    def bundle(self):
+        """The charm as zip bytes; identical directories give identical bytes."""
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+            for root, dirs, files in os.walk(self.directory):
+                dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", ".git"))
+                for filename in sorted(files):
+                    path = os.path.join(root, filename)
+                    if os.path.islink(path) or not os.path.isfile(path):
+                        continue
+                    info = zipfile.ZipInfo(os.path.relpath(path, self.directory), _FIXED_TIME)
+                    info.external_attr = (stat.S_IFREG | (os.stat(path).st_mode & 0o777)) << 16
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    with open(path, "rb") as f:
+                        archive.writestr(info, f.read())
+        data = out.getvalue()
+        if len(data) > MAX_BUNDLE_BYTES:
+            raise InvalidCharm(
+                f"charm {self.name} is {len(data) // 1024} KiB packed; the limit is "
+                f"{MAX_BUNDLE_BYTES // 1024} KiB (ship large payloads another way)"
+            )
+        return data
+
+
+def bundle_id(name, data):
+    return f"{name}-{hashlib.sha256(data).hexdigest()[:16]}"
+
+
+def extract_bundle(data, destination):
+    """Unpack a bundle, keeping modes; refuses entries that would escape `destination`."""
+    destination = os.path.abspath(destination)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            target = os.path.abspath(os.path.join(destination, info.filename))
+            if not target.startswith(destination + os.sep):
+                raise InvalidCharm(f"charm bundle entry {info.filename!r} escapes its directory")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(archive.read(info))
+            mode = (info.external_attr >> 16) & 0o777
+            os.chmod(target, mode or 0o644)
+
+
+def _read_yaml(path, required):
+    name = os.path.basename(path)
+    if not os.path.exists(path):
+        if required:
+            raise InvalidCharm(f"{os.path.dirname(path)} has no {name}")
+        return {}
+    try:
+        with open(path) as f:
+            value = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InvalidCharm(f"{path} is not valid YAML: {str(e).splitlines()[0]}")
+    except OSError as e:
+        raise InvalidCharm(f"cannot read {path}: {e.strerror}")
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidCharm(f"{path} must be a YAML mapping")
+    return value
+
+
+def _coerce(key, text, kind):
+    if kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise InvalidValue(f"option {key!r} must be an integer, not {text!r}")
+    if kind == "boolean":
+        lowered = text.lower()
+        if lowered in ("true", "yes", "1"):
+            return True
+        if lowered in ("false", "no", "0"):
+            return False
+        raise InvalidValue(f"option {key!r} must be true or false, not {text!r}")
+    return text

@@ -1,0 +1,372 @@
+"""`ensemble`: argument parsing, then one function per command.
+
+Every failure a user can cause ends as `error: <one line>` on stderr and exit status 1;
+an unexpected one too, with the traceback in the log rather than on the screen.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import traceback
+
+from twisted.internet import defer
+
+from ensemble import __version__, connection, local
+from ensemble.charm import Charm, bundle_id
+from ensemble.errors import EnsembleError, InvalidValue, UnitNotFound
+from ensemble.home import EnsembleHome
+from ensemble.limits import parse_cpu_weight, parse_memory, parse_pids
+from ensemble.names import parse_machine_id, parse_unit_name, validate_service_name
+from ensemble.state.environment import get_environment
+from ensemble.state.machine import MachineStateManager
+from ensemble.state.service import ServiceStateManager
+from ensemble.state.unit import STARTED, UnitStateManager
+from ensemble.status import collect, render
+
+MAX_UNITS_PER_COMMAND = 1000
+
+
+class UsageError(EnsembleError):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+async def cmd_bootstrap(reactor, args):
+    home = EnsembleHome()
+    config, resumed = await local.bootstrap(
+        reactor, home, network=args.network, name=args.name, address=args.address
+    )
+    verb = "restarted" if resumed else "bootstrapped"
+    print(f"{verb} environment {config['name']} in {home.path}")
+    print(f"zookeeper: {config['zookeeper']}")
+    print(f"machine 0 agent log: {home.agent_log_path('machine-0')}")
+
+
+async def cmd_add_machine(reactor, args):
+    address = _validate_address(args.address) if args.address else None
+    client = await connection.connect(args.zookeeper)
+    try:
+        await get_environment(client)
+        machine = await MachineStateManager(client).add_machine(address=address)
+    finally:
+        await client.close()
+    print(machine.id)
+
+
+def _validate_address(text):
+    import netaddr
+
+    if not netaddr.valid_ipv4(text, flags=netaddr.INET_PTON):
+        raise InvalidValue(f"invalid address {text!r}: use an IPv4 address")
+    return text
+
+
+def _parse_config(pairs):
+    config = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidValue(f"invalid --config {pair!r}: use KEY=VALUE")
+        config[key] = value
+    return config
+
+
+def _parse_limits(args):
+    limits = {}
+    if args.memory is not None:
+        limits["memory"] = parse_memory(args.memory)
+    if args.cpu_weight is not None:
+        limits["cpu-weight"] = parse_cpu_weight(args.cpu_weight)
+    if args.pids is not None:
+        limits["pids"] = parse_pids(args.pids)
+    return limits
+
+
+def _parse_count(n):
+    if not 1 <= n <= MAX_UNITS_PER_COMMAND:
+        raise InvalidValue(f"-n must be from 1 to {MAX_UNITS_PER_COMMAND}, not {n}")
+    return n
+
+
+async def cmd_deploy(reactor, args):
+    # Everything is validated before the one transaction that writes it.
+    charm = Charm.load(args.charm_dir)
+    service = validate_service_name(args.service or charm.name)
+    config = charm.config(_parse_config(args.config))
+    limits = _parse_limits(args)
+    n = _parse_count(args.n)
+    to = parse_machine_id(args.to) if args.to is not None else None
+    bundle = charm.bundle()
+    client = await connection.connect(args.zookeeper)
+    try:
+        await get_environment(client)
+        if to is not None:
+            await MachineStateManager(client).get_machine(to)
+        _, units = await ServiceStateManager(client).deploy(
+            service, bundle_id(charm.name, bundle), bundle, config, limits, n=n, to=to
+        )
+    finally:
+        await client.close()
+    print(f"deployed service {service} ({charm.name}): {', '.join(units)}")
+
+
+async def cmd_add_unit(reactor, args):
+    service = validate_service_name(args.service)
+    n = _parse_count(args.n)
+    to = parse_machine_id(args.to) if args.to is not None else None
+    client = await connection.connect(args.zookeeper)
+    try:
+        await get_environment(client)
+        manager = ServiceStateManager(client)
+        await manager.get_service(service)
+        if to is not None:
+            await MachineStateManager(client).get_machine(to)
+        units = await manager.add_units(service, n=n, to=to)
+    finally:
+        await client.close()
+    print(f"added {', '.join(units)}")
+
+
+async def cmd_remove_unit(reactor, args):
+    for name in args.units:
+        parse_unit_name(name)
+    client = await connection.connect(args.zookeeper)
+    try:
+        await get_environment(client)
+        manager = UnitStateManager(client)
+        # All must exist before any is touched.
+        for name in args.units:
+            await manager.get_unit(name)
+        for name in args.units:
+            await manager.remove_unit(name)
+    finally:
+        await client.close()
+    print(f"removing {', '.join(args.units)}")
+
+
+async def cmd_destroy_service(reactor, args):
+    service = validate_service_name(args.service)
+    client = await connection.connect(args.zookeeper)
+    try:
+        await get_environment(client)
+        units = await ServiceStateManager(client).destroy_service(service)
+    finally:
+        await client.close()
+    if units:
+        print(f"destroying service {service}: removing {', '.join(units)}")
+    else:
+        print(f"destroyed service {service}")
+
+
+async def cmd_status(reactor, args):
+    client = await connection.connect(args.zookeeper)
+    try:
+        status = await collect(client)
+    finally:
+        await client.close()
+    print(render(status, args.format))
+
+
+async def cmd_service_addresses(reactor, args):
+    service = validate_service_name(args.service)
+    client = await connection.connect(args.zookeeper)
+    try:
+        await ServiceStateManager(client).get_service(service)
+        addresses = []
+        units = UnitStateManager(client)
+        for unit in sorted(await units.get_all_units(), key=lambda u: u.name):
+            if unit.service_name == service and unit.state == STARTED and unit.data.get("private-address"):
+                addresses.append(unit.data["private-address"])
+    finally:
+        await client.close()
+    for address in addresses:
+        print(address)
+
+
+async def cmd_destroy_environment(reactor, args):
+    home = EnsembleHome()
+    if not home.exists():
+        from ensemble.errors import NoEnvironment
+
+        raise NoEnvironment(home.path)
+    if not args.yes and sys.stdin.isatty():
+        answer = input(f"destroy environment in {home.path} and everything in it? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise EnsembleError("not destroyed")
+    config = await local.destroy_environment(reactor, home)
+    print(f"destroyed environment {config.get('name')}")
+
+
+async def cmd_machine_agent(reactor, args):
+    from ensemble.machine.agent import MachineAgent
+
+    machine_id = parse_machine_id(args.machine_id)
+    client = await connection.connect(args.zookeeper)
+    await _run_agent(reactor, MachineAgent(client, machine_id, reactor))
+
+
+async def cmd_unit_agent(reactor, args):
+    from ensemble.unit.agent import UnitAgent
+
+    parse_unit_name(args.unit)
+    client = await connection.connect(args.zookeeper)
+    await _run_agent(reactor, UnitAgent(client, args.unit, reactor))
+
+
+async def _run_agent(reactor, agent):
+    """Run until SIGTERM/SIGINT; then leave cleanly (the reactor turns both into shutdown)."""
+    try:
+        await agent.start()
+    except BaseException:
+        await agent.stop()
+        raise
+    done = defer.Deferred()
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(agent.stop()))
+    await done  # never fires: shutdown ends the process
+
+
+# -- parsing ---------------------------------------------------------------------------
+
+
+def build_parser():
+    parser = Parser(prog="ensemble", description="Deploy services, each unit in its own LXC container.")
+    parser.add_argument("--version", action="version", version=f"ensemble {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    commands.required = True
+
+    def command(name, function, help, zookeeper=True):
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(function=function)
+        if zookeeper:
+            sub.add_argument(
+                "--zookeeper",
+                metavar="HOST:PORT[,HOST:PORT...][/ROOT]",
+                help="talk to this ZooKeeper instead of the environment in ENSEMBLE_HOME",
+            )
+        return sub
+
+    sub = command("bootstrap", cmd_bootstrap, "start a local environment on this host", zookeeper=False)
+    sub.add_argument("--network", metavar="CIDR", help="address range for containers (default 10.77.0.0/16)")
+    sub.add_argument("--name", help="environment name (default: derived from ENSEMBLE_HOME)")
+    sub.add_argument("--address", default="127.0.0.1", help="this host's address as machine 0")
+
+    sub = command("add-machine", cmd_add_machine, "register a machine that will run its own agent")
+    sub.add_argument("--address", metavar="IP", help="the machine's address")
+
+    sub = command("deploy", cmd_deploy, "create a service from a charm directory and add units")
+    sub.add_argument("charm_dir", metavar="CHARM_DIR")
+    sub.add_argument("service", metavar="SERVICE", nargs="?", help="service name (default: the charm's)")
+    _placement_arguments(sub)
+    sub.add_argument("--config", action="append", metavar="KEY=VALUE", help="set a charm option")
+    sub.add_argument("--memory", metavar="SIZE", help="memory limit per unit, e.g. 512M")
+    sub.add_argument("--cpu-weight", metavar="N", help="relative CPU weight per unit (1-10000, default 100)")
+    sub.add_argument("--pids", metavar="N", help="process limit per unit")
+
+    sub = command("add-unit", cmd_add_unit, "add units to a service")
+    sub.add_argument("service", metavar="SERVICE")
+    _placement_arguments(sub)
+
+    sub = command("remove-unit", cmd_remove_unit, "remove units; their containers are destroyed")
+    sub.add_argument("units", metavar="UNIT", nargs="+")
+
+    sub = command("destroy-service", cmd_destroy_service, "remove a service and all its units")
+    sub.add_argument("service", metavar="SERVICE")
+
+    sub = command("status", cmd_status, "show machines, services and units")
+    sub.add_argument("--format", choices=("yaml", "json"), default="yaml")
+
+    sub = command("service-addresses", cmd_service_addresses, "print the addresses of a service's started units")
+    sub.add_argument("service", metavar="SERVICE")
+
+    sub = command(
+        "destroy-environment", cmd_destroy_environment, "stop and remove the local environment", zookeeper=False
+    )
+    sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+    sub = command("machine-agent", cmd_machine_agent, "run a machine agent in the foreground")
+    sub.add_argument("--machine-id", required=True, metavar="N")
+
+    sub = command("unit-agent", cmd_unit_agent, "run a unit agent in the foreground")
+    sub.add_argument("--unit", required=True, metavar="NAME")
+    return parser
+
+
+def _placement_arguments(sub):
+    sub.add_argument("--to", metavar="MACHINE", help="place the units on this existing machine")
+    sub.add_argument("-n", type=int, default=1, metavar="N", help="number of units (default 1)")
+
+
+# -- running ------------------------------------------------------------------------------
+
+
+def _configure_logging(args):
+    agent = args.command in ("machine-agent", "unit-agent")
+    level = logging.INFO if (agent or args.verbose) else logging.CRITICAL
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # kazoo narrates every reconnect attempt; agents keep the warnings.
+    logging.getLogger("ensemble.kazoo").setLevel(logging.WARNING if agent else logging.CRITICAL)
+
+
+def _crash_log(exc):
+    path = os.path.join(tempfile.gettempdir(), f"ensemble-crash-{os.getpid()}.log")
+    try:
+        with open(path, "w") as f:
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=f)
+    except OSError:
+        return None
+    return path
+
+
+def _report(exc):
+    if isinstance(exc, EnsembleError):
+        message = str(exc)
+    elif isinstance(exc, KeyboardInterrupt):
+        message = "interrupted"
+    else:
+        where = _crash_log(exc)
+        message = f"unexpected {type(exc).__name__}: {exc}" + (f" (details in {where})" if where else "")
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def run(argv=None):
+    """Run one command; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except EnsembleError as e:
+        return _report(e)
+    _configure_logging(args)
+    from twisted.internet import reactor
+
+    outcome = {"status": 0}
+
+    async def body():
+        try:
+            await args.function(reactor, args)
+        except BaseException as e:  # noqa: BLE001 - everything ends as one line
+            outcome["status"] = _report(e)
+        finally:
+            if reactor.running:
+                reactor.stop()
+
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(body()))
+    reactor.run()
+    return outcome["status"]
+
+
+def main():
+    sys.exit(run())

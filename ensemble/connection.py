@@ -1,0 +1,56 @@
+"""Which ZooKeeper a command talks to, and opening the session.
+
+Order: --zookeeper, then $ENSEMBLE_ZOOKEEPER (set for agents inside containers), then
+the environment in ENSEMBLE_HOME. The form is HOST:PORT[,HOST:PORT...][/ROOT].
+"""
+
+import os
+
+import netaddr
+
+from ensemble.errors import InvalidValue
+from ensemble.home import EnsembleHome
+from ensemble.state.client import DEFAULT_ROOT, ZKClient
+
+CONNECT_TIMEOUT = float(os.environ.get("ENSEMBLE_CONNECT_TIMEOUT", "5"))
+SESSION_TIMEOUT = float(os.environ.get("ENSEMBLE_SESSION_TIMEOUT", "10"))
+
+
+def parse_zookeeper(spec):
+    """'h:p,h2:p2/root' -> ('h:p,h2:p2', '/root')."""
+    spec = spec.strip()
+    servers, slash, root = spec.partition("/")
+    root = "/" + root.strip("/") if slash else DEFAULT_ROOT
+    if root == "/":
+        root = ""
+    hosts = [s.strip() for s in servers.split(",")]
+    for host in hosts:
+        name, colon, port = host.rpartition(":")
+        if not colon or not name or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidValue(f"invalid ZooKeeper address {host!r}: use HOST:PORT[,HOST:PORT...]")
+        if not (netaddr.valid_ipv4(name) or _valid_hostname(name)):
+            raise InvalidValue(f"invalid ZooKeeper host {name!r}")
+    for part in root.split("/")[1:]:
+        if not part or part in (".", "..") or not part.replace("-", "").replace("_", "").isalnum():
+            raise InvalidValue(f"invalid ZooKeeper root {root!r}")
+    return ",".join(hosts), root
+
+
+def _valid_hostname(name):
+    labels = name.split(".")
+    return all(label and len(label) <= 63 and label.replace("-", "").isalnum() for label in labels)
+
+
+def resolve(zookeeper=None, home=None):
+    """(servers, root) for this command."""
+    spec = zookeeper or os.environ.get("ENSEMBLE_ZOOKEEPER")
+    if spec:
+        return parse_zookeeper(spec)
+    config = (home or EnsembleHome()).load()
+    return config["zookeeper"], config.get("root", DEFAULT_ROOT)
+
+
+async def connect(zookeeper=None, home=None, timeout=None, session_timeout=None):
+    servers, root = resolve(zookeeper, home)
+    client = ZKClient(servers, root, session_timeout=session_timeout or SESSION_TIMEOUT)
+    return await client.connect(timeout if timeout is not None else CONNECT_TIMEOUT)

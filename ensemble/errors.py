@@ -1,0 +1,81 @@
+"""Errors a user sees. Each message is one line that says what is wrong and, where it
+helps, what to do; the CLI prints it as `error: <message>` and exits 1."""
+
+
+class EnsembleError(Exception):
+    """Base of every error meant for a user."""
+
+
+class ZooKeeperUnreachable(EnsembleError):
+    def __init__(self, servers, waited):
+        super().__init__(f"cannot reach ZooKeeper at {servers} (waited {waited:g}s)")
+
+
+class ZooKeeperStartFailed(EnsembleError):
+    pass
+
+
+class NoEnvironment(EnsembleError):
+    def __init__(self, home):
+        super().__init__(
+            f"no environment in {home} (run 'ensemble bootstrap', or pass --zookeeper)"
+        )
+
+
+class EnvironmentExists(EnsembleError):
+    pass
+
+
+class EnvironmentNotInitialized(EnsembleError):
+    def __init__(self, servers, root):
+        super().__init__(f"no ensemble environment at {servers}{root} (run 'ensemble bootstrap')")
+
+
+class InvalidName(EnsembleError):
+    pass
+
+
+class InvalidValue(EnsembleError):
+    pass
+
+
+class InvalidCharm(EnsembleError):
+    pass
+
+
+class MachineNotFound(EnsembleError):
+    def __init__(self, machine_id):
+        super().__init__(f"machine {machine_id} not found")
+
+
+class ServiceNotFound(EnsembleError):
+    def __init__(self, name):
+        super().__init__(f"service {name!r} not found")
+
+
+class ServiceExists(EnsembleError):
+    def __init__(self, name):
+        super().__init__(f"service {name!r} already exists")
+
+
+class ServiceDying(EnsembleError):
+    def __init__(self, name):
+        super().__init__(f"service {name!r} is being destroyed")
+
+
+class UnitNotFound(EnsembleError):
+    def __init__(self, name):
+        super().__init__(f"unit {name!r} not found")
+
+
+class NoMachines(EnsembleError):
+    def __init__(self):
+        super().__init__("no machines to place units on (run 'ensemble add-machine')")
+
+
+class MalformedState(EnsembleError):
+    """A node in ZooKeeper holds data this code cannot read."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"malformed data at {path}: {reason}")
+        self.path = path

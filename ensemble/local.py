@@ -1,0 +1,219 @@
+"""A local environment on this host: ZooKeeper and machine 0's agent as background
+processes whose config, data, pid files and logs live in ENSEMBLE_HOME."""
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import netaddr
+from twisted.internet import task, threads
+
+from ensemble.errors import EnsembleError, EnvironmentExists, InvalidValue, NoEnvironment
+from ensemble.home import EnsembleHome
+from ensemble.names import validate_environment_name
+from ensemble.state.client import ZKClient
+from ensemble.state.environment import DEFAULT_NETWORK, initialize
+from ensemble.state.machine import MachineStateManager
+from ensemble.zookeeper import ZooKeeperServer, process_alive, stop_process
+
+log = logging.getLogger("ensemble.local")
+
+AGENT_START_TIMEOUT = 20.0
+
+
+def default_environment_name(home):
+    # Container and bridge names carry the environment's name, so two homes on one
+    # host must not default to the same one.
+    return "local-" + hashlib.sha1(home.path.encode()).hexdigest()[:4]
+
+
+def validate_network(cidr, host_prefix=DEFAULT_NETWORK["host-prefix"]):
+    try:
+        network = netaddr.IPNetwork(cidr)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        raise InvalidValue(f"invalid network {cidr!r}: use an IPv4 CIDR such as 10.77.0.0/16")
+    if network.version != 4 or "/" not in str(cidr):
+        raise InvalidValue(f"invalid network {cidr!r}: use an IPv4 CIDR such as 10.77.0.0/16")
+    if network.network != network.ip:
+        raise InvalidValue(f"invalid network {cidr!r}: host bits are set (did you mean {network.cidr}?)")
+    if network.prefixlen > host_prefix:
+        raise InvalidValue(
+            f"network {cidr} is smaller than one host subnet (/{host_prefix}); use a /{host_prefix} or larger"
+        )
+    return str(network.cidr)
+
+
+def _run_blocking(reactor, f, *args):
+    return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+
+def zookeeper_server(home, config=None):
+    if config is None:
+        return ZooKeeperServer(home.zookeeper_dir)
+    host, _, port = config["zookeeper"].rpartition(":")
+    return ZooKeeperServer(home.zookeeper_dir, host=host, port=int(port))
+
+
+# -- agent processes --------------------------------------------------------------
+
+
+def _environ_of(pid):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def agent_pid(home, name):
+    """The pid of this home's agent `name` if it runs, else None."""
+    try:
+        with open(home.agent_pid_path(name)) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    if process_alive(pid) and f"ENSEMBLE_HOME={home.path}".encode() in _environ_of(pid):
+        return pid
+    return None
+
+
+def spawn_agent(home, name, arguments):
+    """Start `ensemble ARGUMENTS` detached, logging to logs/NAME.log; returns its pid."""
+    os.makedirs(home.run_dir, exist_ok=True)
+    os.makedirs(home.logs_dir, exist_ok=True)
+    env = dict(os.environ, ENSEMBLE_HOME=home.path)
+    env.pop("ENSEMBLE_ZOOKEEPER", None)
+    with open(home.agent_log_path(name), "ab") as log_file, open(os.devnull, "rb") as null:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ensemble", *arguments],
+            stdin=null,
+            stdout=log_file,
+            stderr=log_file,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    with open(home.agent_pid_path(name), "w") as f:
+        f.write(f"{process.pid}\n")
+    return process.pid
+
+
+def stop_agent(home, name, timeout=15.0):
+    pid = agent_pid(home, name)
+    if pid is not None:
+        stop_process(pid, timeout)
+    try:
+        os.unlink(home.agent_pid_path(name))
+    except FileNotFoundError:
+        pass
+
+
+def agent_names(home):
+    try:
+        return sorted(f[:-4] for f in os.listdir(home.run_dir) if f.endswith(".pid"))
+    except FileNotFoundError:
+        return []
+
+
+def _log_tail(path, lines=5):
+    try:
+        with open(path, errors="replace") as f:
+            return " | ".join(line.strip() for line in f.readlines()[-lines:] if line.strip())
+    except OSError:
+        return ""
+
+
+async def _start_machine_agent(reactor, home, client, machine_id=0):
+    name = f"machine-{machine_id}"
+    if agent_pid(home, name) is None:
+        pid = spawn_agent(home, name, ["machine-agent", "--machine-id", str(machine_id)])
+    else:
+        pid = agent_pid(home, name)
+    machine = await MachineStateManager(client).get_machine(machine_id)
+    deadline = reactor.seconds() + AGENT_START_TIMEOUT
+    while not await machine.agent_alive():
+        if not process_alive(pid):
+            raise EnsembleError(
+                f"the machine agent exited during start-up: {_log_tail(home.agent_log_path(name))}"
+            )
+        if reactor.seconds() > deadline:
+            raise EnsembleError(
+                f"the machine agent did not report within {AGENT_START_TIMEOUT:g}s; "
+                f"see {home.agent_log_path(name)}"
+            )
+        await task.deferLater(reactor, 0.1, lambda: None)
+    return pid
+
+
+# -- bootstrap and destroy ----------------------------------------------------------
+
+
+async def bootstrap(reactor, home, network=None, name=None, address="127.0.0.1", tick_time=2000):
+    """Start a new local environment, or restart a stopped one. Returns (config, resumed)."""
+    if home.exists():
+        return await _resume(reactor, home), True
+    cidr = validate_network(network or DEFAULT_NETWORK["cidr"])
+    name = validate_environment_name(name or default_environment_name(home))
+    server = ZooKeeperServer(home.zookeeper_dir, tick_time=tick_time)
+    config = {"name": name, "zookeeper": server.address, "root": "/ensemble", "machine": 0}
+    client = None
+    try:
+        await _run_blocking(reactor, server.start)
+        client = await ZKClient(server.address, config["root"]).connect()
+        await initialize(client, name, {"cidr": cidr})
+        await MachineStateManager(client).add_machine(address=address, local=True)
+        home.save(config)
+        await _start_machine_agent(reactor, home, client)
+    except BaseException:
+        if client is not None:
+            await client.close()
+        await _run_blocking(reactor, _destroy_files_and_processes, home, server)
+        raise
+    await client.close()
+    return config, False
+
+
+async def _resume(reactor, home):
+    config = home.load()
+    server = zookeeper_server(home, config)
+    if server.pid() is not None:
+        raise EnvironmentExists(
+            f"environment {config.get('name')!r} in {home.path} is already running "
+            f"(ZooKeeper at {server.address}); 'ensemble destroy-environment' removes it"
+        )
+    await _run_blocking(reactor, server.start)
+    client = await ZKClient(server.address, config.get("root", "/ensemble")).connect()
+    try:
+        await _start_machine_agent(reactor, home, client, config.get("machine", 0))
+    finally:
+        await client.close()
+    return config
+
+
+def _destroy_files_and_processes(home, server):
+    for name in agent_names(home):
+        stop_agent(home, name)
+    server.stop()
+    for path in home.owned_paths:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.unlink(path)
+    try:
+        os.rmdir(home.path)
+    except OSError:
+        pass
+
+
+async def destroy_environment(reactor, home):
+    """Stop the agents and ZooKeeper and remove every file the environment made."""
+    if not home.exists():
+        raise NoEnvironment(home.path)
+    config = home.load()
+    server = zookeeper_server(home, config)
+    await _run_blocking(reactor, _destroy_files_and_processes, home, server)
+    return config

@@ -1,0 +1,366 @@
+"""The one bridge between kazoo (threads) and Twisted (the reactor).
+
+Every call returns a Deferred that fires on the reactor thread; watch callbacks and
+connection events are hopped onto the reactor thread too. No other module imports kazoo.
+"""
+
+import logging
+
+from kazoo import exceptions as kz
+from kazoo.client import KazooClient, KazooState
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.states import EventType
+from kazoo.retry import KazooRetry
+from twisted.internet import defer, threads
+from twisted.python.failure import Failure
+
+from ensemble.errors import ZooKeeperUnreachable
+
+log = logging.getLogger("ensemble.zookeeper")
+
+DEFAULT_ROOT = "/ensemble"
+
+
+class StateError(Exception):
+    """A ZooKeeper operation failed."""
+
+
+class NoNode(StateError):
+    pass
+
+
+class NodeExists(StateError):
+    pass
+
+
+class BadVersion(StateError):
+    pass
+
+
+class NotEmpty(StateError):
+    pass
+
+
+class ConnectionLost(StateError):
+    """The connection dropped before the answer came; the operation may or may not have happened."""
+
+
+class SessionExpired(StateError):
+    pass
+
+
+class NoAuth(StateError):
+    pass
+
+
+_TRANSLATE = {
+    kz.NoNodeError: NoNode,
+    kz.NodeExistsError: NodeExists,
+    kz.BadVersionError: BadVersion,
+    kz.NotEmptyError: NotEmpty,
+    kz.ConnectionLoss: ConnectionLost,
+    kz.ConnectionClosedError: ConnectionLost,
+    kz.OperationTimeoutError: ConnectionLost,
+    kz.SessionExpiredError: SessionExpired,
+    kz.NoAuthError: NoAuth,
+}
+
+
+def _translate(exc):
+    for kind, ours in _TRANSLATE.items():
+        if isinstance(exc, kind):
+            return ours(str(exc) or kind.__name__)
+    return exc
+
+
+class WatchEvent:
+    """What a one-shot watch saw. `session` events mean the watch was dropped by a disconnect."""
+
+    CREATED, DELETED, CHANGED, CHILD, SESSION = "created", "deleted", "changed", "child", "session"
+    _TYPES = {
+        EventType.CREATED: CREATED,
+        EventType.DELETED: DELETED,
+        EventType.CHANGED: CHANGED,
+        EventType.CHILD: CHILD,
+        EventType.NONE: SESSION,
+    }
+
+    def __init__(self, type, path):
+        self.type = type
+        self.path = path
+
+    def __repr__(self):
+        return f"WatchEvent({self.type}, {self.path})"
+
+
+class Stat:
+    """The parts of a znode's stat the code uses."""
+
+    def __init__(self, zstat):
+        self.version = zstat.version
+        self.cversion = zstat.cversion
+        self.ephemeral_owner = zstat.ephemeralOwner
+        self.ctime = zstat.ctime / 1000.0
+        self.mtime = zstat.mtime / 1000.0
+        self.num_children = zstat.numChildren
+
+
+class Transaction:
+    """Operations committed atomically: all happen or none."""
+
+    def __init__(self, client):
+        self._client = client
+        self._tx = client._kazoo.transaction()
+
+    def create(self, path, data=b"", ephemeral=False):
+        self._tx.create(path, data, ephemeral=ephemeral)
+        return self
+
+    def delete(self, path, version=-1):
+        self._tx.delete(path, version)
+        return self
+
+    def set(self, path, data, version=-1):
+        self._tx.set_data(path, data, version)
+        return self
+
+    def check(self, path, version=-1):
+        """Abort unless `path` exists (at `version`, unless -1)."""
+        self._tx.check(path, version)
+        return self
+
+    def commit(self):
+        d = self._client._bridge(self._tx.commit_async())
+        d.addCallback(_raise_first_failure)
+        return d
+
+
+def _raise_first_failure(results):
+    for result in results:
+        if isinstance(result, Exception) and not isinstance(result, kz.RolledBackError):
+            raise _translate(result)
+    return results
+
+
+class ZKClient:
+    """A ZooKeeper session seen from the reactor.
+
+    `servers` is "host:port[,host:port...]"; all paths are relative to `root`.
+    """
+
+    def __init__(self, servers, root=DEFAULT_ROOT, session_timeout=10.0, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.servers = servers
+        self.root = root.rstrip("/") or ""
+        self.session_timeout = session_timeout
+        self._reactor = reactor
+        self._session_listeners = []
+        self._session_id = None
+        self._kazoo = None
+        self.connected = False
+
+    # -- connection -----------------------------------------------------------
+
+    async def connect(self, timeout=5.0):
+        """Open the session, waiting at most `timeout` seconds for a server to answer."""
+        hosts = self.servers + self.root
+        self._kazoo = KazooClient(
+            hosts=hosts,
+            timeout=self.session_timeout,
+            # Agents must ride out server restarts and failovers: retry for ever.
+            connection_retry=KazooRetry(max_tries=-1, max_delay=2.0),
+            logger=logging.getLogger("ensemble.kazoo"),
+        )
+        self._kazoo.add_listener(self._on_kazoo_state)
+        if self.root:
+            await self._ensure_root(timeout)
+        try:
+            await threads.deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), self._kazoo.start, timeout
+            )
+        except (KazooTimeoutError, kz.KazooException):
+            await self._stop_kazoo()
+            raise ZooKeeperUnreachable(self.servers, timeout)
+        self._session_id = self._kazoo.client_id[0]
+        self.connected = True
+        return self
+
+    async def _ensure_root(self, timeout):
+        # kazoo's chroot must exist before the chrooted session can use it.
+        plain = KazooClient(
+            hosts=self.servers, timeout=self.session_timeout, logger=logging.getLogger("ensemble.kazoo")
+        )
+
+        def make():
+            try:
+                plain.start(timeout)
+                plain.ensure_path(self.root)
+            finally:
+                plain.stop()
+                plain.close()
+
+        try:
+            await threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), make)
+        except (KazooTimeoutError, kz.KazooException):
+            await self._stop_kazoo()
+            raise ZooKeeperUnreachable(self.servers, timeout)
+
+    async def _stop_kazoo(self):
+        kazoo, self._kazoo = self._kazoo, None
+        if kazoo is None:
+            return
+
+        def stop():
+            kazoo.stop()
+            kazoo.close()
+
+        await threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), stop)
+
+    async def close(self):
+        self.connected = False
+        self._session_listeners = []
+        await self._stop_kazoo()
+
+    @property
+    def session_id(self):
+        return self._session_id
+
+    @property
+    def session_credentials(self):
+        """(session id, password): lets tests force this session to expire."""
+        return self._kazoo.client_id
+
+    def on_session_event(self, callback):
+        """Call `callback(event)` on the reactor thread for each connection change.
+
+        Events: "suspended" (connection lost, session may survive), "connected"
+        (same session back), "expired" (session and its ephemeral nodes gone),
+        "new-session" (connected again after expiry: re-register ephemerals).
+        Returns a function that unsubscribes.
+        """
+        self._session_listeners.append(callback)
+        return lambda: self._session_listeners.remove(callback) if callback in self._session_listeners else None
+
+    def _on_kazoo_state(self, state):
+        # kazoo thread: decide nothing here, hop to the reactor.
+        session_id = self._kazoo.client_id[0] if self._kazoo and self._kazoo.client_id else None
+        self._reactor.callFromThread(self._dispatch_state, state, session_id)
+
+    def _dispatch_state(self, state, session_id):
+        if state == KazooState.SUSPENDED:
+            self.connected = False
+            event = "suspended"
+        elif state == KazooState.LOST:
+            self.connected = False
+            event = "expired"
+        else:
+            self.connected = True
+            previous, self._session_id = self._session_id, session_id
+            event = "connected" if previous in (None, session_id) else "new-session"
+        log.info("zookeeper %s: %s", self.servers, event)
+        for callback in list(self._session_listeners):
+            try:
+                callback(event)
+            except Exception:
+                log.exception("session listener failed")
+
+    # -- operations -------------------------------------------------------------
+
+    def _bridge(self, async_result):
+        d = defer.Deferred()
+
+        def done(result):
+            # kazoo thread
+            try:
+                value = result.get_nowait()
+            except Exception as e:
+                self._reactor.callFromThread(d.errback, Failure(_translate(e)))
+            else:
+                self._reactor.callFromThread(d.callback, value)
+
+        async_result.rawlink(done)
+        return d
+
+    def _watcher(self, callback):
+        if callback is None:
+            return None
+
+        def watch(event):
+            # kazoo thread
+            ours = WatchEvent(WatchEvent._TYPES.get(event.type, WatchEvent.SESSION), event.path)
+            self._reactor.callFromThread(callback, ours)
+
+        return watch
+
+    def _kz(self):
+        if self._kazoo is None:
+            raise ConnectionLost("not connected")
+        return self._kazoo
+
+    def create(self, path, data=b"", ephemeral=False, sequence=False, makepath=False):
+        return self._bridge(
+            self._kz().create_async(path, data, ephemeral=ephemeral, sequence=sequence, makepath=makepath)
+        )
+
+    def get(self, path, watch=None):
+        """Fires with (data, Stat)."""
+        d = self._bridge(self._kz().get_async(path, watch=self._watcher(watch)))
+        d.addCallback(lambda r: (r[0], Stat(r[1])))
+        return d
+
+    def set(self, path, data, version=-1):
+        return self._bridge(self._kz().set_async(path, data, version))
+
+    def delete(self, path, version=-1):
+        return self._bridge(self._kz().delete_async(path, version))
+
+    def delete_tree(self, path):
+        """Delete `path` and everything under it; a missing node is not an error."""
+
+        def delete():
+            try:
+                self._kz().delete(path, recursive=True)
+            except kz.NoNodeError:
+                pass
+            except kz.KazooException as e:
+                raise _translate(e)
+
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), delete)
+
+    def exists(self, path, watch=None):
+        """Fires with a Stat, or None if there is no such node."""
+        d = self._bridge(self._kz().exists_async(path, watch=self._watcher(watch)))
+        d.addCallback(lambda s: Stat(s) if s is not None else None)
+        return d
+
+    def get_children(self, path, watch=None):
+        return self._bridge(self._kz().get_children_async(path, watch=self._watcher(watch)))
+
+    def ensure_path(self, path):
+        return self._bridge(self._kz().ensure_path_async(path))
+
+    def transaction(self):
+        return Transaction(self)
+
+
+async def expire_session(client, timeout=5.0):
+    """Make the server expire `client`'s session, as a long network partition would.
+
+    A second connection takes over the session with its credentials and closes it.
+    For tests and fault drills; the owner sees "expired", then "new-session".
+    """
+    session_id, password = client.session_credentials
+    thief = KazooClient(
+        hosts=client.servers + client.root,
+        client_id=(session_id, password),
+        timeout=client.session_timeout,
+        logger=logging.getLogger("ensemble.kazoo"),
+    )
+
+    def take_and_close():
+        thief.start(timeout)
+        thief.stop()
+        thief.close()
+
+    await threads.deferToThreadPool(client._reactor, client._reactor.getThreadPool(), take_and_close)

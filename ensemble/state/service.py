@@ -1,0 +1,222 @@
+"""Services: /services/<name> holds the charm id, config, limits, life and the unit
+counter. Adding units creates the unit nodes and their machine assignments in the same
+transaction as the counter bump, so a unit is never half-made or half-assigned."""
+
+from twisted.internet import defer
+
+from ensemble.errors import (
+    MachineNotFound,
+    MalformedState,
+    NoMachines,
+    ServiceDying,
+    ServiceExists,
+    ServiceNotFound,
+)
+from ensemble.names import unit_name
+from ensemble.state import nodes
+from ensemble.state.client import BadVersion, NodeExists, NoNode
+from ensemble.state.machine import MachineStateManager
+from ensemble.state.unit import ALIVE, DYING, PENDING, UnitStateManager, assignment_path, unit_path
+
+
+def service_path(name):
+    return f"{nodes.SERVICES}/{name}"
+
+
+def charm_path(charm_id):
+    return f"{nodes.CHARMS}/{charm_id}"
+
+
+class ServiceState:
+    def __init__(self, client, name, data):
+        self.client = client
+        self.name = name
+        self.data = data
+
+    def __repr__(self):
+        return f"<Service {self.name}>"
+
+    @property
+    def path(self):
+        return service_path(self.name)
+
+    @property
+    def charm_id(self):
+        return self.data.get("charm")
+
+    @property
+    def config(self):
+        return self.data.get("config") or {}
+
+    @property
+    def limits(self):
+        return self.data.get("limits") or {}
+
+    @property
+    def life(self):
+        return self.data.get("life", ALIVE)
+
+    async def unit_names(self):
+        return [n for n in await UnitStateManager(self.client).unit_names() if n.rpartition("/")[0] == self.name]
+
+    async def charm_bundle(self):
+        data, _ = await self.client.get(charm_path(self.charm_id))
+        return data
+
+
+def place(counts, n, to=None):
+    """Machines for `n` new units: all on `to`, or each on the machine with fewest units."""
+    if to is not None:
+        if to not in counts:
+            raise MachineNotFound(to)
+        return [to] * n
+    if not counts:
+        raise NoMachines()
+    counts = dict(counts)
+    chosen = []
+    for _ in range(n):
+        machine = min(counts, key=lambda m: (counts[m], m))
+        counts[machine] += 1
+        chosen.append(machine)
+    return chosen
+
+
+def _unit_data(service, machine_id):
+    return {"service": service, "machine": machine_id, "life": ALIVE, "state": PENDING}
+
+
+def _add_unit_ops(tx, service, first_number, machines):
+    names = []
+    for offset, machine_id in enumerate(machines):
+        name = unit_name(service, first_number + offset)
+        tx.create(unit_path(name), nodes.dump(_unit_data(service, machine_id)))
+        tx.create(assignment_path(machine_id, name), b"")
+        names.append(name)
+    return names
+
+
+class ServiceStateManager:
+    def __init__(self, client):
+        self.client = client
+
+    async def _placements(self, n, to):
+        return place(await MachineStateManager(self.client).unit_counts(), n, to)
+
+    async def deploy(self, name, charm_bundle_id, bundle, config, limits, n=1, to=None):
+        """Create the service (storing its charm if new) with `n` units, atomically."""
+        machines = await self._placements(n, to)
+        data = {
+            "charm": charm_bundle_id,
+            "config": config,
+            "limits": limits,
+            "life": ALIVE,
+            "unit-sequence": n,
+        }
+        tx = self.client.transaction()
+        if await self.client.exists(charm_path(charm_bundle_id)) is None:
+            tx.create(charm_path(charm_bundle_id), bundle)
+        tx.create(service_path(name), nodes.dump(data))
+        names = _add_unit_ops(tx, name, 0, machines)
+        try:
+            await tx.commit()
+        except NodeExists:
+            existing = await self.client.exists(service_path(name))
+            if existing is not None:
+                service = await self.get_service(name)
+                raise ServiceDying(name) if service.life == DYING else ServiceExists(name)
+            # Another deploy stored the same charm first; ours is identical.
+            return await self.deploy(name, charm_bundle_id, bundle, config, limits, n, to)
+        except NoNode:
+            raise MachineNotFound(to if to is not None else machines[0])
+        return ServiceState(self.client, name, data), names
+
+    async def add_units(self, name, n=1, to=None):
+        """Add `n` units of a service; returns their names."""
+        machines = await self._placements(n, to)
+        while True:
+            try:
+                data, version = await nodes.read(self.client, service_path(name))
+            except NoNode:
+                raise ServiceNotFound(name)
+            if data.get("life") == DYING:
+                raise ServiceDying(name)
+            first = int(data.get("unit-sequence", 0))
+            tx = self.client.transaction()
+            tx.set(service_path(name), nodes.dump({**data, "unit-sequence": first + n}), version)
+            names = _add_unit_ops(tx, name, first, machines)
+            try:
+                await tx.commit()
+                return names
+            except BadVersion:
+                continue
+            except NoNode:
+                raise MachineNotFound(to if to is not None else machines[0])
+
+    async def get_service(self, name):
+        try:
+            data, _ = await nodes.read(self.client, service_path(name))
+        except NoNode:
+            raise ServiceNotFound(name)
+        return ServiceState(self.client, name, data)
+
+    async def get_all_services(self):
+        names = sorted(await self.client.get_children(nodes.SERVICES))
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(self.get_service(n)) for n in names], consumeErrors=True
+        )
+        services = []
+        for name, (ok, value) in zip(names, results):
+            if ok:
+                services.append(value)
+            elif value.check(MalformedState):
+                services.append(ServiceState(self.client, name, {"malformed": str(value.value)}))
+        return services
+
+    async def destroy_service(self, name):
+        """Mark the service and its units dying and unassign every unit, atomically.
+
+        Machine agents tear the units down; the last unit's removal removes the
+        service. A service without units goes at once."""
+        while True:
+            try:
+                data, version = await nodes.read(self.client, service_path(name))
+            except NoNode:
+                raise ServiceNotFound(name)
+            service = ServiceState(self.client, name, data)
+            tx = self.client.transaction()
+            units = []
+            for unit in await service.unit_names():
+                try:
+                    unit_data, unit_version = await nodes.read(self.client, unit_path(unit))
+                except (NoNode, MalformedState):
+                    continue
+                units.append(unit)
+                if unit_data.get("life") != DYING:
+                    tx.set(unit_path(unit), nodes.dump({**unit_data, "life": DYING}), unit_version)
+                if unit_data.get("machine") is not None:
+                    assignment = assignment_path(unit_data["machine"], unit)
+                    if await self.client.exists(assignment) is not None:
+                        tx.delete(assignment)
+            if units:
+                tx.set(service_path(name), nodes.dump({**data, "life": DYING}), version)
+            else:
+                tx.delete(service_path(name), version)
+            try:
+                await tx.commit()
+                return units
+            except (BadVersion, NoNode):
+                continue
+
+    async def remove_service_if_done(self, name):
+        """Remove a dying service's node once no unit of it is left; True if removed."""
+        try:
+            service = await self.get_service(name)
+        except ServiceNotFound:
+            return True
+        if service.life != DYING or await service.unit_names():
+            return False
+        try:
+            await self.client.delete(service.path)
+        except NoNode:
+            pass
+        return True

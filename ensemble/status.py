@@ -1,0 +1,94 @@
+"""`ensemble status`: one read of the environment, shaped for people and scripts."""
+
+import json
+
+import yaml
+from twisted.internet import defer
+
+from ensemble.limits import format_memory
+from ensemble.state.environment import get_environment
+from ensemble.state.machine import MachineStateManager
+from ensemble.state.service import ServiceStateManager
+from ensemble.state.unit import DYING, UnitStateManager
+
+
+async def collect(client):
+    environment = await get_environment(client)
+    machines, services, units = await defer.gatherResults(
+        [
+            defer.ensureDeferred(MachineStateManager(client).get_all_machines()),
+            defer.ensureDeferred(ServiceStateManager(client).get_all_services()),
+            defer.ensureDeferred(UnitStateManager(client).get_all_units()),
+        ],
+        consumeErrors=True,
+    )
+    machine_alive = await defer.gatherResults(
+        [defer.ensureDeferred(m.agent_alive()) for m in machines], consumeErrors=True
+    )
+    unit_alive = await defer.gatherResults(
+        [defer.ensureDeferred(u.agent_alive()) for u in units], consumeErrors=True
+    )
+    result = {
+        "environment": environment.get("name"),
+        "network": environment.get("network"),
+        "machines": {},
+        "services": {},
+    }
+    for machine, alive in zip(machines, machine_alive):
+        entry = {
+            "address": machine.address,
+            "subnet": machine.data.get("subnet"),
+            "agent": "alive" if alive else "down",
+        }
+        if "error" in machine.data:
+            entry["error"] = machine.data["error"]
+        result["machines"][machine.id] = entry
+    for service in services:
+        entry = {"units": {}}
+        if "malformed" in service.data:
+            entry["error"] = service.data["malformed"]
+        else:
+            entry.update(
+                charm=service.charm_id,
+                config=service.config,
+                limits=_limits(service.limits),
+            )
+            if service.life == DYING:
+                entry["life"] = DYING
+        result["services"][service.name] = entry
+    for unit, alive in zip(units, unit_alive):
+        entry = _unit_entry(unit, alive)
+        service = result["services"].setdefault(unit.service_name, {"units": {}})
+        service["units"][unit.name] = entry
+    return result
+
+
+def _limits(limits):
+    shown = dict(limits)
+    if "memory" in shown:
+        shown["memory"] = format_memory(shown["memory"])
+    return shown
+
+
+def _unit_entry(unit, alive):
+    data = unit.data
+    if "malformed" in data:
+        return {"agent-state": "error", "error": data["malformed"]}
+    entry = {
+        "machine": data.get("machine"),
+        "container": data.get("container"),
+        "private-address": data.get("private-address"),
+        "agent-state": unit.state,
+        "agent": "alive" if alive else "down",
+    }
+    if data.get("error"):
+        entry["error"] = data["error"]
+    if unit.life == DYING:
+        entry["life"] = DYING
+    return entry
+
+
+def render(status, fmt="yaml"):
+    if fmt == "json":
+        return json.dumps(status, indent=2, sort_keys=True)
+    return yaml.safe_dump(status, default_flow_style=False, sort_keys=False).rstrip()

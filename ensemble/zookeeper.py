@@ -1,0 +1,218 @@
+"""Run a standalone ZooKeeper server from the Debian package, as a plain process.
+
+Blocking by design: it is used before the reactor runs (tests, bootstrap) or through
+`deferToThread`.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+from ensemble.errors import ZooKeeperStartFailed
+
+JARS = ["/usr/share/java/zookeeper.jar", "/usr/share/java/slf4j-simple.jar"]
+MAIN_CLASS = "org.apache.zookeeper.server.ZooKeeperServerMain"
+
+
+def free_port(host="127.0.0.1"):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_free(host, port):
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def four_letter(host, port, command, timeout=1.0):
+    """Send a four-letter command; return the answer, or None if nothing answered."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(command.encode())
+            chunks = []
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks).decode(errors="replace")
+    except OSError:
+        return None
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); it is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def process_cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def stop_process(pid, timeout=10.0, marker=None):
+    """SIGTERM `pid`, then SIGKILL after `timeout`. With `marker`, only if its command
+    line contains it, so a recycled pid is never killed."""
+    if not process_alive(pid):
+        return
+    if marker is not None and marker.encode() not in process_cmdline(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _reap(pid)
+        if not process_alive(pid):
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    while process_alive(pid):
+        _reap(pid)
+        time.sleep(0.02)
+
+
+def _reap(pid):
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+class ZooKeeperServer:
+    """One standalone server whose config, data, log and pid file live in `directory`."""
+
+    def __init__(self, directory, host="127.0.0.1", port=None, tick_time=2000, heap_mb=256):
+        self.directory = os.path.abspath(directory)
+        self.host = host
+        self.port = port or free_port(host)
+        self.tick_time = tick_time
+        self.heap_mb = heap_mb
+
+    @property
+    def address(self):
+        return f"{self.host}:{self.port}"
+
+    @property
+    def config_path(self):
+        return os.path.join(self.directory, "zoo.cfg")
+
+    @property
+    def pid_path(self):
+        return os.path.join(self.directory, "zookeeper.pid")
+
+    @property
+    def log_path(self):
+        return os.path.join(self.directory, "zookeeper.log")
+
+    def _write_config(self):
+        data_dir = os.path.join(self.directory, "data")
+        os.makedirs(data_dir, exist_ok=True)
+        lines = [
+            f"tickTime={self.tick_time}",
+            f"dataDir={data_dir}",
+            f"clientPort={self.port}",
+            f"clientPortAddress={self.host}",
+            "maxClientCnxns=0",
+            "admin.enableServer=false",
+            "4lw.commands.whitelist=ruok,srvr,mntr,envi,stat",
+            # Local environments and tests create many small transactions; keep the disk bounded.
+            "autopurge.snapRetainCount=3",
+            "autopurge.purgeInterval=1",
+        ]
+        with open(self.config_path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def pid(self):
+        """The pid of this server if it is running, else None."""
+        try:
+            with open(self.pid_path) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+        if process_alive(pid) and self.config_path.encode() in process_cmdline(pid):
+            return pid
+        return None
+
+    def start(self, timeout=30.0):
+        """Start the server detached from the caller and wait until it serves sessions."""
+        for jar in JARS:
+            if not os.path.exists(jar):
+                raise ZooKeeperStartFailed(f"{jar} is missing: install the 'zookeeper' package")
+        if self.pid() is not None:
+            raise ZooKeeperStartFailed(f"a ZooKeeper server already runs from {self.directory}")
+        if not port_free(self.host, self.port):
+            raise ZooKeeperStartFailed(f"cannot start ZooKeeper: {self.address} is already in use")
+        os.makedirs(self.directory, exist_ok=True)
+        self._write_config()
+        command = [
+            "java",
+            f"-Xmx{self.heap_mb}m",
+            "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+            "-Dzookeeper.jmx.log4j.disable=true",
+            "-cp",
+            ":".join(JARS),
+            MAIN_CLASS,
+            self.config_path,
+        ]
+        with open(self.log_path, "ab") as log, open(os.devnull, "rb") as null:
+            process = subprocess.Popen(
+                command, stdin=null, stdout=log, stderr=log, start_new_session=True, close_fds=True
+            )
+        with open(self.pid_path, "w") as f:
+            f.write(f"{process.pid}\n")
+        try:
+            self.wait_ready(timeout, process)
+        except ZooKeeperStartFailed:
+            self.stop()
+            raise
+        return process.pid
+
+    def wait_ready(self, timeout=30.0, process=None):
+        # `ruok` answers before the server accepts sessions; `srvr` showing a Mode does not.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            answer = four_letter(self.host, self.port, "srvr", timeout=0.5)
+            exited = process is not None and process.poll() is not None
+            if answer and "Mode:" in answer and not exited:
+                return
+            if exited:
+                raise ZooKeeperStartFailed(
+                    f"ZooKeeper exited with status {process.returncode} on {self.address}; "
+                    f"see {self.log_path}"
+                )
+            time.sleep(0.05)
+        raise ZooKeeperStartFailed(
+            f"ZooKeeper on {self.address} did not answer within {timeout:g}s; see {self.log_path}"
+        )
+
+    def stop(self, timeout=10.0):
+        pid = self.pid()
+        if pid is not None:
+            stop_process(pid, timeout, marker=self.config_path)
+        try:
+            os.unlink(self.pid_path)
+        except FileNotFoundError:
+            pass

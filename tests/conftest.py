@@ -1,0 +1,82 @@
+"""Shared fixtures: one real ZooKeeper server per test session, a root node per test."""
+
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import pytest_twisted
+
+from ensemble.state.client import ZKClient
+from ensemble.state.environment import initialize
+from ensemble.state.machine import MachineStateManager
+from ensemble.zookeeper import ZooKeeperServer
+
+# Small tick so that sessions of killed clients expire in ~1-2 s, not ~10 s.
+TICK_MS = 500
+SESSION_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="session")
+def zk_server(tmp_path_factory):
+    server = ZooKeeperServer(str(tmp_path_factory.mktemp("zookeeper")), tick_time=TICK_MS)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def zk_root():
+    return f"/test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def zk_spec(zk_server, zk_root):
+    """What --zookeeper / ENSEMBLE_ZOOKEEPER take for this test's root."""
+    return f"{zk_server.address}{zk_root}"
+
+
+@pytest_twisted.async_yield_fixture
+async def client(zk_server, zk_root):
+    c = await ZKClient(zk_server.address, zk_root, session_timeout=SESSION_TIMEOUT).connect()
+    yield c
+    await c.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def env_client(client):
+    """A client on an initialised environment with machine 0 registered."""
+    await initialize(client, "test")
+    await MachineStateManager(client).add_machine(address="127.0.0.1")
+    yield client
+
+
+def ensemble_env(home, zk_spec=None, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENSEMBLE_")}
+    env["ENSEMBLE_HOME"] = str(home)
+    env["ENSEMBLE_CONNECT_TIMEOUT"] = "2"
+    env["ENSEMBLE_SESSION_TIMEOUT"] = str(SESSION_TIMEOUT)
+    if zk_spec:
+        env["ENSEMBLE_ZOOKEEPER"] = zk_spec
+    env.update(extra)
+    return env
+
+
+def run_ensemble(*args, env, timeout=60, input=None):
+    """Run the CLI as a user would; returns CompletedProcess with text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "ensemble", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+    )
+
+
+@pytest.fixture
+def cli(tmp_path, zk_spec):
+    """Run `ensemble` against this test's root: cli('status') -> CompletedProcess."""
+    env = ensemble_env(tmp_path / "home", zk_spec)
+    return lambda *args, **kw: run_ensemble(*args, env=env, **kw)
