@@ -61,7 +61,7 @@ class MachineState:
         return self.data
 
     async def register_agent(self, info):
-        await presence.register(self.client, self.agent_path, info)
+        await presence.register(self.client, self.agent_path, info, f"machine {self.id}")
 
     async def agent_alive(self):
         return await presence.alive(self.client, self.agent_path)

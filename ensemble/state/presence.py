@@ -28,7 +28,7 @@ def agent_info(**extra):
     return info
 
 
-async def register(client, path, info, reactor=None, wait=None):
+async def register(client, path, info, who, reactor=None, wait=None):
     """Create the ephemeral presence node at `path` for this session.
 
     A node left by a dead agent on this host is taken over at once; one whose owner
@@ -61,7 +61,7 @@ async def register(client, path, info, reactor=None, wait=None):
         if same_host and isinstance(other_pid, int) and other_pid != info["pid"]:
             if process_alive(other_pid):
                 raise AgentAlreadyRunning(
-                    f"an agent already runs for {path.rsplit('/', 2)[-2]} (pid {other_pid})"
+                    f"an agent for {who} is already running (pid {other_pid})"
                 )
             try:
                 await client.delete(path, stat.version)
@@ -70,7 +70,7 @@ async def register(client, path, info, reactor=None, wait=None):
             continue
         if reactor.seconds() >= deadline:
             raise AgentAlreadyRunning(
-                f"an agent on {other.get('host', '?')} still holds {path}; is it running?"
+                f"an agent for {who} on {other.get('host', '?')} is still present; is it running?"
             )
         gone = defer.Deferred()
         if await client.exists(path, watch=lambda e: gone.called or gone.callback(None)):

@@ -92,7 +92,7 @@ class UnitState:
         return await DataWatch(self.client, self.path, translate).start()
 
     async def register_agent(self, info):
-        await presence.register(self.client, self.agent_path, info)
+        await presence.register(self.client, self.agent_path, info, f"unit {self.name}")
 
     async def agent_alive(self):
         return await presence.alive(self.client, self.agent_path)
@@ -111,13 +111,14 @@ class UnitStateManager:
         return UnitState(self.client, name, data)
 
     async def unit_names(self):
+        """Every unit's name, by service then number; unreadable node names are skipped."""
         names = []
         for key in await self.client.get_children(nodes.UNITS):
             try:
                 names.append(unit_name_from_key(key))
             except Exception:
                 continue
-        return names
+        return sorted(names, key=lambda n: (n.rpartition("/")[0], int(n.rpartition("/")[2])))
 
     async def get_all_units(self):
         """Every unit; a malformed one comes back with `data = {'malformed': reason}`."""

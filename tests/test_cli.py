@@ -1,0 +1,201 @@
+"""Every CLI command, as a user runs it, against a real ZooKeeper; bad input gets one
+line, exit status 1, and leaves ZooKeeper exactly as it was."""
+
+import json
+import os
+import shutil
+import stat
+
+import pytest
+import pytest_twisted
+import yaml
+
+from ensemble.zookeeper import free_port
+
+from conftest import ensemble_env, run_ensemble
+from test_state import snapshot
+
+DB = "examples/charms/db"
+WEB = "examples/charms/web"
+COMMANDS = [
+    "bootstrap", "add-machine", "deploy", "add-unit", "remove-unit", "destroy-service", "status",
+    "service-addresses", "destroy-environment", "machine-agent", "unit-agent",
+]
+
+
+def one_line_error(result):
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0][len("error: "):]
+
+
+def status(cli):
+    result = cli("status", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, tmp_path):
+    result = run_ensemble(command, "--help", env=ensemble_env(tmp_path))
+    assert result.returncode == 0
+    assert f"usage: ensemble {command}" in result.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_deploy_add_remove_and_status(env_client, cli):
+    result = cli("deploy", DB, "--to", "0", "-n", "2", "--memory", "512M", "--cpu-weight", "200", "--pids", "256")
+    assert result.returncode == 0, result.stderr
+    assert "db/0, db/1" in result.stdout
+    result = cli("deploy", WEB, "front", "--to", "0", "--config", "db=db", "--config", "port=8080")
+    assert result.returncode == 0, result.stderr
+
+    assert cli("add-machine", "--address", "192.0.2.10").stdout.strip() == "1"
+    result = cli("add-unit", "front")  # goes to the emptier machine 1
+    assert result.returncode == 0 and "front/1" in result.stdout
+    result = cli("add-unit", "db", "--to", "1", "-n", "2")
+    assert result.returncode == 0 and "db/2, db/3" in result.stdout
+
+    report = status(cli)
+    assert report["environment"] == "test"
+    assert report["machines"]["1"] == {"address": "192.0.2.10", "subnet": None, "agent": "down"}
+    db = report["services"]["db"]
+    assert db["limits"] == {"memory": "512M", "cpu-weight": 200, "pids": 256}
+    assert db["config"] == {"port": 7070}
+    assert db["charm"].startswith("db-")
+    assert {n: u["machine"] for n, u in db["units"].items()} == {"db/0": 0, "db/1": 0, "db/2": 1, "db/3": 1}
+    assert db["units"]["db/0"]["agent-state"] == "pending"
+    front = report["services"]["front"]
+    assert front["config"] == {"db": "db", "db-port": 7070, "port": 8080}
+    assert front["units"]["front/1"]["machine"] == 1
+
+    result = cli("remove-unit", "db/0", "db/3")
+    assert result.returncode == 0, result.stderr
+    units = status(cli)["services"]["db"]["units"]
+    assert units["db/0"]["life"] == "dying" and "life" not in units["db/1"]
+    assert await env_client.exists("/machines/machine-0000000000/units/db-0") is None
+
+    result = cli("destroy-service", "front")
+    assert result.returncode == 0 and "front/0, front/1" in result.stdout
+    assert status(cli)["services"]["front"]["life"] == "dying"
+
+    yaml_report = yaml.safe_load(cli("status").stdout)
+    assert yaml_report["services"]["db"]["units"]["db/2"]["machine"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_addresses_lists_started_units_only(env_client, cli):
+    assert cli("deploy", DB, "--to", "0", "-n", "3").returncode == 0
+    from ensemble.state.unit import UnitStateManager
+
+    units = UnitStateManager(env_client)
+    for name, state, address in (("db/0", "started", "10.77.0.3"), ("db/1", "installing", "10.77.0.4"),
+                                 ("db/2", "started", "10.77.0.2")):
+        await (await units.get_unit(name)).update(**{"state": state, "private-address": address})
+    result = cli("service-addresses", "db")
+    assert result.stdout.split() == ["10.77.0.3", "10.77.0.2"]
+
+
+def broken_charm(tmp_path, kind):
+    path = tmp_path / f"charm-{kind}"
+    shutil.copytree(DB, path)
+    if kind == "no-metadata":
+        os.unlink(path / "metadata.yaml")
+    elif kind == "metadata-list":
+        (path / "metadata.yaml").write_text("- name: db\n")
+    elif kind == "metadata-bad-yaml":
+        (path / "metadata.yaml").write_text("name: [db\n")
+    elif kind == "bad-name":
+        (path / "metadata.yaml").write_text("name: ../etc\n")
+    elif kind == "hook-missing":
+        os.unlink(path / "hooks" / "start")
+    elif kind == "hook-not-executable":
+        os.chmod(path / "hooks" / "install", stat.S_IRUSR | stat.S_IWUSR)
+    return str(path)
+
+
+LONG = "a" * 41
+BAD_INPUT = [
+    (["add-unit", "nosuch"], "service 'nosuch' not found"),
+    (["destroy-service", "nosuch"], "service 'nosuch' not found"),
+    (["remove-unit", "db/9"], "unit 'db/9' not found"),
+    (["remove-unit", "db/0", "db/9"], "unit 'db/9' not found"),
+    (["add-unit", "db", "--to", "9"], "machine 9 not found"),
+    (["deploy", WEB, "--to", "9"], "machine 9 not found"),
+    (["deploy", WEB, "--to", "../0"], "invalid machine id"),
+    (["deploy", DB], "service 'db' already exists"),
+    (["deploy", WEB, "Web"], "invalid service name 'Web'"),
+    (["deploy", WEB, "../../etc"], "invalid service name"),
+    (["deploy", WEB, "web;rm -rf /"], "invalid service name"),
+    (["deploy", WEB, LONG], "at most 40 characters"),
+    (["add-unit", "$(reboot)"], "invalid service name"),
+    (["remove-unit", "db"], "invalid unit name 'db'"),
+    (["remove-unit", "db/x"], "invalid unit name"),
+    (["remove-unit", "db/01"], "invalid unit name"),
+    (["remove-unit", "../db/0"], "invalid unit name"),
+    (["deploy", WEB, "--memory", "lots"], "invalid memory size 'lots'"),
+    (["deploy", WEB, "--memory", "1K"], "below the minimum"),
+    (["deploy", WEB, "--cpu-weight", "0"], "cpu weight"),
+    (["deploy", WEB, "--pids", "x"], "pids limit"),
+    (["deploy", WEB, "--config", "nosuch=1"], "has no option 'nosuch'"),
+    (["deploy", WEB, "--config", "port=eighty"], "must be an integer"),
+    (["deploy", WEB, "--config", "novalue"], "use KEY=VALUE"),
+    (["deploy", WEB, "-n", "0"], "-n must be"),
+    (["deploy", "/nonexistent/charm"], "does not exist"),
+    (["add-machine", "--address", "300.1.1.1"], "invalid address"),
+    (["deploy"], "the following arguments are required"),
+    (["frobnicate"], "invalid choice"),
+]
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("argv,message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+async def test_bad_input_is_one_line_and_writes_nothing(env_client, cli, argv, message):
+    assert cli("deploy", DB, "--to", "0").returncode == 0
+    before = await snapshot(env_client)
+    assert message in one_line_error(cli(*argv))
+    assert await snapshot(env_client) == before
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("no-metadata", "has no metadata.yaml"),
+        ("metadata-list", "must be a YAML mapping"),
+        ("metadata-bad-yaml", "is not valid YAML"),
+        ("bad-name", "'name' must be"),
+        ("hook-missing", "has no 'start' hook"),
+        ("hook-not-executable", "hooks/install is not executable"),
+    ],
+)
+async def test_bad_charms_are_refused(env_client, cli, tmp_path, kind, message):
+    before = await snapshot(env_client)
+    assert message in one_line_error(cli("deploy", broken_charm(tmp_path, kind), "svc"))
+    assert await snapshot(env_client) == before
+
+
+def test_unreachable_zookeeper_names_the_address(tmp_path):
+    port = free_port()
+    env = ensemble_env(tmp_path, f"127.0.0.1:{port}", ENSEMBLE_CONNECT_TIMEOUT="1")
+    message = one_line_error(run_ensemble("status", env=env, timeout=20))
+    assert message == f"cannot reach ZooKeeper at 127.0.0.1:{port} (waited 1s)"
+
+
+def test_no_environment_is_a_clear_error(tmp_path):
+    env = ensemble_env(tmp_path / "empty-home")
+    for argv in (["status"], ["add-unit", "db"], ["destroy-environment", "-y"]):
+        message = one_line_error(run_ensemble(*argv, env=env))
+        assert message.startswith(f"no environment in {tmp_path / 'empty-home'}")
+
+
+def test_uninitialised_root_is_a_clear_error(zk_spec, tmp_path):
+    env = ensemble_env(tmp_path, zk_spec)
+    assert "no ensemble environment at" in one_line_error(run_ensemble("status", env=env))
+
+
+def test_bad_zookeeper_spec(tmp_path):
+    env = ensemble_env(tmp_path, "localhost")
+    assert "invalid ZooKeeper address 'localhost'" in one_line_error(run_ensemble("status", env=env))

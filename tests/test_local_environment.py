@@ -1,0 +1,108 @@
+"""A local environment in ENSEMBLE_HOME: bootstrap, status, restart, destroy-environment."""
+
+import json
+import os
+import signal
+
+from ensemble.zookeeper import process_alive
+
+from conftest import ensemble_env, run_ensemble
+from test_cli import one_line_error
+
+DB = "examples/charms/db"
+
+
+def processes_of(home):
+    """Pids of every process started with this ENSEMBLE_HOME or running from it."""
+    marker_env = f"ENSEMBLE_HOME={home}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if marker_env in environ or str(home).encode() in cmdline:
+            if process_alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+def test_bootstrap_status_destroy_leaves_nothing(tmp_path):
+    home = tmp_path / "home"
+    env = ensemble_env(home)
+    try:
+        result = run_ensemble("bootstrap", "--network", "10.88.0.0/16", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "bootstrapped environment local-" in result.stdout
+        status = json.loads(run_ensemble("status", "--format", "json", env=env).stdout)
+        assert status["machines"]["0"]["agent"] == "alive"
+        assert status["network"]["cidr"] == "10.88.0.0/16"
+        assert run_ensemble("deploy", DB, "--to", "0", env=env).returncode == 0
+        assert processes_of(home), "bootstrap started no process"
+
+        # A second bootstrap of a live environment is an error, not a second environment.
+        message = one_line_error(run_ensemble("bootstrap", env=env))
+        assert "is already running" in message
+        assert len(list((home / "zookeeper").glob("zookeeper.pid"))) == 1
+    finally:
+        result = run_ensemble("destroy-environment", "--yes", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "destroyed environment" in result.stdout
+    assert processes_of(home) == []
+    assert not home.exists()
+    message = one_line_error(run_ensemble("status", env=env))
+    assert message.startswith(f"no environment in {home}")
+    assert one_line_error(run_ensemble("deploy", DB, env=env)).startswith("no environment")
+
+
+def test_two_environments_side_by_side(tmp_path):
+    envs = [ensemble_env(tmp_path / name) for name in ("one", "two")]
+    try:
+        for env in envs:
+            assert run_ensemble("bootstrap", env=env).returncode == 0
+        assert run_ensemble("deploy", DB, "--to", "0", env=envs[0]).returncode == 0
+        first, second = (json.loads(run_ensemble("status", "--format", "json", env=e).stdout) for e in envs)
+        assert first["environment"] != second["environment"]
+        assert "db" in first["services"] and second["services"] == {}
+    finally:
+        for env in envs:
+            run_ensemble("destroy-environment", "-y", env=env)
+    assert processes_of(tmp_path / "one") == [] and processes_of(tmp_path / "two") == []
+
+
+def test_bootstrap_restarts_a_stopped_environment_with_its_state(tmp_path):
+    home = tmp_path / "home"
+    env = ensemble_env(home)
+    try:
+        assert run_ensemble("bootstrap", env=env).returncode == 0
+        assert run_ensemble("deploy", DB, "--to", "0", env=env).returncode == 0
+        # As after a host reboot: every process of the environment gone at once.
+        for pid in processes_of(home):
+            os.kill(pid, signal.SIGKILL)
+        result = run_ensemble("bootstrap", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "restarted environment" in result.stdout
+        status = json.loads(run_ensemble("status", "--format", "json", env=env).stdout)
+        assert status["machines"]["0"]["agent"] == "alive"
+        assert list(status["services"]["db"]["units"]) == ["db/0"]
+    finally:
+        run_ensemble("destroy-environment", "-y", env=env)
+    assert processes_of(home) == []
+
+
+def test_bad_bootstrap_input_leaves_nothing(tmp_path):
+    home = tmp_path / "home"
+    env = ensemble_env(home)
+    for argv, message in (
+        (["--network", "10.0.0.0/25"], "smaller than one host subnet"),
+        (["--network", "banana"], "invalid network"),
+        (["--network", "10.0.0.1/16"], "host bits are set"),
+        (["--name", "Bad_Name"], "invalid environment name"),
+    ):
+        assert message in one_line_error(run_ensemble("bootstrap", *argv, env=env))
+        assert not home.exists()
