@@ -44,7 +44,7 @@ async def collect(client):
             entry["error"] = machine.data["error"]
         result["machines"][machine.id] = entry
     for service in services:
-        entry = {"units": {}}
+        entry = {}
         if "malformed" in service.data:
             entry["error"] = service.data["malformed"]
         else:
@@ -55,6 +55,7 @@ async def collect(client):
             )
             if service.life == DYING:
                 entry["life"] = DYING
+        entry["units"] = {}
         result["services"][service.name] = entry
     for unit, alive in zip(units, unit_alive):
         entry = _unit_entry(unit, alive)
