@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import netaddr
 from twisted.internet import task, threads
@@ -18,7 +17,8 @@ from ensemble.names import validate_environment_name
 from ensemble.state.client import ZKClient
 from ensemble.state.environment import DEFAULT_NETWORK, initialize
 from ensemble.state.machine import MachineStateManager
-from ensemble.zookeeper import ZooKeeperServer, process_alive, stop_process
+from ensemble import process
+from ensemble.zookeeper import ZooKeeperServer
 
 log = logging.getLogger("ensemble.local")
 
@@ -61,14 +61,6 @@ def zookeeper_server(home, config=None):
 # -- agent processes --------------------------------------------------------------
 
 
-def _environ_of(pid):
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return f.read().split(b"\0")
-    except OSError:
-        return []
-
-
 def agent_pid(home, name):
     """The pid of this home's agent `name` if it runs, else None."""
     try:
@@ -76,7 +68,7 @@ def agent_pid(home, name):
             pid = int(f.read().strip())
     except (OSError, ValueError):
         return None
-    if process_alive(pid) and f"ENSEMBLE_HOME={home.path}".encode() in _environ_of(pid):
+    if process.alive(pid) and f"ENSEMBLE_HOME={home.path}".encode() in process.environ(pid):
         return pid
     return None
 
@@ -88,7 +80,7 @@ def spawn_agent(home, name, arguments):
     env = dict(os.environ, ENSEMBLE_HOME=home.path)
     env.pop("ENSEMBLE_ZOOKEEPER", None)
     with open(home.agent_log_path(name), "ab") as log_file, open(os.devnull, "rb") as null:
-        process = subprocess.Popen(
+        agent = subprocess.Popen(
             [sys.executable, "-m", "ensemble", *arguments],
             stdin=null,
             stdout=log_file,
@@ -98,14 +90,14 @@ def spawn_agent(home, name, arguments):
             close_fds=True,
         )
     with open(home.agent_pid_path(name), "w") as f:
-        f.write(f"{process.pid}\n")
-    return process.pid
+        f.write(f"{agent.pid}\n")
+    return agent.pid
 
 
 def stop_agent(home, name, timeout=15.0):
     pid = agent_pid(home, name)
     if pid is not None:
-        stop_process(pid, timeout)
+        process.stop(pid, timeout)
     try:
         os.unlink(home.agent_pid_path(name))
     except FileNotFoundError:
@@ -136,7 +128,7 @@ async def _start_machine_agent(reactor, home, client, machine_id=0):
     machine = await MachineStateManager(client).get_machine(machine_id)
     deadline = reactor.seconds() + AGENT_START_TIMEOUT
     while not await machine.agent_alive():
-        if not process_alive(pid):
+        if not process.alive(pid):
             raise EnsembleError(
                 f"the machine agent exited during start-up: {_log_tail(home.agent_log_path(name))}"
             )

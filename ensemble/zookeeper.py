@@ -5,11 +5,11 @@ Blocking by design: it is used before the reactor runs (tests, bootstrap) or thr
 """
 
 import os
-import signal
 import socket
 import subprocess
 import time
 
+from ensemble import process
 from ensemble.errors import ZooKeeperStartFailed
 
 JARS = ["/usr/share/java/zookeeper.jar", "/usr/share/java/slf4j-simple.jar"]
@@ -46,59 +46,6 @@ def four_letter(host, port, command, timeout=1.0):
             return b"".join(chunks).decode(errors="replace")
     except OSError:
         return None
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child still answers kill(0); it is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def process_cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")
-    except OSError:
-        return []
-
-
-def stop_process(pid, timeout=10.0, marker=None):
-    """SIGTERM `pid`, then SIGKILL after `timeout`. With `marker`, only if its command
-    line contains it, so a recycled pid is never killed."""
-    if not process_alive(pid):
-        return
-    if marker is not None and marker.encode() not in process_cmdline(pid):
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _reap(pid)
-        if not process_alive(pid):
-            return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    while process_alive(pid):
-        _reap(pid)
-        time.sleep(0.02)
-
-
-def _reap(pid):
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 class ZooKeeperServer:
@@ -152,7 +99,7 @@ class ZooKeeperServer:
                 pid = int(f.read().strip())
         except (OSError, ValueError):
             return None
-        if process_alive(pid) and self.config_path.encode() in process_cmdline(pid):
+        if process.alive(pid) and self.config_path.encode() in process.cmdline(pid):
             return pid
         return None
 
@@ -178,29 +125,29 @@ class ZooKeeperServer:
             self.config_path,
         ]
         with open(self.log_path, "ab") as log, open(os.devnull, "rb") as null:
-            process = subprocess.Popen(
+            server = subprocess.Popen(
                 command, stdin=null, stdout=log, stderr=log, start_new_session=True, close_fds=True
             )
         with open(self.pid_path, "w") as f:
-            f.write(f"{process.pid}\n")
+            f.write(f"{server.pid}\n")
         try:
-            self.wait_ready(timeout, process)
+            self.wait_ready(timeout, server)
         except ZooKeeperStartFailed:
             self.stop()
             raise
-        return process.pid
+        return server.pid
 
-    def wait_ready(self, timeout=30.0, process=None):
+    def wait_ready(self, timeout=30.0, server=None):
         # `ruok` answers before the server accepts sessions; `srvr` showing a Mode does not.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             answer = four_letter(self.host, self.port, "srvr", timeout=0.5)
-            exited = process is not None and process.poll() is not None
+            exited = server is not None and server.poll() is not None
             if answer and "Mode:" in answer and not exited:
                 return
             if exited:
                 raise ZooKeeperStartFailed(
-                    f"ZooKeeper exited with status {process.returncode} on {self.address}; "
+                    f"ZooKeeper exited with status {server.returncode} on {self.address}; "
                     f"see {self.log_path}"
                 )
             time.sleep(0.05)
@@ -211,7 +158,7 @@ class ZooKeeperServer:
     def stop(self, timeout=10.0):
         pid = self.pid()
         if pid is not None:
-            stop_process(pid, timeout, marker=self.config_path)
+            process.stop(pid, timeout, marker=self.config_path)
         try:
             os.unlink(self.pid_path)
         except FileNotFoundError:

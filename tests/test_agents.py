@@ -158,3 +158,40 @@ async def _owner_pid(client):
 
 async def _is_pid(client, pid):
     return await _owner_pid(client) == pid
+
+
+@pytest_twisted.ensureDeferred
+async def test_unit_agent_command_runs_until_sigterm(env_client, zk_spec, tmp_path):
+    await deploy(env_client)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ensemble", "unit-agent", "--unit", "db/0"],
+        env=ensemble_env(tmp_path / "home", zk_spec),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        await wait_for(lambda: env_client.exists("/units/db-0/agent"))
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        assert await env_client.exists("/units/db-0/agent") is None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert b"unit-db-0: present" in process.stdout.read()
+
+
+@pytest_twisted.ensureDeferred
+async def test_agents_for_unknown_machine_or_unit_fail_clearly(env_client, zk_spec, tmp_path):
+    env = ensemble_env(tmp_path / "home", zk_spec)
+    for argv, message in (
+        (["machine-agent", "--machine-id", "5"], "error: machine 5 not found"),
+        (["unit-agent", "--unit", "db/3"], "error: unit 'db/3' not found"),
+        (["unit-agent", "--unit", "../x"], "error: invalid unit name"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "ensemble", *argv], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1].startswith(message)
+        assert "Traceback" not in result.stderr

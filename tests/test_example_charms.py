@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 import pytest_twisted
 
+from ensemble import process
 from ensemble.charm import REQUIRED_HOOKS, Charm, bundle_id, extract_bundle
 from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import UnitStateManager
@@ -37,25 +38,8 @@ def port_open(port):
         return False
 
 
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # Killed daemons are reparented to init, which may leave them as zombies a while.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
+    return b" ".join(process.cmdline(pid)).decode(errors="replace")
 
 
 class Unit:
@@ -110,7 +94,7 @@ class Unit:
             pass
         for pid in self.seen_pids:
             # Only kill a process that is still this unit's server, never a recycled pid.
-            if pid_alive(pid) and self.unit_dir in cmdline(pid):
+            if process.alive(pid) and self.unit_dir in cmdline(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -129,9 +113,9 @@ def make_unit(tmp_path):
     for unit in units:
         for pid in unit.seen_pids:
             deadline = time.monotonic() + 3
-            while pid_alive(pid) and unit.unit_dir in cmdline(pid) and time.monotonic() < deadline:
+            while process.alive(pid) and unit.unit_dir in cmdline(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert not (pid_alive(pid) and unit.unit_dir in cmdline(pid)), f"{unit.name} left pid {pid}"
+            assert not (process.alive(pid) and unit.unit_dir in cmdline(pid)), f"{unit.name} left pid {pid}"
 
 
 def db_request(port, *lines):
@@ -188,7 +172,7 @@ def test_db_serves_and_persists(make_unit):
     db.hook("install")
     db.hook("start")
     pid = db.pid()
-    assert pid and pid_alive(pid)
+    assert pid and process.alive(pid)
 
     assert db_request(port, "SET color deep  blue", "GET color", "GET nothing") == [
         "OK", "deep  blue", "ERR no such key"
@@ -205,7 +189,7 @@ def test_db_serves_and_persists(make_unit):
     assert db.pid() == pid
 
     db.hook("stop")
-    assert not pid_alive(pid)
+    assert not process.alive(pid)
     assert db.pid() is None
     assert not port_open(port)
     db.hook("stop")  # nothing running is fine

@@ -4,7 +4,7 @@ import json
 import os
 import signal
 
-from ensemble.zookeeper import process_alive
+from ensemble.process import alive as process_alive
 
 from conftest import ensemble_env, run_ensemble
 from test_cli import one_line_error

@@ -7,7 +7,8 @@ import time
 import pytest
 
 from ensemble.errors import ZooKeeperStartFailed
-from ensemble.zookeeper import ZooKeeperServer, four_letter, process_alive, stop_process
+from ensemble.process import alive as process_alive, stop as stop_process
+from ensemble.zookeeper import ZooKeeperServer, four_letter
 
 
 def test_start_serves_and_stop_leaves_no_process(tmp_path):

@@ -10,7 +10,7 @@ from ensemble import __version__
 from ensemble.errors import EnsembleError
 from ensemble.state import nodes
 from ensemble.state.client import NodeExists, NoNode
-from ensemble.zookeeper import process_alive
+from ensemble import process
 
 
 class AgentAlreadyRunning(EnsembleError):
@@ -59,7 +59,7 @@ async def register(client, path, info, who, reactor=None, wait=None):
         same_host = other.get("host") == info["host"]
         other_pid = other.get("pid")
         if same_host and isinstance(other_pid, int) and other_pid != info["pid"]:
-            if process_alive(other_pid):
+            if process.alive(other_pid):
                 raise AgentAlreadyRunning(
                     f"an agent for {who} is already running (pid {other_pid})"
                 )
