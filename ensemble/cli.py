@@ -62,6 +62,17 @@ async def cmd_add_machine(reactor, args):
     print(machine.id)
 
 
+async def cmd_remove_machine(reactor, args):
+    machine_id = parse_machine_id(args.machine_id)
+    client = await connection.connect(args.zookeeper)
+    try:
+        await get_environment(client)
+        await MachineStateManager(client).remove_machine(machine_id)
+    finally:
+        await client.close()
+    print(f"removed machine {machine_id}")
+
+
 def _validate_address(text):
     import netaddr
 
@@ -211,7 +222,7 @@ async def cmd_machine_agent(reactor, args):
 
     machine_id = parse_machine_id(args.machine_id)
     client = await connection.connect(args.zookeeper)
-    await _run_agent(reactor, MachineAgent(client, machine_id, reactor))
+    await _run_agent(reactor, MachineAgent(client, machine_id, reactor, manage_bridge=not args.no_bridge))
 
 
 async def cmd_unit_agent(reactor, args):
@@ -224,14 +235,14 @@ async def cmd_unit_agent(reactor, args):
 
 async def _run_agent(reactor, agent):
     """Run until SIGTERM/SIGINT; then leave cleanly (the reactor turns both into shutdown)."""
+    # Registered first: start-up may wait (for a subnet, say) and must stay stoppable.
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(agent.stop()))
     try:
         await agent.start()
     except BaseException:
         await agent.stop()
         raise
-    done = defer.Deferred()
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(agent.stop()))
-    await done  # never fires: shutdown ends the process
+    await defer.Deferred()  # never fires: shutdown ends the process
 
 
 # -- parsing ---------------------------------------------------------------------------
@@ -262,6 +273,9 @@ def build_parser():
 
     sub = command("add-machine", cmd_add_machine, "register a machine that will run its own agent")
     sub.add_argument("--address", metavar="IP", help="the machine's address")
+
+    sub = command("remove-machine", cmd_remove_machine, "deregister a machine without units; frees its subnet")
+    sub.add_argument("machine_id", metavar="MACHINE")
 
     sub = command("deploy", cmd_deploy, "create a service from a charm directory and add units")
     sub.add_argument("charm_dir", metavar="CHARM_DIR")
@@ -295,6 +309,9 @@ def build_parser():
 
     sub = command("machine-agent", cmd_machine_agent, "run a machine agent in the foreground")
     sub.add_argument("--machine-id", required=True, metavar="N")
+    sub.add_argument(
+        "--no-bridge", action="store_true", help="do not create the host bridge (the network is managed elsewhere)"
+    )
 
     sub = command("unit-agent", cmd_unit_agent, "run a unit agent in the foreground")
     sub.add_argument("--unit", required=True, metavar="NAME")

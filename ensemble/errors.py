@@ -48,6 +48,10 @@ class MachineNotFound(EnsembleError):
         super().__init__(f"machine {machine_id} not found")
 
 
+class MachineBusy(EnsembleError):
+    pass
+
+
 class ServiceNotFound(EnsembleError):
     def __init__(self, name):
         super().__init__(f"service {name!r} not found")

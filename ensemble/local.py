@@ -18,6 +18,7 @@ from ensemble.state.client import ZKClient
 from ensemble.state.environment import DEFAULT_NETWORK, initialize
 from ensemble.state.machine import MachineStateManager
 from ensemble import process
+from ensemble.network import bridge
 from ensemble.zookeeper import ZooKeeperServer
 
 log = logging.getLogger("ensemble.local")
@@ -45,6 +46,20 @@ def validate_network(cidr, host_prefix=DEFAULT_NETWORK["host-prefix"]):
             f"network {cidr} is smaller than one host subnet (/{host_prefix}); use a /{host_prefix} or larger"
         )
     return str(network.cidr)
+
+
+def check_network_free(cidr, netns=None):
+    """Refuse a CIDR that overlaps what this host already has: its containers' routes
+    would shadow (or be shadowed by) the host's own."""
+    wanted = netaddr.IPNetwork(cidr)
+    for existing in bridge.host_routes(netns):
+        other = netaddr.IPNetwork(existing)
+        if other.prefixlen == 0:
+            continue
+        if wanted.first <= other.last and other.first <= wanted.last:
+            raise InvalidValue(
+                f"network {cidr} overlaps {existing}, which this host already uses; choose another with --network"
+            )
 
 
 def _run_blocking(reactor, f, *args):
@@ -150,6 +165,7 @@ async def bootstrap(reactor, home, network=None, name=None, address="127.0.0.1",
         return await _resume(reactor, home), True
     cidr = validate_network(network or DEFAULT_NETWORK["cidr"])
     name = validate_environment_name(name or default_environment_name(home))
+    check_network_free(cidr)
     server = ZooKeeperServer(home.zookeeper_dir, tick_time=tick_time)
     config = {"name": name, "zookeeper": server.address, "root": "/ensemble", "machine": 0}
     client = None
@@ -163,7 +179,7 @@ async def bootstrap(reactor, home, network=None, name=None, address="127.0.0.1",
     except BaseException:
         if client is not None:
             await client.close()
-        await _run_blocking(reactor, _destroy_files_and_processes, home, server)
+        await _run_blocking(reactor, _destroy_files_and_processes, home, server, name)
         raise
     await client.close()
     return config, False
@@ -186,10 +202,12 @@ async def _resume(reactor, home):
     return config
 
 
-def _destroy_files_and_processes(home, server):
+def _destroy_files_and_processes(home, server, environment_name=None):
     for name in agent_names(home):
         stop_agent(home, name)
     server.stop()
+    if environment_name:
+        bridge.remove_bridge(bridge.bridge_name(environment_name))
     for path in home.owned_paths:
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
@@ -207,5 +225,5 @@ async def destroy_environment(reactor, home):
         raise NoEnvironment(home.path)
     config = home.load()
     server = zookeeper_server(home, config)
-    await _run_blocking(reactor, _destroy_files_and_processes, home, server)
+    await _run_blocking(reactor, _destroy_files_and_processes, home, server, config.get("name"))
     return config

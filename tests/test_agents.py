@@ -48,7 +48,7 @@ async def new_client(zk_server, zk_root):
 
 @pytest_twisted.ensureDeferred
 async def test_machine_agent_presence_and_assignments(env_client, zk_server, zk_root):
-    agent = MachineAgent(await new_client(zk_server, zk_root), 0)
+    agent = MachineAgent(await new_client(zk_server, zk_root), 0, manage_bridge=False)
     await agent.start()
     try:
         data, stat = await env_client.get(AGENT)
@@ -65,7 +65,7 @@ async def test_machine_agent_presence_and_assignments(env_client, zk_server, zk_
 
 @pytest_twisted.ensureDeferred
 async def test_machine_agent_reregisters_after_session_expiry(env_client, zk_server, zk_root):
-    agent = MachineAgent(await new_client(zk_server, zk_root), 0)
+    agent = MachineAgent(await new_client(zk_server, zk_root), 0, manage_bridge=False)
     await agent.start()
     try:
         first_session = agent.client.session_id
@@ -101,7 +101,7 @@ async def test_unit_agent_presence_and_expiry(env_client, zk_server, zk_root):
 def start_agent_process(tmp_path, zk_spec):
     log = open(tmp_path / "agent.log", "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "ensemble", "machine-agent", "--machine-id", "0"],
+        [sys.executable, "-m", "ensemble", "machine-agent", "--machine-id", "0", "--no-bridge"],
         env=ensemble_env(tmp_path / "home", zk_spec),
         stdout=log,
         stderr=log,
@@ -117,7 +117,7 @@ async def test_agent_process_sigterm_leaves_cleanly_and_sigkill_restart_takes_ov
         await wait_for(lambda: env_client.exists(AGENT))
         # A second agent for the same machine is refused while the first lives.
         second = subprocess.run(
-            [sys.executable, "-m", "ensemble", "machine-agent", "--machine-id", "0"],
+            [sys.executable, "-m", "ensemble", "machine-agent", "--machine-id", "0", "--no-bridge"],
             env=ensemble_env(tmp_path / "home", zk_spec),
             capture_output=True,
             text=True,

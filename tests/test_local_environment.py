@@ -63,8 +63,9 @@ def test_bootstrap_status_destroy_leaves_nothing(tmp_path):
 def test_two_environments_side_by_side(tmp_path):
     envs = [ensemble_env(tmp_path / name) for name in ("one", "two")]
     try:
-        for env in envs:
-            assert run_ensemble("bootstrap", env=env).returncode == 0
+        for env, network in zip(envs, ("10.201.0.0/16", "10.202.0.0/16")):
+            result = run_ensemble("bootstrap", "--network", network, env=env)
+            assert result.returncode == 0, result.stderr
         assert run_ensemble("deploy", DB, "--to", "0", env=envs[0]).returncode == 0
         first, second = (json.loads(run_ensemble("status", "--format", "json", env=e).stdout) for e in envs)
         assert first["environment"] != second["environment"]

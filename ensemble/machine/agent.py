@@ -1,19 +1,39 @@
-"""The machine agent: presence for its machine and a watch on the units assigned to it."""
+"""The machine agent: presence for its machine, its subnet and bridge, and convergence
+of the units assigned to it (addresses reserved and published, removals finished)."""
 
 import logging
 
+from twisted.internet import task, threads
+
 from ensemble.agent import BaseAgent
+from ensemble.errors import EnsembleError, MalformedState, UnitNotFound
+from ensemble.network import bridge
+from ensemble.network.ipam import Allocator, AddressesExhausted, SubnetsExhausted
+from ensemble.state.client import NoNode
+from ensemble.state.environment import get_environment
 from ensemble.state.machine import MachineStateManager
+from ensemble.state.network import ZooKeeperAddressStore, lease_subnet
+from ensemble.state.service import ServiceStateManager
+from ensemble.state.unit import DYING, ERROR, PENDING, UnitStateManager
 
 log = logging.getLogger("ensemble.machine")
 
+ADDRESS_ERROR_PREFIX = "no free address"
+
 
 class MachineAgent(BaseAgent):
-    def __init__(self, client, machine_id, reactor=None):
+    lease_retry_delay = 10.0
+
+    def __init__(self, client, machine_id, reactor=None, manage_bridge=True, netns=None):
         super().__init__(client, reactor)
         self.machine_id = machine_id
         self.name = f"machine-{machine_id}"
+        self.manage_bridge = manage_bridge
+        self.netns = netns
         self.machine = None
+        self.subnet = None
+        self.bridge = None
+        self.allocator = None
         self.assigned = []
         self._watch = None
 
@@ -23,14 +43,47 @@ class MachineAgent(BaseAgent):
         await self.machine.register_agent(info)
 
     async def started(self):
+        await self.setup_network()
+        if self._stopping:
+            return
+        await self.finish_orphaned_removals()
         self._watch = await self.machine.watch_assigned_units(self.assignments_changed)
 
-    def assignments_changed(self, names):
+    # -- network -------------------------------------------------------------------
+
+    async def setup_network(self):
+        while not self._stopping:
+            try:
+                self.subnet = await lease_subnet(self.client, self.machine_id)
+                break
+            except SubnetsExhausted as e:
+                log.error("%s: %s; retrying in %gs", self.name, e, self.lease_retry_delay)
+                await self.machine.update(error=str(e))
+                await task.deferLater(self.reactor, self.lease_retry_delay, lambda: None)
+        if self._stopping:
+            return
+        store = ZooKeeperAddressStore(self.client, self.machine_id)
+        await store.ensure(self.subnet)
+        self.allocator = Allocator(store, self.subnet)
+        environment = await get_environment(self.client)
+        self.bridge = bridge.bridge_name(environment["name"])
+        if self.manage_bridge:
+            await threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), bridge.ensure_bridge, self.bridge, self.subnet, self.netns
+            )
+        await self.machine.update(subnet=self.subnet, bridge=self.bridge, error=None)
+        self.machine.data.pop("error", None)
+        log.info("%s: subnet %s on bridge %s", self.name, self.subnet, self.bridge)
+
+    # -- convergence -----------------------------------------------------------------
+
+    async def assignments_changed(self, names):
         if names is None:
             log.warning("%s: machine removed from the environment", self.name)
             names = []
-        added = [n for n in names if n not in self.assigned]
-        removed = [n for n in self.assigned if n not in names]
+        previous = self.assigned
+        added = [n for n in names if n not in previous]
+        removed = [n for n in previous if n not in names]
         self.assigned = list(names)
         log.info(
             "%s: assigned units: %s (added: %s; removed: %s)",
@@ -39,6 +92,81 @@ class MachineAgent(BaseAgent):
             ", ".join(added) or "none",
             ", ".join(removed) or "none",
         )
+        await self.reconcile(names, removed)
+
+    async def reconcile(self, assigned, removed=()):
+        """Converge: every assigned unit has its address published; every address of a
+        unit no longer assigned is freed and that unit's removal finished."""
+        for name in assigned:
+            await self._guard(name, self.ensure_address(name))
+        freed = await self.allocator.reconcile(set(assigned))
+        for name, address in freed.items():
+            log.info("%s: released %s of %s", self.name, address, name)
+        for name in sorted(set(removed) | set(freed)):
+            if name not in assigned:
+                await self._guard(name, self.finish_removal(name))
+
+    async def _guard(self, name, work):
+        # One unit's trouble must never stop the others.
+        try:
+            await work
+        except Exception as e:
+            log.exception("%s: unit %s failed", self.name, name)
+            await self._mark_error(name, f"machine agent: {e}")
+
+    async def _mark_error(self, name, reason):
+        try:
+            unit = await UnitStateManager(self.client).get_unit(name)
+            await unit.update(state=ERROR, error=reason)
+        except (EnsembleError, NoNode):
+            pass
+
+    async def ensure_address(self, name):
+        try:
+            unit = await UnitStateManager(self.client).get_unit(name)
+        except UnitNotFound:
+            log.warning("%s: assignment of %s, which does not exist; ignored", self.name, name)
+            return
+        except MalformedState as e:
+            log.error("%s: %s", self.name, e)
+            return
+        if unit.life == DYING:
+            return
+        try:
+            address = await self.allocator.allocate(name)
+        except AddressesExhausted as e:
+            log.error("%s: %s: %s", self.name, name, e)
+            await unit.update(state=ERROR, error=str(e))
+            return
+        changes = {}
+        if unit.data.get("private-address") != address:
+            changes["private-address"] = address
+            log.info("%s: %s has address %s", self.name, name, address)
+        if unit.state == ERROR and str(unit.data.get("error", "")).startswith(ADDRESS_ERROR_PREFIX):
+            changes.update(state=PENDING, error=None)
+        if changes:
+            await unit.update(**changes)
+
+    async def finish_removal(self, name):
+        """The unit is no longer assigned here: free its address, and if it is dying,
+        remove its nodes (and its service's, if that was the last unit)."""
+        await self.allocator.release(name)
+        try:
+            unit = await UnitStateManager(self.client).get_unit(name)
+        except (UnitNotFound, MalformedState):
+            return
+        if unit.life != DYING or unit.machine_id != self.machine_id:
+            return
+        await self.client.delete_tree(unit.path)
+        log.info("%s: removed %s", self.name, name)
+        await ServiceStateManager(self.client).remove_service_if_done(unit.service_name)
+
+    async def finish_orphaned_removals(self):
+        """Units of this machine left dying by a crash between their steps."""
+        assigned = set(await self.machine.assigned_units())
+        for unit in await UnitStateManager(self.client).get_all_units():
+            if unit.machine_id == self.machine_id and unit.life == DYING and unit.name not in assigned:
+                await self._guard(unit.name, self.finish_removal(unit.name))
 
     async def stopping(self):
         if self._watch:

@@ -4,10 +4,10 @@ while its machine agent runs."""
 
 from twisted.internet import defer
 
-from ensemble.errors import MachineNotFound, MalformedState
+from ensemble.errors import MachineBusy, MachineNotFound, MalformedState
 from ensemble.names import machine_id_from_key, machine_key, unit_name_from_key
 from ensemble.state import nodes, presence
-from ensemble.state.client import BadVersion, NoNode
+from ensemble.state.client import BadVersion, NoNode, NotEmpty
 from ensemble.state.watch import ChildrenWatch
 
 
@@ -103,6 +103,26 @@ class MachineStateManager:
             except BadVersion:
                 continue
             return machine
+
+    async def remove_machine(self, machine_id):
+        """Deregister a machine with no units and no running agent; its subnet lease and
+        address reservations go in the same transaction."""
+        from ensemble.state.network import release_ops
+
+        machine = await self.get_machine(machine_id)
+        units = await machine.assigned_units()
+        if units:
+            raise MachineBusy(f"machine {machine_id} still has units: {', '.join(units)}; remove them first")
+        if await machine.agent_alive():
+            raise MachineBusy(f"machine {machine_id}'s agent is running; stop it first")
+        tx = self.client.transaction()
+        await release_ops(self.client, machine_id, tx)
+        tx.delete(machine.units_path)
+        tx.delete(machine.path)
+        try:
+            await tx.commit()
+        except (NoNode, NotEmpty, BadVersion):
+            raise MachineBusy(f"machine {machine_id} changed while being removed; try again")
 
     async def get_machine(self, machine_id):
         path = f"{nodes.MACHINES}/{machine_key(machine_id)}"

@@ -1,0 +1,168 @@
+"""Network state in ZooKeeper: subnet leases and per-machine address reservations.
+
+    /network/subnets/<a.b.c.d-len>                 {machine, address}: the lease
+    /network/addresses/<machine-key>               {subnet}
+    /network/addresses/<machine-key>/cursor        the last address handed out
+    /network/addresses/<machine-key>/ips/<ip>      owning unit name
+    /network/addresses/<machine-key>/units/<unit>  its address
+
+Both directions of a reservation are created and deleted in one transaction, so "is
+this address free?" and "has this unit an address?" are each one read and never
+disagree. Create is take: a node that exists is someone else's.
+"""
+
+from twisted.internet import defer
+
+from ensemble.names import machine_key, unit_key, unit_name_from_key
+from ensemble.network.ipam import (
+    AddressTaken,
+    SubnetPlan,
+    SubnetsExhausted,
+    UnitHasAddress,
+    lease_key,
+    subnet_from_key,
+)
+from ensemble.state import nodes
+from ensemble.state.client import BadVersion, NodeExists, NoNode
+from ensemble.state.environment import get_environment
+
+
+class ZooKeeperAddressStore:
+    """Reservations of one machine's addresses, for `ipam.Allocator`."""
+
+    def __init__(self, client, machine_id):
+        self.client = client
+        self.path = f"{nodes.ADDRESSES}/{machine_key(machine_id)}"
+
+    async def ensure(self, subnet):
+        tx = self.client.transaction()
+        tx.create(self.path, nodes.dump({"subnet": subnet}))
+        tx.create(f"{self.path}/ips", b"")
+        tx.create(f"{self.path}/units", b"")
+        tx.create(f"{self.path}/cursor", b"")
+        try:
+            await tx.commit()
+        except NodeExists:
+            pass
+
+    async def reservation(self, unit):
+        try:
+            data, _ = await self.client.get(f"{self.path}/units/{unit_key(unit)}")
+        except NoNode:
+            return None
+        return data.decode()
+
+    async def reservations(self):
+        try:
+            keys = await self.client.get_children(f"{self.path}/units")
+        except NoNode:
+            return {}
+        results = await defer.DeferredList(
+            [self.client.get(f"{self.path}/units/{k}") for k in keys], consumeErrors=True
+        )
+        found = {}
+        for key, (ok, value) in zip(keys, results):
+            if ok:
+                found[unit_name_from_key(key)] = value[0].decode()
+        return found
+
+    async def taken(self):
+        try:
+            return await self.client.get_children(f"{self.path}/ips")
+        except NoNode:
+            return []
+
+    async def cursor(self):
+        try:
+            data, _ = await self.client.get(f"{self.path}/cursor")
+        except NoNode:
+            return None
+        return data.decode() or None
+
+    async def take(self, unit, address):
+        tx = self.client.transaction()
+        tx.create(f"{self.path}/ips/{address}", unit.encode())
+        tx.create(f"{self.path}/units/{unit_key(unit)}", address.encode())
+        # The cursor rides along unversioned: a hint for round-robin, not a guard.
+        tx.set(f"{self.path}/cursor", address.encode())
+        try:
+            await tx.commit()
+        except NodeExists:
+            existing = await self.reservation(unit)
+            if existing is not None:
+                raise UnitHasAddress(existing)
+            raise AddressTaken(address)
+
+    async def free(self, unit):
+        address = await self.reservation(unit)
+        if address is None:
+            return None
+        tx = self.client.transaction()
+        tx.delete(f"{self.path}/units/{unit_key(unit)}")
+        tx.delete(f"{self.path}/ips/{address}")
+        try:
+            await tx.commit()
+        except NoNode:
+            return None
+        return address
+
+    async def delete_ops(self, tx):
+        """Add deletes of this machine's whole address tree to `tx`."""
+        if await self.client.exists(self.path) is None:
+            return
+        for sub in ("ips", "units"):
+            for child in await self.client.get_children(f"{self.path}/{sub}"):
+                tx.delete(f"{self.path}/{sub}/{child}")
+            tx.delete(f"{self.path}/{sub}")
+        tx.delete(f"{self.path}/cursor")
+        tx.delete(self.path)
+
+
+async def subnet_plan(client):
+    network = (await get_environment(client)).get("network") or {}
+    return SubnetPlan(network.get("cidr", "10.77.0.0/16"), network.get("host-prefix", 24))
+
+
+async def leases(client):
+    """{subnet: lease data} for every leased subnet."""
+    keys = await client.get_children(nodes.SUBNETS)
+    results = await defer.DeferredList(
+        [defer.ensureDeferred(nodes.read(client, f"{nodes.SUBNETS}/{k}")) for k in keys], consumeErrors=True
+    )
+    return {subnet_from_key(k): value[0] for k, (ok, value) in zip(keys, results) if ok}
+
+
+async def lease_subnet(client, machine_id):
+    """The machine's subnet: its existing lease, or the first free one taken atomically."""
+    plan = await subnet_plan(client)
+    machine_path = f"{nodes.MACHINES}/{machine_key(machine_id)}"
+    while True:
+        machine, version = await nodes.read(client, machine_path)
+        current = await leases(client)
+        mine = sorted(s for s, lease in current.items() if lease.get("machine") == machine_id)
+        if mine:
+            subnet = machine.get("subnet") if machine.get("subnet") in mine else mine[0]
+            if machine.get("subnet") != subnet:
+                await nodes.update(client, machine_path, lambda d: {**d, "subnet": subnet})
+            return subnet
+        free = [s for s in plan.subnets() if s not in current]
+        if not free:
+            raise SubnetsExhausted(str(plan.network), plan.host_prefix, len(current))
+        subnet = free[0]
+        lease = {"machine": machine_id, "address": machine.get("address")}
+        tx = client.transaction()
+        tx.create(f"{nodes.SUBNETS}/{lease_key(subnet)}", nodes.dump(lease))
+        tx.set(machine_path, nodes.dump({**machine, "subnet": subnet}), version)
+        try:
+            await tx.commit()
+            return subnet
+        except (NodeExists, BadVersion):
+            continue
+
+
+async def release_ops(client, machine_id, tx):
+    """Add to `tx` the deletes that free the machine's leases and address reservations."""
+    for subnet, lease in (await leases(client)).items():
+        if lease.get("machine") == machine_id:
+            tx.delete(f"{nodes.SUBNETS}/{lease_key(subnet)}")
+    await ZooKeeperAddressStore(client, machine_id).delete_ops(tx)
