@@ -72,7 +72,6 @@ class MachineAgent(BaseAgent):
                 self.reactor, self.reactor.getThreadPool(), bridge.ensure_bridge, self.bridge, self.subnet, self.netns
             )
         await self.machine.update(subnet=self.subnet, bridge=self.bridge, error=None)
-        self.machine.data.pop("error", None)
         log.info("%s: subnet %s on bridge %s", self.name, self.subnet, self.bridge)
 
     # -- convergence -----------------------------------------------------------------
@@ -97,14 +96,15 @@ class MachineAgent(BaseAgent):
     async def reconcile(self, assigned, removed=()):
         """Converge: every assigned unit has its address published; every address of a
         unit no longer assigned is freed and that unit's removal finished."""
-        for name in assigned:
-            await self._guard(name, self.ensure_address(name))
+        # Removals first: what they free may be what a waiting unit needs.
         freed = await self.allocator.reconcile(set(assigned))
         for name, address in freed.items():
             log.info("%s: released %s of %s", self.name, address, name)
         for name in sorted(set(removed) | set(freed)):
             if name not in assigned:
                 await self._guard(name, self.finish_removal(name))
+        for name in assigned:
+            await self._guard(name, self.ensure_address(name))
 
     async def _guard(self, name, work):
         # One unit's trouble must never stop the others.

@@ -57,7 +57,8 @@ class MachineState:
         return await ChildrenWatch(self.client, self.units_path, translate).start()
 
     async def update(self, **fields):
-        self.data = await nodes.update(self.client, self.path, lambda d: {**d, **fields})
+        """Set fields on the machine node (None removes a field)."""
+        self.data = await nodes.update(self.client, self.path, nodes.merge(fields))
         return self.data
 
     async def register_agent(self, info):

@@ -58,3 +58,18 @@ async def update(client, path, change):
             return new
         except BadVersion:
             continue
+
+
+def merge(fields):
+    """A change for `update` that sets `fields`; a None value removes that field."""
+
+    def change(current):
+        new = dict(current)
+        for key, value in fields.items():
+            if value is None:
+                new.pop(key, None)
+            else:
+                new[key] = value
+        return new
+
+    return change

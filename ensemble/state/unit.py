@@ -59,17 +59,8 @@ class UnitState:
     async def update(self, **fields):
         """Set fields on the unit node (None removes a field)."""
 
-        def change(current):
-            new = dict(current)
-            for key, value in fields.items():
-                if value is None:
-                    new.pop(key, None)
-                else:
-                    new[key] = value
-            return new
-
         try:
-            self.data = await nodes.update(self.client, self.path, change)
+            self.data = await nodes.update(self.client, self.path, nodes.merge(fields))
         except NoNode:
             raise UnitNotFound(self.name)
         return self.data
