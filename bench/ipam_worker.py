@@ -2,7 +2,7 @@
 
 Allocates addresses for units SERVICE/0, SERVICE/1, ... of one machine until COUNT
 are allocated or the range is exhausted, then prints one JSON object:
-{"allocated": [[unit, address, ms], ...], "exhausted": n, "errors": [...]}.
+{"allocated": [[unit, address, ms, finished_at], ...], "exhausted": n, "errors": [...]}.
 All workers start together at --start-at (epoch seconds) so they really race.
 """
 
@@ -24,9 +24,11 @@ async def work(reactor, args):
     allocator = Allocator(ZooKeeperAddressStore(client, args.machine), args.subnet)
     result = {"allocated": [], "exhausted": 0, "errors": []}
     delay = args.start_at - time.time()
+    result["late_s"] = max(0.0, -delay)
     if delay > 0:
         await task.deferLater(reactor, delay, lambda: None)
     n = 0
+    result["started"] = time.time()
     try:
         while args.count is None or len(result["allocated"]) < args.count:
             unit = f"{args.service}/{n}"
@@ -39,10 +41,12 @@ async def work(reactor, args):
                 if result["exhausted"] > args.after_exhausted:
                     break
                 continue
-            result["allocated"].append([unit, address, (time.perf_counter() - started) * 1000])
+            result["allocated"].append([unit, address, (time.perf_counter() - started) * 1000, time.time()])
+        result["collisions"] = allocator.collisions
     except Exception as e:  # reported, so the parent sees what went wrong
         result["errors"].append(f"{type(e).__name__}: {e}")
     finally:
+        result["finished"] = time.time()
         await client.close()
     print(json.dumps(result))
 

@@ -43,7 +43,7 @@ class Parser(argparse.ArgumentParser):
 async def cmd_bootstrap(reactor, args):
     home = EnsembleHome()
     config, resumed = await local.bootstrap(
-        reactor, home, network=args.network, name=args.name, address=args.address
+        reactor, home, network=args.network, name=args.name, address=args.address, host_prefix=args.host_prefix
     )
     verb = "restarted" if resumed else "bootstrapped"
     print(f"{verb} environment {config['name']} in {home.path}")
@@ -268,6 +268,9 @@ def build_parser():
 
     sub = command("bootstrap", cmd_bootstrap, "start a local environment on this host", zookeeper=False)
     sub.add_argument("--network", metavar="CIDR", help="address range for containers (default 10.77.0.0/16)")
+    sub.add_argument(
+        "--host-prefix", type=int, default=24, metavar="N", help="each machine's subnet is a /N of it (default 24)"
+    )
     sub.add_argument("--name", help="environment name (default: derived from ENSEMBLE_HOME)")
     sub.add_argument("--address", default="127.0.0.1", help="this host's address as machine 0")
 

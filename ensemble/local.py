@@ -41,6 +41,8 @@ def validate_network(cidr, host_prefix=DEFAULT_NETWORK["host-prefix"]):
         raise InvalidValue(f"invalid network {cidr!r}: use an IPv4 CIDR such as 10.77.0.0/16")
     if network.network != network.ip:
         raise InvalidValue(f"invalid network {cidr!r}: host bits are set (did you mean {network.cidr}?)")
+    if not 8 <= host_prefix <= 30:
+        raise InvalidValue(f"invalid host prefix /{host_prefix}: use 8 to 30")
     if network.prefixlen > host_prefix:
         raise InvalidValue(
             f"network {cidr} is smaller than one host subnet (/{host_prefix}); use a /{host_prefix} or larger"
@@ -159,11 +161,11 @@ async def _start_machine_agent(reactor, home, client, machine_id=0):
 # -- bootstrap and destroy ----------------------------------------------------------
 
 
-async def bootstrap(reactor, home, network=None, name=None, address="127.0.0.1", tick_time=2000):
+async def bootstrap(reactor, home, network=None, name=None, address="127.0.0.1", tick_time=2000, host_prefix=24):
     """Start a new local environment, or restart a stopped one. Returns (config, resumed)."""
     if home.exists():
         return await _resume(reactor, home), True
-    cidr = validate_network(network or DEFAULT_NETWORK["cidr"])
+    cidr = validate_network(network or DEFAULT_NETWORK["cidr"], host_prefix)
     name = validate_environment_name(name or default_environment_name(home))
     check_network_free(cidr)
     server = ZooKeeperServer(home.zookeeper_dir, tick_time=tick_time)
@@ -172,7 +174,7 @@ async def bootstrap(reactor, home, network=None, name=None, address="127.0.0.1",
     try:
         await _run_blocking(reactor, server.start)
         client = await ZKClient(server.address, config["root"]).connect()
-        await initialize(client, name, {"cidr": cidr})
+        await initialize(client, name, {"cidr": cidr, "host-prefix": host_prefix})
         await MachineStateManager(client).add_machine(address=address, local=True)
         home.save(config)
         await _start_machine_agent(reactor, home, client)

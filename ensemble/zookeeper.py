@@ -117,6 +117,7 @@ class ZooKeeperServer:
         command = [
             "java",
             f"-Xmx{self.heap_mb}m",
+            f"-Xms{self.heap_mb}m",
             "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
             "-Dzookeeper.jmx.log4j.disable=true",
             "-cp",

@@ -6,19 +6,17 @@ The policy lives here; where reservations are kept is a store's business
 - The environment's CIDR is cut into host subnets (default /24); each machine leases one.
 - In a machine's subnet, the network address, `.1` (the bridge and gateway) and the
   broadcast address are never handed out.
-- Allocation walks the range round-robin from a cursor kept with the reservations, so
-  an address just freed is not handed out again at once, even after a restart.
+- Allocation walks the range round-robin from positions handed out by a counter kept
+  with the reservations: an address just freed is not handed out again until the walk
+  comes round, even after a restart. No two allocations get the same position (each
+  take hands its allocator the next one in the same write), so allocators racing on
+  one machine aim at different addresses instead of colliding.
 """
-
-import random
 
 import netaddr
 
 from ensemble.errors import EnsembleError
 
-# Under contention, pick among this many free addresses after the cursor rather than
-# all racing for the first one.
-CONTENTION_WINDOW = 16
 
 
 class AddressesExhausted(EnsembleError):
@@ -90,80 +88,86 @@ class AddressRange:
             return False
         return self._first <= value <= self._last
 
-    def after(self, cursor):
-        """Every usable address once, starting just after `cursor` and wrapping."""
+    def from_index(self, index):
+        """Every usable address once, starting at position `index` (mod size), wrapping."""
         size = len(self)
-        if cursor in self:
-            start = int(netaddr.IPAddress(cursor)) - self._first + 1
-        else:
-            start = 0
         for offset in range(size):
-            yield str(netaddr.IPAddress(self._first + (start + offset) % size))
+            yield str(netaddr.IPAddress(self._first + (index + offset) % size))
 
-    def free_after(self, cursor, taken, limit):
-        free = []
-        for address in self.after(cursor):
+    def first_free(self, index, taken):
+        for address in self.from_index(index):
             if address not in taken:
-                free.append(address)
-                if len(free) == limit:
-                    break
-        return free
+                return address
+        return None
 
 
 class Allocator:
     """Addresses for the units of one machine, reserved in `store`.
 
     Safe with several allocators on one store (agents restarting, processes racing):
-    the store's take is atomic, and a lost race just tries another address.
+    the store's take is atomic, and a lost race just tries again with a new ticket.
     """
 
-    def __init__(self, store, subnet, rng=None):
+    def __init__(self, store, subnet):
         self.store = store
         self.range = AddressRange(subnet)
         self.subnet = str(self.range.subnet)
-        self._rng = rng or random.Random()
         self._taken = None
-        self._cursor = None
+        self._reserved = None
+        self._position = None
+        self.collisions = 0
 
-    async def _refresh(self):
+    async def _load(self):
+        # One read of the store; after that this allocator's own takes and releases
+        # keep the view current, and the store's atomic take settles any staleness.
+        self._reserved = await self.store.reservations()
         self._taken = set(await self.store.taken())
-        self._cursor = await self.store.cursor()
 
     async def allocate(self, unit):
         """The unit's address: its existing reservation, or a new one."""
-        existing = await self.store.reservation(unit)
-        if existing is not None:
-            return existing
-        if self._taken is None:
-            await self._refresh()
-        contended = False
+        if self._reserved is None:
+            await self._load()
+        if unit in self._reserved:
+            return self._reserved[unit]
+        reloaded = False
         while True:
-            candidates = self.range.free_after(
-                self._cursor, self._taken, CONTENTION_WINDOW if contended else 1
-            )
-            if not candidates:
-                await self._refresh()
-                candidates = self.range.free_after(self._cursor, self._taken, 1)
-                if not candidates:
+            if self._position is None:
+                self._position = await self.store.ticket()
+            address = self.range.first_free(self._position - 1, self._taken)
+            if address is None:
+                if reloaded:
                     raise AddressesExhausted(self.subnet, len(self._taken))
-            address = self._rng.choice(candidates)
+                # The local view may be stale in either direction: ask the store.
+                await self._load()
+                if unit in self._reserved:
+                    return self._reserved[unit]
+                reloaded = True
+                continue
             try:
-                await self.store.take(unit, address)
+                self._position = await self.store.take(unit, address)
             except AddressTaken:
-                contended = True
-                await self._refresh()
+                # Someone walked past a taken address onto ours (only once the range
+                # has wrapped). A fresh position is enough; re-reading every
+                # reservation on each lost race is what makes contention expensive.
+                self._taken.add(address)
+                self._position = None
+                self.collisions += 1
                 continue
             except UnitHasAddress as e:
+                self._reserved[unit] = e.address
+                self._taken.add(e.address)
                 return e.address
+            self._reserved[unit] = address
             self._taken.add(address)
-            self._cursor = address
             return address
 
     async def release(self, unit):
         """Free the unit's address; returns it, or None if it had none."""
         address = await self.store.free(unit)
-        if address is not None and self._taken is not None:
-            self._taken.discard(address)
+        if self._reserved is not None:
+            self._reserved.pop(unit, None)
+            if address is not None:
+                self._taken.discard(address)
         return address
 
     async def reconcile(self, assigned):

@@ -139,7 +139,8 @@ def _raise_first_failure(results):
     for result in results:
         if isinstance(result, Exception) and not isinstance(result, kz.RolledBackError):
             raise _translate(result)
-    return results
+    # Per operation: a created path, a Stat for a set, True for a delete or check.
+    return [Stat(r) if hasattr(r, "mzxid") else r for r in results]
 
 
 class ZKClient:
@@ -310,7 +311,10 @@ class ZKClient:
         return d
 
     def set(self, path, data, version=-1):
-        return self._bridge(self._kz().set_async(path, data, version))
+        """Fires with the node's new Stat."""
+        d = self._bridge(self._kz().set_async(path, data, version))
+        d.addCallback(Stat)
+        return d
 
     def delete(self, path, version=-1):
         return self._bridge(self._kz().delete_async(path, version))

@@ -2,7 +2,7 @@
 
     /network/subnets/<a.b.c.d-len>                 {machine, address}: the lease
     /network/addresses/<machine-key>               {subnet}
-    /network/addresses/<machine-key>/cursor        the last address handed out
+    /network/addresses/<machine-key>/tickets       its version hands out round-robin positions
     /network/addresses/<machine-key>/ips/<ip>      owning unit name
     /network/addresses/<machine-key>/units/<unit>  its address
 
@@ -39,7 +39,7 @@ class ZooKeeperAddressStore:
         tx.create(self.path, nodes.dump({"subnet": subnet}))
         tx.create(f"{self.path}/ips", b"")
         tx.create(f"{self.path}/units", b"")
-        tx.create(f"{self.path}/cursor", b"")
+        tx.create(f"{self.path}/tickets", b"")
         try:
             await tx.commit()
         except NodeExists:
@@ -72,26 +72,26 @@ class ZooKeeperAddressStore:
         except NoNode:
             return []
 
-    async def cursor(self):
-        try:
-            data, _ = await self.client.get(f"{self.path}/cursor")
-        except NoNode:
-            return None
-        return data.decode() or None
+    async def ticket(self):
+        """A round-robin position no other caller gets: an unversioned set never fails
+        under contention, and each bumps the node's version by exactly one."""
+        stat = await self.client.set(f"{self.path}/tickets", b"")
+        return stat.version
 
     async def take(self, unit, address):
         tx = self.client.transaction()
         tx.create(f"{self.path}/ips/{address}", unit.encode())
         tx.create(f"{self.path}/units/{unit_key(unit)}", address.encode())
-        # The cursor rides along unversioned: a hint for round-robin, not a guard.
-        tx.set(f"{self.path}/cursor", address.encode())
+        # The next position for this allocator, in the same write (see `ticket`).
+        tx.set(f"{self.path}/tickets", b"")
         try:
-            await tx.commit()
+            results = await tx.commit()
         except NodeExists:
             existing = await self.reservation(unit)
             if existing is not None:
                 raise UnitHasAddress(existing)
             raise AddressTaken(address)
+        return results[2].version
 
     async def free(self, unit):
         address = await self.reservation(unit)
@@ -114,7 +114,7 @@ class ZooKeeperAddressStore:
             for child in await self.client.get_children(f"{self.path}/{sub}"):
                 tx.delete(f"{self.path}/{sub}/{child}")
             tx.delete(f"{self.path}/{sub}")
-        tx.delete(f"{self.path}/cursor")
+        tx.delete(f"{self.path}/tickets")
         tx.delete(self.path)
 
 
