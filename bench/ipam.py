@@ -61,7 +61,7 @@ def duplicates(allocated):
 
 
 async def benchmark(reactor, args, server):
-    client = await ZKClient(server.address, ROOT).connect()
+    client = await ZKClient(server.address, ROOT).connect(create_root=True)
     await client.ensure_path("/network/addresses")
     # One machine per run, each with a /21 (2045 addresses): room for every allocation.
     for machine in (1, 2):

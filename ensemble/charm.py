@@ -17,8 +17,9 @@ from ensemble.names import validate_service_name
 from ensemble.errors import InvalidName
 
 REQUIRED_HOOKS = ("install", "start", "stop")
-# ZooKeeper's default jute.maxbuffer is 1 MiB for a whole request, bundle included.
-MAX_BUNDLE_BYTES = 900 * 1024
+# ZooKeeper's default jute.maxbuffer is 1 MiB for a whole request. Deploy writes the
+# bundle with up to 1000 units (~250 bytes each) in one transaction.
+MAX_BUNDLE_BYTES = 512 * 1024
 OPTION_TYPES = ("string", "int", "boolean")
 _FIXED_TIME = (2000, 1, 1, 0, 0, 0)
 
@@ -64,6 +65,8 @@ class Charm:
                 raise InvalidCharm(
                     f"charm {name}: option {key!r} needs a mapping with type one of {', '.join(OPTION_TYPES)}"
                 )
+            if "default" in option and not _matches(option["default"], option.get("type", "string")):
+                raise InvalidCharm(f"charm {name}: the default of option {key!r} is not a {option.get('type', 'string')}")
         return cls(directory, metadata, options)
 
     def config(self, overrides):
@@ -137,6 +140,14 @@ def _read_yaml(path, required):
     if not isinstance(value, dict):
         raise InvalidCharm(f"{path} must be a YAML mapping")
     return value
+
+
+def _matches(value, kind):
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    return isinstance(value, str)
 
 
 def _coerce(key, text, kind):

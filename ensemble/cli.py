@@ -191,10 +191,11 @@ async def cmd_service_addresses(reactor, args):
     service = validate_service_name(args.service)
     client = await connection.connect(args.zookeeper)
     try:
+        await get_environment(client)
         await ServiceStateManager(client).get_service(service)
         addresses = []
         units = UnitStateManager(client)
-        for unit in sorted(await units.get_all_units(), key=lambda u: u.name):
+        for unit in await units.get_all_units():
             if unit.service_name == service and unit.state == STARTED and unit.data.get("private-address"):
                 addresses.append(unit.data["private-address"])
     finally:
@@ -235,14 +236,20 @@ async def cmd_unit_agent(reactor, args):
 
 async def _run_agent(reactor, agent):
     """Run until SIGTERM/SIGINT; then leave cleanly (the reactor turns both into shutdown)."""
+    stopped = defer.Deferred()
+
+    async def stop():
+        await agent.stop()
+        stopped.callback(None)
+
     # Registered first: start-up may wait (for a subnet, say) and must stay stoppable.
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(agent.stop()))
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(stop()))
     try:
         await agent.start()
     except BaseException:
         await agent.stop()
         raise
-    await defer.Deferred()  # never fires: shutdown ends the process
+    await stopped
 
 
 # -- parsing ---------------------------------------------------------------------------
@@ -286,7 +293,7 @@ def build_parser():
     _placement_arguments(sub)
     sub.add_argument("--config", action="append", metavar="KEY=VALUE", help="set a charm option")
     sub.add_argument("--memory", metavar="SIZE", help="memory limit per unit, e.g. 512M")
-    sub.add_argument("--cpu-weight", metavar="N", help="relative CPU weight per unit (1-10000, default 100)")
+    sub.add_argument("--cpu-weight", metavar="N", help="relative CPU weight per unit, 1-10000 (100 is the norm; unset: no weight)")
     sub.add_argument("--pids", metavar="N", help="process limit per unit")
 
     sub = command("add-unit", cmd_add_unit, "add units to a service")
@@ -372,7 +379,10 @@ def run(argv=None):
     _configure_logging(args)
     from twisted.internet import reactor
 
-    outcome = {"status": 0}
+    outcome = {"status": 0, "done": False, "shutting down": False}
+
+    def shutting_down():
+        outcome["shutting down"] = True
 
     async def body():
         try:
@@ -380,11 +390,19 @@ def run(argv=None):
         except BaseException as e:  # noqa: BLE001 - everything ends as one line
             outcome["status"] = _report(e)
         finally:
-            if reactor.running:
+            outcome["done"] = True
+            if not outcome["shutting down"]:
                 reactor.stop()
 
-    reactor.callWhenRunning(lambda: defer.ensureDeferred(body()))
+    def begin():
+        # Held here: a coroutine nothing refers to can be collected mid-await.
+        outcome["running"] = defer.ensureDeferred(body())
+
+    reactor.addSystemEventTrigger("before", "shutdown", shutting_down)
+    reactor.callWhenRunning(begin)
     reactor.run()
+    if not outcome["done"]:
+        return _report(KeyboardInterrupt())
     return outcome["status"]
 
 

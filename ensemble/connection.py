@@ -12,8 +12,17 @@ from ensemble.errors import InvalidValue
 from ensemble.home import EnsembleHome
 from ensemble.state.client import DEFAULT_ROOT, ZKClient
 
-CONNECT_TIMEOUT = float(os.environ.get("ENSEMBLE_CONNECT_TIMEOUT", "5"))
-SESSION_TIMEOUT = float(os.environ.get("ENSEMBLE_SESSION_TIMEOUT", "10"))
+
+
+def _seconds(variable, default):
+    text = os.environ.get(variable, default)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not value > 0:
+        raise InvalidValue(f"{variable} must be a number of seconds, not {text!r}")
+    return value
 
 
 def parse_zookeeper(spec):
@@ -52,5 +61,5 @@ def resolve(zookeeper=None, home=None):
 
 async def connect(zookeeper=None, home=None, timeout=None, session_timeout=None):
     servers, root = resolve(zookeeper, home)
-    client = ZKClient(servers, root, session_timeout=session_timeout or SESSION_TIMEOUT)
-    return await client.connect(timeout if timeout is not None else CONNECT_TIMEOUT)
+    client = ZKClient(servers, root, session_timeout=session_timeout or _seconds("ENSEMBLE_SESSION_TIMEOUT", "10"))
+    return await client.connect(timeout if timeout is not None else _seconds("ENSEMBLE_CONNECT_TIMEOUT", "5"))

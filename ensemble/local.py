@@ -164,18 +164,18 @@ async def _start_machine_agent(reactor, home, client, machine_id=0):
 async def bootstrap(reactor, home, network=None, name=None, address="127.0.0.1", tick_time=2000, host_prefix=24):
     """Start a new local environment, or restart a stopped one. Returns (config, resumed)."""
     if home.exists():
-        return await _resume(reactor, home), True
+        return await _resume(reactor, home, network, name), True
     cidr = validate_network(network or DEFAULT_NETWORK["cidr"], host_prefix)
     name = validate_environment_name(name or default_environment_name(home))
     check_network_free(cidr)
     server = ZooKeeperServer(home.zookeeper_dir, tick_time=tick_time)
-    config = {"name": name, "zookeeper": server.address, "root": "/ensemble", "machine": 0}
+    config = {"name": name, "zookeeper": server.address, "root": "/ensemble", "machine": 0, "network": cidr}
     client = None
     try:
         await _run_blocking(reactor, server.start)
-        client = await ZKClient(server.address, config["root"]).connect()
+        client = await ZKClient(server.address, config["root"]).connect(create_root=True)
         await initialize(client, name, {"cidr": cidr, "host-prefix": host_prefix})
-        await MachineStateManager(client).add_machine(address=address, local=True)
+        await MachineStateManager(client).add_machine(address=address)
         home.save(config)
         await _start_machine_agent(reactor, home, client)
     except BaseException:
@@ -187,18 +187,29 @@ async def bootstrap(reactor, home, network=None, name=None, address="127.0.0.1",
     return config, False
 
 
-async def _resume(reactor, home):
+async def _resume(reactor, home, network=None, name=None):
+    """Bring back whatever part of an existing environment is down."""
     config = home.load()
+    if name and name != config.get("name"):
+        raise InvalidValue(f"the environment in {home.path} is named {config.get('name')!r}; --name is for new ones")
+    if network and config.get("network") and validate_network(network) != config["network"]:
+        raise InvalidValue(
+            f"the environment in {home.path} uses {config['network']}; --network is for new environments"
+        )
     server = zookeeper_server(home, config)
-    if server.pid() is not None:
+    machine_id = config.get("machine", 0)
+    zookeeper_up = server.pid() is not None
+    agent_up = agent_pid(home, f"machine-{machine_id}") is not None
+    if zookeeper_up and agent_up:
         raise EnvironmentExists(
             f"environment {config.get('name')!r} in {home.path} is already running "
             f"(ZooKeeper at {server.address}); 'ensemble destroy-environment' removes it"
         )
-    await _run_blocking(reactor, server.start)
+    if not zookeeper_up:
+        await _run_blocking(reactor, server.start)
     client = await ZKClient(server.address, config.get("root", "/ensemble")).connect()
     try:
-        await _start_machine_agent(reactor, home, client, config.get("machine", 0))
+        await _start_machine_agent(reactor, home, client, machine_id)
     finally:
         await client.close()
     return config

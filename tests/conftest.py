@@ -39,7 +39,7 @@ def zk_spec(zk_server, zk_root):
 
 @pytest_twisted.async_yield_fixture
 async def client(zk_server, zk_root):
-    c = await ZKClient(zk_server.address, zk_root, session_timeout=SESSION_TIMEOUT).connect()
+    c = await ZKClient(zk_server.address, zk_root, session_timeout=SESSION_TIMEOUT).connect(create_root=True)
     yield c
     await c.close()
 

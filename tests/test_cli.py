@@ -113,6 +113,10 @@ def broken_charm(tmp_path, kind):
         os.unlink(path / "hooks" / "start")
     elif kind == "hook-not-executable":
         os.chmod(path / "hooks" / "install", stat.S_IRUSR | stat.S_IWUSR)
+    elif kind == "too-big":
+        (path / "payload.bin").write_bytes(os.urandom(600 * 1024))
+    elif kind == "bad-default":
+        (path / "config.yaml").write_text("options:\n  port: {type: int, default: eighty}\n")
     return str(path)
 
 
@@ -169,6 +173,8 @@ async def test_bad_input_is_one_line_and_writes_nothing(env_client, cli, argv, m
         ("bad-name", "'name' must be"),
         ("hook-missing", "has no 'start' hook"),
         ("hook-not-executable", "hooks/install is not executable"),
+        ("too-big", "the limit is 512 KiB"),
+        ("bad-default", "the default of option 'port' is not a int"),
     ],
 )
 async def test_bad_charms_are_refused(env_client, cli, tmp_path, kind, message):

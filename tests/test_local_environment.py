@@ -107,3 +107,21 @@ def test_bad_bootstrap_input_leaves_nothing(tmp_path):
     ):
         assert message in one_line_error(run_ensemble("bootstrap", *argv, env=env))
         assert not home.exists()
+
+
+def test_bootstrap_restarts_a_dead_agent_and_refuses_changed_settings(tmp_path):
+    home = tmp_path / "home"
+    env = ensemble_env(home)
+    try:
+        assert run_ensemble("bootstrap", "--network", "10.203.0.0/16", env=env).returncode == 0
+        agent = int((home / "run" / "machine-0.pid").read_text())
+        os.kill(agent, signal.SIGKILL)
+        message = one_line_error(run_ensemble("bootstrap", "--network", "10.204.0.0/16", env=env))
+        assert "uses 10.203.0.0/16; --network is for new environments" in message
+        result = run_ensemble("bootstrap", env=env)
+        assert result.returncode == 0 and "restarted environment" in result.stdout, result.stderr
+        status = json.loads(run_ensemble("status", "--format", "json", env=env).stdout)
+        assert status["machines"]["0"]["agent"] == "alive"
+    finally:
+        run_ensemble("destroy-environment", "-y", env=env)
+    assert processes_of(home) == []

@@ -227,3 +227,31 @@ async def test_malformed_nodes_are_reported_not_fatal(env_client):
     assert "expected a mapping" in services[0].data["malformed"]
     with pytest.raises(Exception, match="malformed data at /units/db-1"):
         await nodes.read(env_client, "/units/db-1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_redeploy_while_old_units_linger_is_a_clear_error(env_client):
+    await deploy(env_client, n=2)
+    # A malformed unit cannot be marked dying; the service must not vanish under it.
+    await env_client.set("/units/db-1", b"[broken")
+    services = ServiceStateManager(env_client)
+    assert await services.destroy_service("db") == ["db/0", "db/1"]
+    assert (await services.get_service("db")).life == DYING
+    await env_client.delete("/units/db-0")
+    await env_client.delete("/services/db")  # as if removed by hand, leaving db/1 behind
+    with pytest.raises(ServiceDying):
+        await deploy(env_client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_charm_is_removed_with_the_last_service_using_it(env_client):
+    await deploy(env_client, name="one")
+    await deploy(env_client, name="two")
+    charm_id = (await ServiceStateManager(env_client).get_service("one")).charm_id
+    services = ServiceStateManager(env_client)
+    for name in ("one", "two"):
+        await services.destroy_service(name)
+        await env_client.delete(f"/units/{name}-0")
+        await services.remove_service_if_done(name)
+        still_there = await env_client.exists(f"/charms/{charm_id}") is not None
+        assert still_there == (name == "one")

@@ -1,7 +1,7 @@
 """Address management: which subnet a machine gets, which address a unit gets.
 
 The policy lives here; where reservations are kept is a store's business
-(`ipam_store.py`): ZooKeeper for real, memory for property tests of the policy.
+(`ensemble/state/network.py` keeps them in ZooKeeper).
 
 - The environment's CIDR is cut into host subnets (default /24); each machine leases one.
 - In a machine's subnet, the network address, `.1` (the bridge and gateway) and the
@@ -138,9 +138,11 @@ class Allocator:
                 if reloaded:
                     raise AddressesExhausted(self.subnet, len(self._taken))
                 # The local view may be stale in either direction: ask the store.
-                await self._load()
-                if unit in self._reserved:
-                    return self._reserved[unit]
+                self._taken = set(await self.store.taken())
+                existing = await self.store.reservation(unit)
+                if existing is not None:
+                    self._reserved[unit] = existing
+                    return existing
                 reloaded = True
                 continue
             try:

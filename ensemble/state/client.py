@@ -5,18 +5,22 @@ connection events are hopped onto the reactor thread too. No other module import
 """
 
 import logging
+import warnings
 
 from kazoo import exceptions as kz
 from kazoo.client import KazooClient, KazooState
-from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import EventType
 from kazoo.retry import KazooRetry
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.python.failure import Failure
 
 from ensemble.errors import ZooKeeperUnreachable
 
 log = logging.getLogger("ensemble.zookeeper")
+
+# A missing root is reported to users as "no environment there"; kazoo's own warning
+# about it would only add a second, rawer line.
+warnings.filterwarnings("ignore", message="No chroot path exists", category=UserWarning)
 
 DEFAULT_ROOT = "/ensemble"
 
@@ -135,6 +139,11 @@ class Transaction:
         return d
 
 
+def _stop_and_close(kazoo):
+    kazoo.stop()
+    kazoo.close()
+
+
 def _raise_first_failure(results):
     for result in results:
         if isinstance(result, Exception) and not isinstance(result, kz.RolledBackError):
@@ -159,12 +168,17 @@ class ZKClient:
         self._session_listeners = []
         self._session_id = None
         self._kazoo = None
+        self._closing = False
         self.connected = False
 
     # -- connection -----------------------------------------------------------
 
-    async def connect(self, timeout=5.0):
-        """Open the session, waiting at most `timeout` seconds for a server to answer."""
+    async def connect(self, timeout=5.0, create_root=False):
+        """Open the session, waiting at most `timeout` seconds for a server to answer.
+
+        The root must exist unless `create_root`; without it every read is NoNode, which
+        callers report as "no environment there" rather than leaving stray nodes.
+        """
         hosts = self.servers + self.root
         self._kazoo = KazooClient(
             hosts=hosts,
@@ -174,51 +188,48 @@ class ZKClient:
             logger=logging.getLogger("ensemble.kazoo"),
         )
         self._kazoo.add_listener(self._on_kazoo_state)
-        if self.root:
+        if self.root and create_root:
             await self._ensure_root(timeout)
-        try:
-            await threads.deferToThreadPool(
-                self._reactor, self._reactor.getThreadPool(), self._kazoo.start, timeout
-            )
-        except (KazooTimeoutError, kz.KazooException):
+        if not await self._started(self._kazoo, timeout):
             await self._stop_kazoo()
             raise ZooKeeperUnreachable(self.servers, timeout)
         self._session_id = self._kazoo.client_id[0]
         self.connected = True
         return self
 
+    async def _started(self, kazoo, timeout):
+        # Polled from the reactor, not waited for in a thread: a thread blocked here
+        # would hold up shutdown (Ctrl-C) for the whole timeout.
+        event = kazoo.start_async()
+        deadline = self._reactor.seconds() + timeout
+        while not event.is_set():
+            if self._reactor.seconds() >= deadline:
+                return False
+            await task.deferLater(self._reactor, 0.01, lambda: None)
+        return kazoo.connected
+
     async def _ensure_root(self, timeout):
         # kazoo's chroot must exist before the chrooted session can use it.
         plain = KazooClient(
             hosts=self.servers, timeout=self.session_timeout, logger=logging.getLogger("ensemble.kazoo")
         )
-
-        def make():
-            try:
-                plain.start(timeout)
-                plain.ensure_path(self.root)
-            finally:
-                plain.stop()
-                plain.close()
-
         try:
-            await threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), make)
-        except (KazooTimeoutError, kz.KazooException):
+            if not await self._started(plain, timeout):
+                raise ZooKeeperUnreachable(self.servers, timeout)
+            await self._bridge(plain.ensure_path_async(self.root))
+        except BaseException:
             await self._stop_kazoo()
-            raise ZooKeeperUnreachable(self.servers, timeout)
+            raise
+        finally:
+            await threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), _stop_and_close, plain)
 
     async def _stop_kazoo(self):
         kazoo, self._kazoo = self._kazoo, None
-        if kazoo is None:
-            return
-
-        def stop():
-            kazoo.stop()
-            kazoo.close()
-
-        await threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), stop)
+        if kazoo is not None:
+            await threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), _stop_and_close, kazoo)
 
     async def close(self):
+        self._closing = True
         self.connected = False
         self._session_listeners = []
         await self._stop_kazoo()
@@ -254,7 +265,7 @@ class ZKClient:
             event = "suspended"
         elif state == KazooState.LOST:
             self.connected = False
-            event = "expired"
+            event = "closed" if self._closing else "expired"
         else:
             self.connected = True
             previous, self._session_id = self._session_id, session_id

@@ -110,10 +110,19 @@ class MachineStateManager:
         address reservations go in the same transaction."""
         from ensemble.state.network import release_ops
 
+        from ensemble.state.unit import UnitStateManager
+
         machine = await self.get_machine(machine_id)
         units = await machine.assigned_units()
         if units:
             raise MachineBusy(f"machine {machine_id} still has units: {', '.join(units)}; remove them first")
+        # Unassigned but not yet torn down: only this machine's agent can finish them.
+        leaving = [u.name for u in await UnitStateManager(self.client).get_all_units() if u.machine_id == machine_id]
+        if leaving:
+            raise MachineBusy(
+                f"machine {machine_id} is still removing units: {', '.join(leaving)}; "
+                f"start its agent to finish, then remove the machine"
+            )
         if await machine.agent_alive():
             raise MachineBusy(f"machine {machine_id}'s agent is running; stop it first")
         tx = self.client.transaction()

@@ -102,9 +102,15 @@ class ServiceStateManager:
     async def _placements(self, n, to):
         return place(await MachineStateManager(self.client).unit_counts(), n, to)
 
-    async def deploy(self, name, charm_bundle_id, bundle, config, limits, n=1, to=None):
+    async def deploy(self, name, charm_bundle_id, bundle, config, limits, n=1, to=None, _retry=0):
         """Create the service (storing its charm if new) with `n` units, atomically."""
         machines = await self._placements(n, to)
+        if await self.client.exists(service_path(name)) is not None:
+            service = await self.get_service(name)
+            raise ServiceDying(name) if service.life == DYING else ServiceExists(name)
+        if await ServiceState(self.client, name, {}).unit_names():
+            # Units of an earlier service of this name are still being removed.
+            raise ServiceDying(name)
         data = {
             "charm": charm_bundle_id,
             "config": config,
@@ -120,12 +126,17 @@ class ServiceStateManager:
         try:
             await tx.commit()
         except NodeExists:
-            existing = await self.client.exists(service_path(name))
-            if existing is not None:
+            if await self.client.exists(service_path(name)) is not None:
                 service = await self.get_service(name)
                 raise ServiceDying(name) if service.life == DYING else ServiceExists(name)
+            for unit in names:
+                if await self.client.exists(unit_path(unit)) is not None:
+                    # Units of an earlier service of this name are still being removed.
+                    raise ServiceDying(name)
+            if _retry >= 3:
+                raise
             # Another deploy stored the same charm first; ours is identical.
-            return await self.deploy(name, charm_bundle_id, bundle, config, limits, n, to)
+            return await self.deploy(name, charm_bundle_id, bundle, config, limits, n, to, _retry + 1)
         except NoNode:
             raise MachineNotFound(to if to is not None else machines[0])
         return ServiceState(self.client, name, data), names
@@ -151,6 +162,8 @@ class ServiceStateManager:
                 continue
             except NoNode:
                 raise MachineNotFound(to if to is not None else machines[0])
+            except NodeExists:
+                raise ServiceDying(name)
 
     async def get_service(self, name):
         try:
@@ -188,7 +201,11 @@ class ServiceStateManager:
             for unit in await service.unit_names():
                 try:
                     unit_data, unit_version = await nodes.read(self.client, unit_path(unit))
-                except (NoNode, MalformedState):
+                except NoNode:
+                    continue
+                except MalformedState:
+                    # Unreadable, so it cannot be marked; it still keeps the service alive.
+                    units.append(unit)
                     continue
                 units.append(unit)
                 if unit_data.get("life") != DYING:
@@ -203,9 +220,11 @@ class ServiceStateManager:
                 tx.delete(service_path(name), version)
             try:
                 await tx.commit()
-                return units
             except (BadVersion, NoNode):
                 continue
+            if not units:
+                await self._remove_charm_if_unused(service.charm_id)
+            return units
 
     async def remove_service_if_done(self, name):
         """Remove a dying service's node once no unit of it is left; True if removed."""
@@ -219,4 +238,16 @@ class ServiceStateManager:
             await self.client.delete(service.path)
         except NoNode:
             pass
+        await self._remove_charm_if_unused(service.charm_id)
         return True
+
+    async def _remove_charm_if_unused(self, charm_id):
+        if not charm_id:
+            return
+        for other in await self.get_all_services():
+            if other.charm_id == charm_id:
+                return
+        try:
+            await self.client.delete(charm_path(charm_id))
+        except NoNode:
+            pass
