@@ -23,6 +23,10 @@ class BaseAgent:
         self._unsubscribe = None
         self._stopping = False
 
+    @property
+    def stop_requested(self):
+        return self._stopping
+
     async def start(self):
         self._unsubscribe = self.client.on_session_event(self._on_session_event)
         await self.register_presence(agent_info())

@@ -230,8 +230,9 @@ async def cmd_unit_agent(reactor, args):
     from ensemble.unit.agent import UnitAgent
 
     parse_unit_name(args.unit)
+    servers, root = connection.resolve(args.zookeeper)
     client = await connection.connect(args.zookeeper)
-    await _run_agent(reactor, UnitAgent(client, args.unit, reactor))
+    await _run_agent(reactor, UnitAgent(client, args.unit, reactor, zookeeper=servers + root))
 
 
 async def _run_agent(reactor, agent):
@@ -247,6 +248,10 @@ async def _run_agent(reactor, agent):
     try:
         await agent.start()
     except BaseException:
+        if agent.stop_requested:
+            # Asked to stop while starting: what failed was cut short on purpose.
+            await stopped
+            return
         await agent.stop()
         raise
     await stopped

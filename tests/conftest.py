@@ -80,3 +80,31 @@ def cli(tmp_path, zk_spec):
     """Run `ensemble` against this test's root: cli('status') -> CompletedProcess."""
     env = ensemble_env(tmp_path / "home", zk_spec)
     return lambda *args, **kw: run_ensemble(*args, env=env, **kw)
+
+
+def make_charm(directory, name="probe", hooks=None, config=None):
+    """A charm whose hooks are small shell scripts; by default each records that it ran
+    and the environment it got, in $ENSEMBLE_UNIT_DIR."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "metadata.yaml").write_text(f"name: {name}\nsummary: test charm\n")
+    if config:
+        lines = ["options:"] + [f"  {k}: {{type: string, default: '{v}'}}" for k, v in config.items()]
+        (directory / "config.yaml").write_text("\n".join(lines) + "\n")
+    (directory / "hooks").mkdir(exist_ok=True)
+    for hook in ("install", "start", "stop"):
+        body = (hooks or {}).get(hook, f'echo "{hook} ran"; env > "$ENSEMBLE_UNIT_DIR/{hook}.env"')
+        path = directory / "hooks" / hook
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+    return str(directory)
+
+
+async def deploy_charm(client, charm_dir, service=None, n=1, to=0, config=None):
+    from ensemble.charm import Charm, bundle_id
+    from ensemble.state.service import ServiceStateManager
+
+    charm = Charm.load(charm_dir)
+    bundle = charm.bundle()
+    return await ServiceStateManager(client).deploy(
+        service or charm.name, bundle_id(charm.name, bundle), bundle, charm.config(config or {}), {}, n=n, to=to
+    )

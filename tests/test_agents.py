@@ -17,7 +17,7 @@ from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import UnitStateManager
 from ensemble.unit.agent import UnitAgent
 
-from conftest import SESSION_TIMEOUT, ensemble_env
+from conftest import SESSION_TIMEOUT, deploy_charm, ensemble_env, make_charm
 
 AGENT = "/machines/machine-0000000000/agent"
 
@@ -81,15 +81,16 @@ async def test_machine_agent_reregisters_after_session_expiry(env_client, zk_ser
 
 
 @pytest_twisted.ensureDeferred
-async def test_unit_agent_presence_and_expiry(env_client, zk_server, zk_root):
-    await deploy(env_client)
-    agent = UnitAgent(await new_client(zk_server, zk_root), "db/0")
+async def test_unit_agent_presence_and_expiry(env_client, zk_server, zk_root, tmp_path):
+    await deploy_charm(env_client, make_charm(tmp_path / "charm", name="db"))
+    agent = UnitAgent(
+        await new_client(zk_server, zk_root), "db/0",
+        unit_dir=str(tmp_path / "unit"), charm_dir=str(tmp_path / "c"), log_dir=str(tmp_path / "log"),
+    )
     await agent.start()
     try:
         assert await env_client.exists("/units/db-0/agent") is not None
-        unit = await UnitStateManager(env_client).get_unit("db/0")
-        await unit.set_state("installing")
-        await wait_for(lambda: agent.unit.data.get("state") == "installing")
+        await wait_for(lambda: agent.unit.data.get("state") == "started")
         await expire_session(agent.client)
         await wait_for(lambda: agent.registrations == 2, timeout=SESSION_TIMEOUT * 5)
         assert await env_client.exists("/units/db-0/agent") is not None
@@ -162,10 +163,13 @@ async def _is_pid(client, pid):
 
 @pytest_twisted.ensureDeferred
 async def test_unit_agent_command_runs_until_sigterm(env_client, zk_spec, tmp_path):
-    await deploy(env_client)
+    await deploy_charm(env_client, make_charm(tmp_path / "charm", name="db"))
     process = subprocess.Popen(
         [sys.executable, "-m", "ensemble", "unit-agent", "--unit", "db/0"],
-        env=ensemble_env(tmp_path / "home", zk_spec),
+        env=ensemble_env(
+            tmp_path / "home", zk_spec, ENSEMBLE_UNIT_DIR=str(tmp_path / "unit"),
+            ENSEMBLE_CHARM_DIR=str(tmp_path / "c"), ENSEMBLE_LOG_DIR=str(tmp_path / "log"),
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

@@ -1,0 +1,295 @@
+"""The LXC config of a unit's container, rendered in full (nothing is taken from
+/etc/lxc/default.conf, which names an lxcbr0 that hosts without lxc-net do not have),
+and the runit service directory PID 1 supervises.
+
+Layout of one container under its lxc path:
+
+    <lxc_path>/<name>/config              this file
+    <lxc_path>/<name>/overlay/delta       the overlayfs upper dir (the template is below)
+    <lxc_path>/<name>/ensemble/service/   runsvdir's directory, mounted at /etc/ensemble
+    <lxc_path>/<name>/lxc.log             LXC's log for this container
+"""
+
+import logging
+import os
+import shlex
+
+import netaddr
+
+log = logging.getLogger("ensemble.container")
+
+# The first line of every config we write: what `list()` and `destroy()` recognise.
+MARKER = "# ensemble container"
+SERVICE_DIR = "ensemble"             # in the container's lxc dir
+SERVICE_MOUNT = "etc/ensemble"       # where it is seen inside (relative to the rootfs)
+AGENT_LOG = "/var/log/ensemble/agent.log"
+INIT_CMD = "/usr/bin/tini -- /usr/bin/runsvdir -P /etc/ensemble/service"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# What a container may touch in /dev (LXC's own common.conf list): null, zero, full,
+# random, urandom, tty, console, ptmx, pts, fuse; mknod of anything, use of nothing else.
+DEVICES = [
+    "c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 5:0 rwm", "c 5:1 rwm",
+    "c 5:2 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 136:* rwm", "c 10:229 rwm",
+]
+CAP_DROP = "mac_admin mac_override sys_time sys_module sys_rawio"
+SECCOMP = "/usr/share/lxc/config/common.seccomp"
+
+
+# -- the host's cgroups ---------------------------------------------------------------
+
+class Hierarchy:
+    """One mounted cgroup hierarchy and where this process sits in it."""
+
+    def __init__(self, mountpoint, root, controllers, version, path):
+        self.mountpoint = mountpoint
+        self.root = root
+        self.controllers = frozenset(controllers)
+        self.version = version
+        self.path = path  # this process's cgroup in the hierarchy ('/...')
+
+    @property
+    def base(self):
+        """The directory of this process's cgroup: where LXC puts our containers'
+        cgroups (lxc.cgroup.relative = 1)."""
+        relative = self.path
+        if self.root != "/" and (relative == self.root or relative.startswith(self.root + "/")):
+            relative = relative[len(self.root):]
+        return os.path.normpath(self.mountpoint + "/" + relative.lstrip("/"))
+
+    def __repr__(self):
+        return f"Hierarchy({self.mountpoint!r}, v{self.version}, {sorted(self.controllers)})"
+
+
+class HostCgroups:
+    """Which cgroup version the container limits use and which controllers exist."""
+
+    def __init__(self, hierarchies):
+        self.hierarchies = hierarchies
+        v1 = set()
+        for h in hierarchies:
+            if h.version == 1:
+                v1 |= h.controllers
+        self.v1_controllers = frozenset(c for c in v1 if not c.startswith("name="))
+        unified = [h for h in hierarchies if h.version == 2]
+        self.v2_controllers = frozenset()
+        if unified:
+            try:
+                with open(os.path.join(unified[0].mountpoint, "cgroup.controllers")) as f:
+                    self.v2_controllers = frozenset(f.read().split())
+            except OSError:
+                pass
+        # Legacy or hybrid (controllers on v1 mounts): LXC's lxc.cgroup.* keys.
+        self.version = 1 if "memory" in self.v1_controllers or not unified else 2
+        memory = self.hierarchy("memory")
+        self.memsw = bool(
+            self.version == 1 and memory and os.path.exists(os.path.join(memory.base, "memory.memsw.limit_in_bytes"))
+        )
+
+    def has(self, controller):
+        controllers = self.v1_controllers if self.version == 1 else self.v2_controllers
+        return controller in controllers
+
+    def hierarchy(self, controller):
+        for h in self.hierarchies:
+            if h.version == self.version and (h.version == 2 or controller in h.controllers):
+                return h
+        return None
+
+
+def read_host_cgroups(mountinfo="/proc/self/mountinfo", cgroup="/proc/self/cgroup", subsystems="/proc/cgroups"):
+    memberships = {}
+    with open(cgroup) as f:
+        for line in f:
+            hid, controllers, path = line.rstrip("\n").split(":", 2)
+            memberships[frozenset(c for c in controllers.split(",") if c)] = (2 if hid == "0" else 1, path)
+    try:
+        with open(subsystems) as f:
+            known = {line.split()[0] for line in f if line.strip() and not line.startswith("#")}
+    except OSError:
+        known = {"cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids",
+                 "net_cls", "net_prio", "perf_event", "hugetlb", "rdma", "misc"}
+    hierarchies = []
+    seen = set()
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            fstype, options = fields[sep + 1], fields[sep + 3]
+            if fstype == "cgroup2":
+                controllers, version = frozenset(), 2
+            elif fstype == "cgroup":
+                controllers = frozenset(o for o in options.split(",") if o in known or o.startswith("name="))
+                version = 1
+            else:
+                continue
+            member = memberships.get(controllers)
+            if (version, controllers) in seen or member is None or member[0] != version:
+                continue  # a second mount of one hierarchy, or one we are not in
+            seen.add((version, controllers))
+            hierarchies.append(Hierarchy(_unescape(fields[4]), _unescape(fields[3]), controllers, version, member[1]))
+    return HostCgroups(hierarchies)
+
+
+def _unescape(path):
+    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+_host_cgroups = None
+
+
+def host_cgroups():
+    """The host's cgroup layout, read once per process."""
+    global _host_cgroups
+    if _host_cgroups is None:
+        _host_cgroups = read_host_cgroups()
+    return _host_cgroups
+
+
+# -- rendering ------------------------------------------------------------------------
+
+def cpu_shares(weight):
+    """cgroup v1 cpu.shares for a CPU weight (100 is the default share, 1024)."""
+    return max(2, round(weight * 1024 / 100))
+
+
+def _fstab_path(path):
+    for char, code in (("\\", "\\134"), (" ", "\\040"), ("\t", "\\011")):
+        path = path.replace(char, code)
+    return path
+
+
+def _check_path(path, what):
+    if not isinstance(path, str) or not path.startswith("/") or "\n" in path or "\0" in path:
+        raise ValueError(f"{what} must be an absolute path on one line, not {path!r}")
+    return os.path.normpath(path)
+
+
+def mount_entry(host_path, container_path, read_only):
+    host_path = _check_path(host_path, "a mount's host path")
+    container_path = _check_path(container_path, "a mount's container path")
+    if container_path == "/":
+        raise ValueError("cannot mount over the container's root")
+    create = "create=file" if os.path.isfile(host_path) else "create=dir"
+    options = ",".join(["bind", "ro"] if read_only else ["bind"]) + "," + create
+    return f"lxc.mount.entry = {_fstab_path(host_path)} {_fstab_path(container_path.lstrip('/'))} none {options} 0 0"
+
+
+def limit_lines(memory=None, cpu_weight=None, pids=None, cgroups=None):
+    """The cgroup keys for the limits, and warnings for limits this host cannot enforce."""
+    cgroups = cgroups or host_cgroups()
+    lines, warnings = [], []
+    v1 = cgroups.version == 1
+    if memory is not None:
+        if cgroups.has("memory"):
+            if v1:
+                lines.append(f"lxc.cgroup.memory.limit_in_bytes = {memory}")
+                if cgroups.memsw:
+                    lines.append(f"lxc.cgroup.memory.memsw.limit_in_bytes = {memory}")
+            else:
+                lines.append(f"lxc.cgroup2.memory.max = {memory}")
+                lines.append("lxc.cgroup2.memory.swap.max = 0")
+        else:
+            warnings.append(f"memory limit {memory} not enforced: no memory cgroup controller on this host")
+    if cpu_weight is not None:
+        if cgroups.has("cpu"):
+            lines.append(f"lxc.cgroup.cpu.shares = {cpu_shares(cpu_weight)}" if v1 else f"lxc.cgroup2.cpu.weight = {cpu_weight}")
+        else:
+            warnings.append(f"cpu weight {cpu_weight} not enforced: no cpu cgroup controller on this host")
+    if pids is not None:
+        if cgroups.has("pids"):
+            lines.append(f"lxc.cgroup.pids.max = {pids}" if v1 else f"lxc.cgroup2.pids.max = {pids}")
+        else:
+            warnings.append(f"pids limit {pids} not enforced: no pids cgroup controller on this host")
+    return lines, warnings
+
+
+def render(spec, container_dir, template_rootfs, veth, cgroups=None):
+    """The LXC config for `spec` (see driver.ContainerSpec) as text."""
+    cgroups = cgroups or host_cgroups()
+    name = spec.name
+    network = netaddr.IPNetwork(f"{spec.address}/{spec.prefixlen}")
+    limits, warnings = limit_lines(spec.memory, spec.cpu_weight, spec.pids, cgroups)
+    for warning in warnings:
+        log.warning("container %s: %s", name, warning)
+    key = "lxc.cgroup2" if cgroups.version == 2 else "lxc.cgroup"
+    delta = os.path.join(container_dir, "overlay", "delta")
+    lines = [
+        MARKER,
+        f"# {name}: rendered by ensemble; edits are lost when the unit is redeployed.",
+        f"lxc.rootfs.path = overlay:{template_rootfs}:{delta}",
+        f"lxc.uts.name = {spec.hostname}",
+        "",
+        "# network: one veth on the host bridge, a static address from ipam",
+        "lxc.net.0.type = veth",
+        f"lxc.net.0.link = {spec.bridge}",
+        f"lxc.net.0.veth.pair = {veth}",
+        "lxc.net.0.name = eth0",
+        "lxc.net.0.flags = up",
+        f"lxc.net.0.ipv4.address = {spec.address}/{spec.prefixlen} {network.broadcast or network.network}",
+        f"lxc.net.0.ipv4.gateway = {spec.gateway}",
+        "",
+        "# cgroups: under the agent's own cgroup, one directory per container",
+        "lxc.cgroup.relative = 1",
+        f"lxc.cgroup.dir.container = lxc.payload.{name}",
+        f"lxc.cgroup.dir.monitor = lxc.monitor.{name}",
+        f"lxc.cgroup.dir.monitor.pivot = lxc.pivot.{name}",
+        *limits,
+        *(f"# {w}" for w in warnings),
+        f"{key}.devices.deny = a",
+        *(f"{key}.devices.allow = {d}" for d in DEVICES),
+        "",
+        "# init: tini reaps orphans; runsvdir supervises the unit agent",
+        f"lxc.init.cmd = {INIT_CMD}",
+        "lxc.signal.halt = SIGHUP",
+        "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed:force",
+        "lxc.autodev = 1",
+        "lxc.tty.max = 0",
+        "lxc.pty.max = 64",
+        "lxc.console.path = none",
+        f"lxc.cap.drop = {CAP_DROP}",
+    ]
+    if os.path.exists(SECCOMP):
+        lines.append(f"lxc.seccomp.profile = {SECCOMP}")
+    lines += [
+        "",
+        "# mounts",
+        f"lxc.mount.entry = {_fstab_path(os.path.join(container_dir, SERVICE_DIR))} {SERVICE_MOUNT} none bind,create=dir 0 0",
+    ]
+    for host_path, container_path, read_only in sorted(spec.mounts, key=lambda m: os.path.normpath(m[1]).count("/")):
+        lines.append(mount_entry(host_path, container_path, read_only))
+    lines += [
+        "",
+        f"lxc.log.file = {os.path.join(container_dir, 'lxc.log')}",
+        "lxc.log.level = WARN",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def agent_run_script(argv, environment=None):
+    """runsv's ./run for the unit agent: a clean environment, output to the agent log."""
+    env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
+    env.update(environment or {})
+    for k in env:
+        if not k or "=" in k or "\0" in k or "\0" in str(env[k]):
+            raise ValueError(f"invalid environment variable {k!r}")
+    assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()))
+    command = " ".join(shlex.quote(str(a)) for a in argv)
+    log_dir = os.path.dirname(AGENT_LOG)
+    return (
+        "#!/bin/sh\n"
+        "# The unit agent, supervised by runsv: restarted when it exits (at most once a second).\n"
+        f"mkdir -p {log_dir}\n"
+        f"exec </dev/null >>{AGENT_LOG} 2>&1\n"
+        "cd /\n"
+        f"exec /usr/bin/env -i {assignments} {command}\n"
+    )
+
+
+def service_files(spec):
+    """{relative path under <container>/ensemble: (content, mode)} for the spec."""
+    files = {}
+    if spec.agent_command:
+        files["service/agent/run"] = (agent_run_script(spec.agent_command, spec.agent_environment), 0o755)
+    return files

@@ -1,0 +1,593 @@
+"""LXC containers for units: create (an overlayfs snapshot of the template), start,
+stop, destroy, list, exec, state.
+
+Every lxc-* command runs through Twisted's process API; nothing blocks the reactor but
+quick file operations. Each driver has its own lxc path (a machine agent's, under its
+ENSEMBLE_HOME), so several simulated hosts can share one machine.
+
+With `netns`, the lxc commands run inside that network namespace (the veth's host side
+lands there, next to the bridge), and in a mount namespace whose /sys is that network
+namespace's: LXC looks bridges up in /sys/class/net, which `nsenter --net` alone leaves
+showing the caller's interfaces. One helper process per driver holds that namespace
+pair (`close()` ends it; it also dies with the driver's process).
+"""
+
+import dataclasses
+import errno
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from typing import Optional, Sequence
+
+import netaddr
+from twisted.internet import defer, error, protocol, task, threads
+
+import ensemble
+from ensemble import limits
+from ensemble.errors import EnsembleError, InvalidName, InvalidValue
+from ensemble.machine.container import config as lxc_config
+from ensemble.machine.container.names import validate_container_name, validate_hostname, veth_name
+from ensemble.machine.container.template import remove_tree
+
+log = logging.getLogger("ensemble.container")
+
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CGROUP_DIRS = ("lxc.payload.{}", "lxc.monitor.{}", "lxc.pivot.{}")
+CGROUP_WAIT = 5.0  # seconds for LXC's monitor to leave its cgroups after a stop
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
+_NETNS_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+
+
+class ContainerError(EnsembleError):
+    pass
+
+
+class ContainerNotFound(ContainerError):
+    def __init__(self, name):
+        super().__init__(f"container {name} not found")
+
+
+class ContainerExists(ContainerError):
+    def __init__(self, name):
+        super().__init__(f"container {name} already exists")
+
+
+# -- what runs in a container ---------------------------------------------------------
+
+def ensemble_mounts():
+    """Read-only mounts that make this host's ensemble importable inside a container
+    at the same paths: the venv (sys.prefix) and the `ensemble` package directory
+    (an editable install's finder, or a .pth path entry, points at it)."""
+    mounts = []
+    prefix = sys.prefix
+    if prefix != sys.base_prefix:
+        mounts.append((os.path.realpath(prefix), prefix, True))
+    package = os.path.dirname(os.path.abspath(ensemble.__file__))
+    if not (package + "/").startswith(prefix.rstrip("/") + "/") or prefix == sys.base_prefix:
+        mounts.append((os.path.realpath(package), package, True))
+    return mounts
+
+
+def agent_python():
+    """The venv's python: works inside a container given ensemble_mounts()."""
+    return os.path.join(sys.prefix, "bin", "python")
+
+
+@dataclasses.dataclass
+class ContainerSpec:
+    name: str
+    hostname: str
+    address: str
+    prefixlen: int
+    gateway: str
+    bridge: str
+    memory: Optional[int] = None       # bytes (or a size such as "512M")
+    cpu_weight: Optional[int] = None   # 1..10000, 100 is the default share
+    pids: Optional[int] = None
+    mounts: Sequence = ()              # (host_path, container_path, read_only)
+    agent_command: Optional[Sequence[str]] = None
+    agent_environment: Optional[dict] = None
+
+    def __post_init__(self):
+        validate_container_name(self.name)
+        validate_hostname(self.hostname)
+        try:
+            self.prefixlen = int(self.prefixlen)
+            network = netaddr.IPNetwork(f"{self.address}/{self.prefixlen}")
+            gateway = netaddr.IPAddress(self.gateway)
+        except (netaddr.AddrFormatError, ValueError, TypeError):
+            raise InvalidValue(f"invalid address {self.address}/{self.prefixlen} or gateway {self.gateway} "
+                               f"for container {self.name}")
+        if network.version != 4 or not 1 <= self.prefixlen <= 32 or gateway not in network:
+            raise InvalidValue(f"gateway {self.gateway} is not in {self.address}/{self.prefixlen} "
+                               f"(container {self.name})")
+        self.address, self.gateway = str(network.ip), str(gateway)
+        if not isinstance(self.bridge, str) or not _IFNAME_RE.match(self.bridge):
+            raise InvalidName(f"invalid bridge name {str(self.bridge)[:20]!r}")
+        if self.memory is not None:
+            self.memory = limits.parse_memory(self.memory)
+        if self.cpu_weight is not None:
+            self.cpu_weight = limits.parse_cpu_weight(self.cpu_weight)
+        if self.pids is not None:
+            self.pids = limits.parse_pids(self.pids)
+        mounts = []
+        for mount in self.mounts:
+            host_path, container_path, read_only = mount
+            lxc_config.mount_entry(host_path, container_path, read_only)  # validates
+            mounts.append((host_path, container_path, bool(read_only)))
+        self.mounts = tuple(mounts)
+        if self.agent_command is not None:
+            if isinstance(self.agent_command, str) or not self.agent_command:
+                raise InvalidValue("the agent command must be a non-empty list of arguments")
+            self.agent_command = [str(a) for a in self.agent_command]
+            lxc_config.agent_run_script(self.agent_command, self.agent_environment)  # validates
+
+
+# -- processes ------------------------------------------------------------------------
+
+class _Command(protocol.ProcessProtocol):
+    def __init__(self, input=None):
+        self.input = input
+        self.out, self.err = [], []
+        self.code = None
+        self.done = defer.Deferred()
+
+    def connectionMade(self):
+        if self.input:
+            self.transport.write(self.input)
+        self.transport.closeStdin()
+
+    def outReceived(self, data):
+        self.out.append(data)
+
+    def errReceived(self, data):
+        self.err.append(data)
+
+    def processEnded(self, reason):
+        code = reason.value.exitCode
+        self.code = code if code is not None else 128 + (reason.value.signal or 0)
+        self.done.callback(self.code)
+
+
+def _reason(stderr, default):
+    """One line from an lxc tool's stderr: the first error it reports."""
+    lines = [l.strip() for l in stderr.decode("utf-8", "replace").splitlines() if l.strip()]
+    for line in lines:
+        # "lxc-start: NAME: ../src/lxc/file.c: function: 123 What went wrong"
+        match = re.match(r"lxc-[a-z]+: [^:]+: [^:]+: [^:]+: \d+ (.*)", line)
+        if match:
+            return match.group(1)
+    return lines[0] if lines else default
+
+
+class _NetnsHelper(protocol.ProcessProtocol):
+    """A sleeping process in network namespace `netns` and in a mount namespace with
+    that network namespace's sysfs (and the host's cgroup mounts)."""
+
+    SCRIPT = (
+        "set -e; t=; "
+        "if mountpoint -q /sys/fs/cgroup; then t=$(mktemp -d); mount --rbind /sys/fs/cgroup \"$t\"; fi; "
+        "mount -t sysfs sysfs /sys; "
+        "if [ -n \"$t\" ]; then mount --move \"$t\" /sys/fs/cgroup; rmdir \"$t\"; fi; "
+        "echo ready; exec sleep infinity"
+    )
+
+    def __init__(self, netns):
+        self.netns = netns
+        self.ready = defer.Deferred()
+        self.ended = defer.Deferred()
+        self.pid = None
+        self.alive = False
+        self.err = b""
+
+    def argv(self):
+        return [
+            "setpriv", "--pdeathsig", "KILL", "--",
+            "unshare", "--mount", "--propagation", "slave", "--",
+            "nsenter", f"--net=/run/netns/{self.netns}", "--",
+            "sh", "-c", self.SCRIPT,
+        ]
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+        self.alive = True
+        self.transport.closeStdin()
+
+    def outReceived(self, data):
+        if not self.ready.called and b"ready" in data:
+            self.ready.callback(self.pid)
+
+    def errReceived(self, data):
+        self.err += data
+
+    def processEnded(self, reason):
+        self.alive = False
+        if not self.ready.called:
+            message = self.err.decode("utf-8", "replace").strip().splitlines()
+            self.ready.errback(ContainerError(
+                f"cannot enter network namespace {self.netns}: {message[-1] if message else reason.value}"
+            ))
+        self.ended.callback(None)
+
+    def prefix(self):
+        return ["nsenter", f"--net=/proc/{self.pid}/ns/net", f"--mount=/proc/{self.pid}/ns/mnt", "--"]
+
+    def same_netns(self):
+        try:
+            target = os.stat(f"/run/netns/{self.netns}")
+            mine = os.stat(f"/proc/{self.pid}/ns/net")
+        except OSError:
+            return False
+        return (target.st_dev, target.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+# -- the driver -----------------------------------------------------------------------
+
+class LXCDriver:
+    def __init__(self, lxc_path, template, netns=None, reactor=None):
+        self.lxc_path = os.path.abspath(lxc_path)
+        self.template = template
+        if netns is not None and not _NETNS_RE.match(str(netns)):
+            raise InvalidName(f"invalid network namespace name {str(netns)[:70]!r}")
+        self.netns = netns
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self._helper = None
+        self._helper_starting = None
+
+    def __repr__(self):
+        return f"LXCDriver({self.lxc_path!r}, netns={self.netns!r})"
+
+    # -- paths ------------------------------------------------------------------------
+
+    def container_dir(self, name):
+        return os.path.join(self.lxc_path, validate_container_name(name))
+
+    def config_path(self, name):
+        return os.path.join(self.container_dir(name), "config")
+
+    def log_path(self, name):
+        return os.path.join(self.container_dir(name), "lxc.log")
+
+    def rootfs_delta(self, name):
+        return os.path.join(self.container_dir(name), "overlay", "delta")
+
+    def cgroup_dirs(self, name):
+        """This container's cgroup directories on the host (existing or not)."""
+        validate_container_name(name)
+        return [
+            os.path.join(h.base, pattern.format(name))
+            for h in lxc_config.host_cgroups().hierarchies
+            for pattern in CGROUP_DIRS
+        ]
+
+    def payload_cgroup(self, name, controller):
+        """The host directory of the container's cgroup for `controller`, or None."""
+        h = lxc_config.host_cgroups().hierarchy(controller)
+        return os.path.join(h.base, f"lxc.payload.{validate_container_name(name)}") if h else None
+
+    # -- running commands -------------------------------------------------------------
+
+    async def _prefix(self):
+        if self.netns is None:
+            return []
+        helper = self._helper
+        if helper is None or not helper.alive or not helper.same_netns():
+            helper = await self._ensure_helper()
+        return helper.prefix()
+
+    async def _ensure_helper(self):
+        """Start the namespace helper once, however many callers ask at the same time."""
+        if self._helper_starting is not None:
+            waiter = defer.Deferred()
+            self._helper_starting.append(waiter)
+            return await waiter
+        self._helper_starting = waiters = []
+        try:
+            helper = await self._start_helper()
+        except Exception as e:
+            self._helper_starting = None
+            for waiter in waiters:
+                waiter.errback(e)
+            raise
+        self._helper_starting = None
+        for waiter in waiters:
+            waiter.callback(helper)
+        return helper
+
+    async def _start_helper(self):
+        if not os.path.exists(f"/run/netns/{self.netns}"):
+            raise ContainerError(f"network namespace {self.netns} does not exist")
+        old = self._helper
+        if old is not None and old.alive:
+            await self._kill_helper(old)
+        helper = _NetnsHelper(self.netns)
+        argv = helper.argv()
+        self.reactor.spawnProcess(helper, argv[0], argv, env={"PATH": PATH})
+        timeout = self.reactor.callLater(10, lambda: helper.alive and os.kill(helper.pid, signal.SIGKILL))
+        try:
+            await helper.ready
+        finally:
+            if timeout.active():
+                timeout.cancel()
+        self._helper = helper
+        return helper
+
+    async def _kill_helper(self, helper):
+        if helper.alive:
+            try:
+                os.kill(helper.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await helper.ended
+
+    async def close(self):
+        """End the namespace helper (drivers with a netns). Idempotent."""
+        if self._helper_starting is not None:
+            try:
+                await self._ensure_helper()
+            except Exception:
+                pass
+        if self._helper is not None:
+            await self._kill_helper(self._helper)
+            self._helper = None
+
+    async def _run(self, argv, input=None, timeout=None):
+        """(exit status, stdout, stderr) of an lxc command (in the netns if any)."""
+        argv = (await self._prefix()) + list(argv)
+        command = _Command(input)
+        try:
+            self.reactor.spawnProcess(command, argv[0], argv, env={"PATH": PATH})
+        except OSError as e:
+            raise ContainerError(f"cannot run {argv[0]}: {e}")
+        timer = None
+        if timeout is not None:
+            def expire():
+                try:
+                    command.transport.signalProcess("KILL")
+                except error.ProcessExitedAlready:
+                    pass
+                command.timed_out = True
+            timer = self.reactor.callLater(timeout, expire)
+        command.timed_out = False
+        try:
+            await command.done
+        finally:
+            if timer is not None and timer.active():
+                timer.cancel()
+        return command.code, b"".join(command.out), b"".join(command.err), command.timed_out
+
+    def _lxc(self, tool, name, *args):
+        return [tool, "-n", name, "-P", self.lxc_path, *args]
+
+    def _require(self, name):
+        if not os.path.isfile(self.config_path(name)):
+            raise ContainerNotFound(name)
+
+    # -- operations -------------------------------------------------------------------
+
+    async def create(self, spec):
+        """Clone the template (an overlayfs snapshot: an empty upper directory over
+        the template's rootfs), render the config and the service directory."""
+        if not isinstance(spec, ContainerSpec):
+            raise TypeError("create() takes a ContainerSpec")
+        name = spec.name
+        container = self.container_dir(name)
+        if not self.template.exists():
+            raise ContainerError(f"no container template {self.template.name} in {self.template.cache_dir} "
+                                 "(ensure() it first)")
+        os.makedirs(self.lxc_path, exist_ok=True)
+        try:
+            os.mkdir(container, 0o750)
+        except FileExistsError:
+            raise ContainerExists(name)
+        try:
+            service = os.path.join(container, lxc_config.SERVICE_DIR)
+            os.mkdir(service, 0o755)  # marks the directory as ours for list()/destroy()
+            for relative, (content, mode) in lxc_config.service_files(spec).items():
+                path = os.path.join(service, relative)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                _write(path, content, mode)
+            os.makedirs(os.path.join(service, "service"), exist_ok=True)
+            etc = os.path.join(container, "overlay", "delta", "etc")
+            os.makedirs(etc, 0o755)
+            os.chmod(os.path.dirname(etc), 0o755)
+            _write(os.path.join(etc, "hostname"), f"{spec.hostname}\n", 0o644)
+            _write(os.path.join(etc, "hosts"),
+                   f"127.0.0.1\tlocalhost\n{spec.address}\t{spec.hostname}\n"
+                   "::1\tlocalhost ip6-localhost ip6-loopback\n", 0o644)
+            text = lxc_config.render(spec, container, self.template.rootfs, veth_name(name))
+            _write(os.path.join(container, "config.tmp"), text, 0o640)
+            os.rename(os.path.join(container, "config.tmp"), os.path.join(container, "config"))
+        except BaseException:
+            remove_tree(container)
+            raise
+        log.debug("created container %s in %s", name, self.lxc_path)
+        return container
+
+    async def start(self, name, timeout=10):
+        """Start and wait until RUNNING (lxc-start -d returns once it is)."""
+        self._require(name)
+        code, _, err, timed_out = await self._run(self._lxc("lxc-start", name, "-d"), timeout=timeout)
+        if timed_out:
+            raise ContainerError(f"container {name} did not start within {timeout:g}s (log: {self.log_path(name)})")
+        if code != 0:
+            reason = _reason(err, f"lxc-start exited with {code}")
+            if "already running" in reason:
+                return
+            raise ContainerError(f"cannot start container {name}: {reason} (log: {self.log_path(name)})")
+
+    async def stop(self, name, timeout=10):
+        """Ask PID 1 to stop (SIGHUP: runsvdir stops the agent), kill after `timeout`."""
+        self._require(name)
+        code, _, err, timed_out = await self._run(
+            self._lxc("lxc-stop", name, "-t", str(max(0, int(timeout)))), timeout=timeout + 20
+        )
+        if timed_out:
+            raise ContainerError(f"container {name} did not stop")
+        if code == 2 or code == 0:  # 2: it was not running
+            return
+        reason = _reason(err, f"lxc-stop exited with {code}")
+        if "not running" in reason:
+            return
+        raise ContainerError(f"cannot stop container {name}: {reason} (log: {self.log_path(name)})")
+
+    async def destroy(self, name, timeout=10):
+        """Stop if running, remove the container's directory (config, overlay delta,
+        service directory, log), its cgroup directories and its host veth. Idempotent."""
+        container = self.container_dir(name)
+        if os.path.exists(os.path.join(container, "config")):
+            try:
+                await self.stop(name, timeout)
+            except ContainerError as e:
+                log.warning("destroying container %s: %s", name, e)
+        if os.path.exists(container):
+            if self._running_anyway(name):
+                raise ContainerError(f"cannot destroy container {name}: it is still running")
+            await threads.deferToThread(remove_tree, container)
+        await self._remove_cgroups(name)
+        await threads.deferToThread(_remove_link, veth_name(name), self.netns)
+        log.debug("destroyed container %s in %s", name, self.lxc_path)
+
+    def _running_anyway(self, name):
+        payload = self.payload_cgroup(name, "pids") or self.payload_cgroup(name, "memory")
+        try:
+            with open(os.path.join(payload, "cgroup.procs")) as f:
+                return bool(f.read().strip())
+        except (OSError, TypeError):
+            return False
+
+    async def _remove_cgroups(self, name):
+        pending = [d for d in self.cgroup_dirs(name) if os.path.isdir(d)]
+        deadline = time.monotonic() + CGROUP_WAIT
+        while pending:
+            pending = [d for d in pending if not _rmdir_cgroup(d)]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise ContainerError(f"cannot remove the cgroup {pending[0]} of container {name}: it is busy")
+            await task.deferLater(self.reactor, 0.02, lambda: None)
+
+    async def list(self):
+        """Names of this lxc path's containers made by ensemble."""
+        try:
+            entries = list(os.scandir(self.lxc_path))
+        except FileNotFoundError:
+            return []
+        names = []
+        for entry in entries:
+            try:
+                validate_container_name(entry.name)
+            except InvalidName:
+                continue
+            if entry.is_dir(follow_symlinks=False) and _is_ours(entry.path):
+                names.append(entry.name)
+        return sorted(names)
+
+    async def state(self, name):
+        """'RUNNING', 'STOPPED', ... or None if there is no such container."""
+        if not os.path.isfile(self.config_path(name)):
+            return None
+        code, out, err, _ = await self._run(self._lxc("lxc-info", name, "-s", "-H"), timeout=30)
+        if code != 0:
+            if not os.path.isfile(self.config_path(name)):
+                return None
+            raise ContainerError(f"cannot get the state of container {name}: {_reason(err, code)}")
+        return out.decode().strip() or None
+
+    async def init_pid(self, name):
+        """The host pid of the container's PID 1, or None if it is not running."""
+        self._require(name)
+        code, out, _, _ = await self._run(self._lxc("lxc-info", name, "-p", "-H"), timeout=30)
+        text = out.decode().strip()
+        return int(text) if code == 0 and text.isdigit() else None
+
+    async def exec(self, name, argv, env=None, timeout=None, input=None):
+        """Run argv inside (clean environment plus `env`): (exit status, stdout, stderr).
+        With `timeout`, the command is killed after that many seconds and
+        ContainerError is raised."""
+        self._require(name)
+        if isinstance(argv, str) or not argv:
+            raise ValueError("exec() takes a non-empty list of arguments")
+        command = self._lxc("lxc-attach", name, "--clear-env")
+        for key, value in (env or {}).items():
+            if not key or "=" in key:
+                raise ValueError(f"invalid environment variable {key!r}")
+            command += ["-v", f"{key}={value}"]
+        inner = [str(a) for a in argv]
+        if timeout is not None:
+            inner = ["/usr/bin/timeout", "-s", "KILL", f"{timeout:g}"] + inner
+        started = time.monotonic()
+        code, out, err, timed_out = await self._run(
+            command + ["--"] + inner, input=input, timeout=None if timeout is None else timeout + 5
+        )
+        if timeout is not None and (timed_out or (code == 137 and time.monotonic() - started >= timeout)):
+            raise ContainerError(f"{argv[0]} timed out after {timeout:g}s in container {name}")
+        if code != 0 and err.startswith(f"lxc-attach: {name}:".encode()):
+            reason = _reason(err, "")
+            if "init pid" in reason or "not running" in reason:
+                raise ContainerError(f"cannot run {argv[0]} in container {name}: it is not running")
+        return code, out, err
+
+
+def _write(path, content, mode):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(content)
+    os.chmod(path, mode)
+
+
+def _is_ours(path):
+    try:
+        with open(os.path.join(path, "config")) as f:
+            if f.readline().rstrip("\n") == lxc_config.MARKER:
+                return True
+    except OSError:
+        pass
+    return os.path.isdir(os.path.join(path, lxc_config.SERVICE_DIR))
+
+
+def _rmdir_cgroup(path):
+    """Remove a cgroup directory and the cgroups below it; False while busy."""
+    try:
+        children = [e.path for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return True
+    for child in children:
+        if not _rmdir_cgroup(child):
+            return False
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            return False
+        raise ContainerError(f"cannot remove cgroup {path}: {e.strerror}")
+    return True
+
+
+def _remove_link(name, netns):
+    """Delete interface `name` (in `netns`) if it is still there."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    if netns is not None and not os.path.exists(f"/run/netns/{netns}"):
+        return False
+    ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
+    try:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return False
+        try:
+            ipr.link("del", index=found[0])
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise ContainerError(f"cannot remove veth {name}: {e}")
+        return True
+    finally:
+        ipr.close()

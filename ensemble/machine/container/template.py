@@ -1,0 +1,539 @@
+"""The container template: a Debian rootfs built once per host with debootstrap, from
+the host's own apt mirror and release, kept as an LXC container that units are
+snapshot-cloned from.
+
+    <cache_dir>/template.lock                 flock: one build at a time on this host
+    <cache_dir>/build/<name>.<pid>            a build in progress (never cloned from)
+    <cache_dir>/lxc/<name>/config             the template's own LXC config
+    <cache_dir>/lxc/<name>/rootfs/            what every clone sees below its overlay
+    <cache_dir>/lxc/<name>/ensemble-template.json   written last: the completion marker
+
+`name` is `ensemble-template-<version>`, and `version` a hash of what goes in (recipe,
+release, mirror, packages): change any of them and a new template is built next to the
+old one. A build happens in build/ and is renamed into lxc/ only once complete, so an
+interrupted or failed build leaves nothing a clone would use. Python libraries are not
+installed: the host's venv and source tree are bind-mounted into every container
+(driver.ensemble_mounts), so the code inside is exactly the host's.
+"""
+
+import ctypes
+import errno
+import fcntl
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+
+from twisted.internet import defer, protocol, task, threads
+
+from ensemble.errors import EnsembleError
+
+log = logging.getLogger("ensemble.container")
+
+# Bump when what the build does changes (it renames the template).
+RECIPE_VERSION = 1
+PACKAGES = ("python3", "tini", "runit", "ca-certificates", "iproute2", "procps")
+DEFAULT_CACHE = "/var/cache/ensemble"
+MARKER = "ensemble-template.json"
+LOCK_POLL = 0.1
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+# runsvdir's directory in the template itself; in a unit's clone a bind mount hides it.
+EMPTY_SERVICE_DIR = "etc/ensemble/service"
+
+
+class TemplateError(EnsembleError):
+    pass
+
+
+# -- what the host uses ---------------------------------------------------------------
+
+def _os_release(path="/etc/os-release"):
+    values = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                key, sep, value = line.strip().partition("=")
+                if sep:
+                    values[key] = value.strip().strip('"').strip("'")
+    except OSError:
+        pass
+    return values
+
+
+def host_release(os_release="/etc/os-release"):
+    """The host's distribution codename (e.g. 'bookworm')."""
+    values = _os_release(os_release)
+    codename = values.get("VERSION_CODENAME") or values.get("UBUNTU_CODENAME")
+    if not codename:
+        match = re.search(r"\(([a-z]+)\)", values.get("VERSION", ""))
+        codename = match.group(1) if match else None
+    if not codename:
+        raise TemplateError(f"cannot tell this host's release from {os_release}; pass release=")
+    return codename
+
+
+class AptSource:
+    def __init__(self, uri, suites, components, options, origin_file):
+        self.uri = uri.rstrip("/")
+        self.suites = suites
+        self.components = components
+        self.options = options
+        self.origin_file = origin_file
+
+    @property
+    def keyring(self):
+        value = self.options.get("signed-by")
+        return value if value and value.startswith("/") and os.path.exists(value) else None
+
+    def __repr__(self):
+        return f"AptSource({self.uri!r}, {self.suites}, {self.components})"
+
+
+def _parse_one_line(text, origin):
+    sources = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        options = {}
+        match = re.match(r"(deb|deb-src)\s+(\[[^\]]*\]\s+)?(\S+)\s+(\S+)\s*(.*)", line)
+        if not match:
+            continue
+        kind, opts, uri, suite, components = match.groups()
+        if kind != "deb":
+            continue
+        for opt in (opts or "").strip("[] \t").split():
+            key, _, value = opt.partition("=")
+            options[key.lower()] = value
+        sources.append(AptSource(uri, [suite], components.split(), options, origin))
+    return sources
+
+
+def _parse_deb822(text, origin):
+    sources = []
+    for stanza in re.split(r"\n\s*\n", text):
+        fields, key = {}, None
+        for line in stanza.splitlines():
+            if line.startswith("#"):
+                continue
+            if line[:1] in (" ", "\t") and key:
+                fields[key] += " " + line.strip()
+                continue
+            key, sep, value = line.partition(":")
+            if not sep:
+                key = None
+                continue
+            key = key.strip().lower()
+            fields[key] = value.strip()
+        if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes").lower() == "no":
+            continue
+        options = {k: v for k, v in fields.items() if k not in ("types", "uris", "suites", "components")}
+        for uri in fields.get("uris", "").split():
+            sources.append(AptSource(uri, fields.get("suites", "").split(), fields.get("components", "").split(), options, origin))
+    return sources
+
+
+def apt_sources(root="/etc/apt"):
+    sources = []
+    paths = [os.path.join(root, "sources.list")]
+    paths += sorted(glob.glob(os.path.join(root, "sources.list.d", "*.list")))
+    paths += sorted(glob.glob(os.path.join(root, "sources.list.d", "*.sources")))
+    for path in paths:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError:
+            continue
+        parse = _parse_deb822 if path.endswith(".sources") else _parse_one_line
+        sources += parse(text, path)
+    return sources
+
+
+def _release_origin(uri, suite, lists="/var/lib/apt/lists"):
+    """The Origin of apt's downloaded Release file for uri/suite, if apt has one."""
+    stem = re.sub(r"^[a-z0-9+.-]+://", "", uri).rstrip("/").replace("/", "_")
+    for name in ("InRelease", "Release"):
+        try:
+            with open(os.path.join(lists, f"{stem}_dists_{suite}_{name}"), errors="replace") as f:
+                for line in f:
+                    if line.startswith("Origin:"):
+                        return line.split(":", 1)[1].strip()
+                    if not line.strip():
+                        break
+        except OSError:
+            continue
+    return None
+
+
+def host_mirror(release=None, root="/etc/apt", lists="/var/lib/apt/lists"):
+    """(uri, keyring or None): the host's entry for its release of the main archive
+    (suite exactly `release`, component main), not a third-party repository. Among
+    several, one whose Release file apt reports as from Debian or Ubuntu wins."""
+    release = release or host_release()
+    candidates = [
+        s for s in apt_sources(root)
+        if release in s.suites and "main" in s.components and re.match(r"(https?|ftp|file)://", s.uri)
+    ]
+    if not candidates:
+        raise TemplateError(
+            f"no apt source for '{release} main' in {root}/sources.list or sources.list.d; pass mirror="
+        )
+    official = [s for s in candidates if _release_origin(s.uri, release, lists) in ("Debian", "Ubuntu")]
+    chosen = (official or candidates)[0]
+    return chosen.uri, chosen.keyring
+
+
+# -- filesystem helpers ---------------------------------------------------------------
+
+_libc = None
+
+
+def _umount_lazy(path):
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.umount2(os.fsencode(path), 2) != 0:  # MNT_DETACH
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):
+            raise OSError(err, os.strerror(err), path)
+
+
+def mounts_under(path):
+    path = os.path.realpath(path)
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mountpoint = line.split()[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+            if mountpoint == path or mountpoint.startswith(path + "/"):
+                found.append(mountpoint)
+    return found
+
+
+def remove_tree(path):
+    """rm -rf that never descends into something mounted below `path`: those are
+    unmounted (lazily) first. Blocking: call it through a thread."""
+    for mountpoint in sorted(mounts_under(path), key=len, reverse=True):
+        _umount_lazy(mountpoint)
+    shutil.rmtree(path, ignore_errors=False, onerror=_rmtree_error)
+
+
+def _rmtree_error(function, path, excinfo):
+    if isinstance(excinfo[1], FileNotFoundError):
+        return
+    raise excinfo[1]
+
+
+# -- the build process ----------------------------------------------------------------
+
+class _Build(protocol.ProcessProtocol):
+    """debootstrap, its output line by line to `progress`; `ended` fires with the exit
+    code (or -signal)."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.code = None
+        self.done = False
+        self._waiters = []
+        self.tail = []
+        self._partial = {1: b"", 2: b""}
+
+    def connectionMade(self):
+        self.transport.closeStdin()
+
+    def childDataReceived(self, fd, data):
+        buffer = self._partial.get(fd, b"") + data
+        *lines, self._partial[fd] = buffer.split(b"\n")
+        for line in lines:
+            self._line(line)
+
+    def _line(self, raw):
+        line = raw.decode("utf-8", "replace").rstrip()
+        if not line:
+            return
+        self.tail = (self.tail + [line])[-20:]
+        try:
+            self.progress(line)
+        except Exception:
+            log.exception("template progress callback failed")
+
+    def processEnded(self, reason):
+        for fd in (1, 2):
+            if self._partial.get(fd):
+                self._line(self._partial[fd])
+                self._partial[fd] = b""
+        code = reason.value.exitCode
+        self.code = code if code is not None else -(reason.value.signal or 1)
+        self.done = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(self.code)
+
+    def wait(self):
+        """A Deferred firing with the exit code; cancelling it leaves the process be."""
+        waiter = defer.Deferred()
+        if self.done:
+            waiter.callback(self.code)
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+    def kill(self, sig):
+        pid = self.transport.pid if self.transport else None
+        if pid:
+            try:
+                os.killpg(pid, sig)  # debootstrap and everything it started (setsid)
+            except ProcessLookupError:
+                pass
+
+
+def _progress_to_log(line):
+    log.info("template: %s", line)
+
+
+class Template:
+    def __init__(self, cache_dir=None, release=None, mirror=None, reactor=None):
+        self.cache_dir = os.path.abspath(cache_dir or os.environ.get("ENSEMBLE_TEMPLATE_CACHE") or DEFAULT_CACHE)
+        self.release = release or host_release()
+        keyring = None
+        if mirror is None:
+            mirror, keyring = host_mirror(self.release)
+        self.mirror = mirror.rstrip("/")
+        self.keyring = keyring
+        self.packages = tuple(sorted(PACKAGES))
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        recipe = json.dumps(
+            {"recipe": RECIPE_VERSION, "release": self.release, "mirror": self.mirror, "packages": self.packages},
+            sort_keys=True,
+        )
+        self.version = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+        self.name = f"ensemble-template-{self.version}"
+        self.builds = 0  # builds this object ran (tests: concurrent ensure() builds once)
+
+    def __repr__(self):
+        return f"Template({self.name}, release={self.release}, mirror={self.mirror}, cache={self.cache_dir})"
+
+    # -- where ------------------------------------------------------------------------
+
+    @property
+    def lxc_path(self):
+        return os.path.join(self.cache_dir, "lxc")
+
+    @property
+    def path(self):
+        return os.path.join(self.lxc_path, self.name)
+
+    @property
+    def rootfs(self):
+        return os.path.join(self.path, "rootfs")
+
+    @property
+    def config_path(self):
+        return os.path.join(self.path, "config")
+
+    @property
+    def lock_path(self):
+        return os.path.join(self.cache_dir, "template.lock")
+
+    @property
+    def build_root(self):
+        return os.path.join(self.cache_dir, "build")
+
+    def exists(self):
+        return os.path.isfile(os.path.join(self.path, MARKER)) and os.path.isdir(self.rootfs)
+
+    def info(self):
+        """What the completion marker records (version, release, mirror, packages,
+        build time), or None."""
+        try:
+            with open(os.path.join(self.path, MARKER)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    # -- build ------------------------------------------------------------------------
+
+    async def ensure(self, progress=None):
+        """Build the template unless it exists. Serialised across processes with an
+        flock; a caller that waited finds it built. Returns self."""
+        if self.exists():
+            return self
+        progress = progress or _progress_to_log
+        os.makedirs(self.cache_dir, exist_ok=True)
+        lock = await self._lock(progress)
+        try:
+            if self.exists():
+                return self
+            await self._build(progress, lock)
+        finally:
+            os.close(lock)
+        return self
+
+    async def remove(self):
+        """Delete this template (tests and benchmarks: the next ensure() is a cold
+        build). Clones of it stop working: destroy them first."""
+        if not os.path.isdir(self.cache_dir):
+            return
+        lock = await self._lock(_progress_to_log)
+        try:
+            if os.path.exists(self.path):
+                doomed = os.path.join(self.build_root, f"{self.name}.removing.{os.getpid()}")
+                os.makedirs(self.build_root, exist_ok=True)
+                os.rename(self.path, doomed)  # gone from lxc/ at once, then deleted
+                await threads.deferToThread(remove_tree, doomed)
+        finally:
+            os.close(lock)
+
+    async def _lock(self, progress):
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        told = False
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    if not told:
+                        progress(f"waiting for another template build on this host ({self.lock_path})")
+                        told = True
+                    await task.deferLater(self.reactor, LOCK_POLL, lambda: None)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _debootstrap_argv(self, rootfs):
+        argv = [
+            "setpriv", "--pdeathsig", "KILL", "--",
+            # Its own session (killed as a group) and mount namespace (the /proc and
+            # /sys it mounts in the target vanish with it, even if it is killed).
+            "setsid", "unshare", "--mount", "--propagation", "private", "--",
+            "debootstrap", "--variant=minbase", f"--include={','.join(self.packages)}",
+        ]
+        if self.keyring:
+            argv.append(f"--keyring={self.keyring}")
+        return argv + [self.release, rootfs, self.mirror]
+
+    async def _build(self, progress, lock):
+        started = time.monotonic()
+        self.builds += 1
+        os.makedirs(self.build_root, exist_ok=True)
+        os.makedirs(self.lxc_path, exist_ok=True)
+        # We hold the lock: whatever is in build/ is left over from an interrupted build.
+        for leftover in os.listdir(self.build_root):
+            progress(f"removing an interrupted build: {leftover}")
+            await threads.deferToThread(remove_tree, os.path.join(self.build_root, leftover))
+        build = os.path.join(self.build_root, f"{self.name}.{os.getpid()}")
+        rootfs = os.path.join(build, "rootfs")
+        os.makedirs(rootfs)
+        progress(f"building template {self.name}: debootstrap {self.release} from {self.mirror} "
+                 f"with {', '.join(self.packages)}")
+        env = dict(os.environ)
+        env.update(LC_ALL="C", DEBIAN_FRONTEND="noninteractive",
+                   PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        argv = self._debootstrap_argv(rootfs)
+        build_process = _Build(progress)
+        try:
+            try:
+                # fd 3 is the lock: debootstrap and its children hold it until the
+                # last of them exits, even if this process dies first.
+                self.reactor.spawnProcess(build_process, argv[0], argv, env=env,
+                                          childFDs={0: "w", 1: "r", 2: "r", 3: lock})
+            except OSError as e:
+                raise TemplateError(f"cannot run debootstrap: {e}")
+            try:
+                code = await build_process.wait()
+            finally:
+                if not build_process.done:  # cancelled
+                    await self._stop(build_process)
+            if code != 0:
+                errors = [l for l in build_process.tail if l.startswith("E:")] or build_process.tail[-1:]
+                reason = errors[-1][2:].strip() if errors and errors[-1].startswith("E:") else (errors[-1] if errors else "")
+                raise TemplateError(
+                    f"building template {self.name} failed: debootstrap exited with {code}"
+                    + (f": {reason}" if reason else "")
+                )
+            progress("finishing the template")
+            await threads.deferToThread(self._finish, build, rootfs, time.monotonic() - started)
+            os.rename(build, self.path)
+        except BaseException:
+            if os.path.exists(build):
+                progress(f"removing the incomplete build {build}")
+                await threads.deferToThread(remove_tree, build)
+            raise
+        elapsed = time.monotonic() - started
+        progress(f"template {self.name} built in {elapsed:.1f}s")
+        log.info("template %s built in %.1fs at %s", self.name, elapsed, self.path)
+
+    async def _stop(self, build_process):
+        """Cancelled: stop debootstrap's whole session and wait until it has gone."""
+        build_process.kill(signal.SIGTERM)
+        killer = self.reactor.callLater(5, build_process.kill, signal.SIGKILL)
+        try:
+            await build_process.wait()
+        finally:
+            if killer.active():
+                killer.cancel()
+
+    def _finish(self, build, rootfs, build_seconds):
+        """Everything after debootstrap (in a thread): host CA bundle, hostname,
+        no leftover .debs, the LXC config, fsync, the marker."""
+        if os.path.exists(HOST_CA_BUNDLE):
+            target = os.path.join(rootfs, HOST_CA_BUNDLE.lstrip("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(HOST_CA_BUNDLE, target)
+        with open(os.path.join(rootfs, "etc", "hostname"), "w") as f:
+            f.write("localhost\n")
+        with open(os.path.join(rootfs, "etc", "hosts"), "w") as f:
+            f.write("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+        for deb in glob.glob(os.path.join(rootfs, "var", "cache", "apt", "archives", "*.deb")):
+            os.unlink(deb)
+        os.makedirs(os.path.join(rootfs, EMPTY_SERVICE_DIR), exist_ok=True)
+        python = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        if not os.path.exists(os.path.join(rootfs, "usr", "bin", python)):
+            raise TemplateError(f"the template has no {python}, the host's venv cannot run in it")
+        with open(os.path.join(build, "config"), "w") as f:
+            f.write(self._config())
+        os.sync()  # the rename below must not outlive the data it points at
+        marker = {
+            "name": self.name,
+            "version": self.version,
+            "recipe": RECIPE_VERSION,
+            "release": self.release,
+            "mirror": self.mirror,
+            "packages": list(self.packages),
+            "python": python,
+            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_seconds": round(build_seconds, 1),
+        }
+        with open(os.path.join(build, MARKER), "w") as f:
+            json.dump(marker, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _config(self):
+        """The template's own config: lxc-copy copies it into plain clones, which boot
+        with no network and an empty runsvdir. Units get a config of their own."""
+        return "\n".join([
+            f"# ensemble template {self.version} ({self.release}, {self.mirror}): clone it, do not start it",
+            f"lxc.rootfs.path = dir:{self.rootfs}",
+            f"lxc.uts.name = {self.name}",
+            "lxc.net.0.type = empty",
+            "lxc.cgroup.relative = 1",
+            f"lxc.init.cmd = /usr/bin/tini -- /usr/bin/runsvdir -P /{EMPTY_SERVICE_DIR}",
+            "lxc.signal.halt = SIGHUP",
+            "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed:force",
+            "lxc.autodev = 1",
+            "lxc.tty.max = 0",
+            "lxc.pty.max = 64",
+            "lxc.console.path = none",
+            "lxc.cap.drop = mac_admin mac_override sys_time sys_module sys_rawio",
+            "",
+        ])
