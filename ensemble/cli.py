@@ -222,8 +222,20 @@ async def cmd_machine_agent(reactor, args):
     from ensemble.machine.agent import MachineAgent
 
     machine_id = parse_machine_id(args.machine_id)
+    driver = template = None
+    home = EnsembleHome()
+    if not args.no_containers:
+        from ensemble.machine.container.driver import LXCDriver
+        from ensemble.machine.container.template import Template
+
+        template = Template()
+        driver = LXCDriver(os.path.join(home.lxc_dir, f"machine-{machine_id}"), template, reactor=reactor)
     client = await connection.connect(args.zookeeper)
-    await _run_agent(reactor, MachineAgent(client, machine_id, reactor, manage_bridge=not args.no_bridge))
+    args.agent = MachineAgent(
+        client, machine_id, reactor, manage_bridge=not args.no_bridge, driver=driver, template=template,
+        unit_log_dir=os.path.join(home.logs_dir, "units"),
+    )
+    await _run_agent(reactor, args.agent)
 
 
 async def cmd_unit_agent(reactor, args):
@@ -232,7 +244,8 @@ async def cmd_unit_agent(reactor, args):
     parse_unit_name(args.unit)
     servers, root = connection.resolve(args.zookeeper)
     client = await connection.connect(args.zookeeper)
-    await _run_agent(reactor, UnitAgent(client, args.unit, reactor, zookeeper=servers + root))
+    args.agent = UnitAgent(client, args.unit, reactor, zookeeper=servers + root)
+    await _run_agent(reactor, args.agent)
 
 
 async def _run_agent(reactor, agent):
@@ -241,6 +254,7 @@ async def _run_agent(reactor, agent):
 
     async def stop():
         await agent.stop()
+        agent.stopped_cleanly = True
         stopped.callback(None)
 
     # Registered first: start-up may wait (for a subnet, say) and must stay stoppable.
@@ -327,6 +341,10 @@ def build_parser():
     sub.add_argument(
         "--no-bridge", action="store_true", help="do not create the host bridge (the network is managed elsewhere)"
     )
+    sub.add_argument(
+        "--no-containers", action="store_true",
+        help="give units addresses but no containers (for testing the control plane alone)",
+    )
 
     sub = command("unit-agent", cmd_unit_agent, "run a unit agent in the foreground")
     sub.add_argument("--unit", required=True, metavar="NAME")
@@ -392,7 +410,7 @@ def run(argv=None):
     async def body():
         try:
             await args.function(reactor, args)
-        except BaseException as e:  # noqa: BLE001 - everything ends as one line
+        except (Exception, KeyboardInterrupt) as e:  # everything ends as one line
             outcome["status"] = _report(e)
         finally:
             outcome["done"] = True
@@ -407,6 +425,9 @@ def run(argv=None):
     reactor.callWhenRunning(begin)
     reactor.run()
     if not outcome["done"]:
+        agent = getattr(args, "agent", None)
+        if agent is not None and getattr(agent, "stopped_cleanly", False):
+            return 0  # stopped on request while still starting (a hook was running, say)
         return _report(KeyboardInterrupt())
     return outcome["status"]
 

@@ -19,6 +19,7 @@ from ensemble.state.environment import DEFAULT_NETWORK, initialize
 from ensemble.state.machine import MachineStateManager
 from ensemble import process
 from ensemble.network import bridge
+from ensemble.network.ipam import SubnetPlan
 from ensemble.zookeeper import ZooKeeperServer
 
 log = logging.getLogger("ensemble.local")
@@ -168,10 +169,20 @@ async def bootstrap(reactor, home, network=None, name=None, address="127.0.0.1",
     cidr = validate_network(network or DEFAULT_NETWORK["cidr"], host_prefix)
     name = validate_environment_name(name or default_environment_name(home))
     check_network_free(cidr)
-    server = ZooKeeperServer(home.zookeeper_dir, tick_time=tick_time)
-    config = {"name": name, "zookeeper": server.address, "root": "/ensemble", "machine": 0, "network": cidr}
+    # Machine 0 will lease the first subnet. Its bridge comes first so that ZooKeeper
+    # can listen on the bridge address: the one address units can reach it at, and
+    # never a wildcard.
+    subnet = next(SubnetPlan(cidr, host_prefix).subnets())
+    bridge_address = str(netaddr.IPNetwork(subnet).network + 1)
     client = None
+    server = ZooKeeperServer(home.zookeeper_dir, host="127.0.0.1")  # replaced once the bridge exists
     try:
+        await _run_blocking(reactor, bridge.ensure_bridge, bridge.bridge_name(name), subnet)
+        server = ZooKeeperServer(home.zookeeper_dir, host=bridge_address, tick_time=tick_time)
+        config = {
+            "name": name, "zookeeper": server.address, "root": "/ensemble", "machine": 0,
+            "network": cidr, "host-prefix": host_prefix, "subnet": subnet,
+        }
         await _run_blocking(reactor, server.start)
         client = await ZKClient(server.address, config["root"]).connect(create_root=True)
         await initialize(client, name, {"cidr": cidr, "host-prefix": host_prefix})
@@ -206,6 +217,9 @@ async def _resume(reactor, home, network=None, name=None):
             f"(ZooKeeper at {server.address}); 'ensemble destroy-environment' removes it"
         )
     if not zookeeper_up:
+        if config.get("subnet"):
+            # After a reboot the bridge is gone, and ZooKeeper listens on its address.
+            await _run_blocking(reactor, bridge.ensure_bridge, bridge.bridge_name(config["name"]), config["subnet"])
         await _run_blocking(reactor, server.start)
     client = await ZKClient(server.address, config.get("root", "/ensemble")).connect()
     try:
@@ -232,11 +246,32 @@ def _destroy_files_and_processes(home, server, environment_name=None):
         pass
 
 
+async def _destroy_containers(reactor, home):
+    """Every container of every machine agent of this home (agents already stopped)."""
+    from ensemble.machine.container.driver import LXCDriver
+    from ensemble.machine.container.template import Template
+
+    try:
+        paths = sorted(e.path for e in os.scandir(home.lxc_dir) if e.is_dir())
+    except FileNotFoundError:
+        return
+    for path in paths:
+        driver = LXCDriver(path, Template(), reactor=reactor)
+        try:
+            for name in await driver.list():
+                await driver.destroy(name)
+        finally:
+            await driver.close()
+
+
 async def destroy_environment(reactor, home):
     """Stop the agents and ZooKeeper and remove every file the environment made."""
     if not home.exists():
         raise NoEnvironment(home.path)
     config = home.load()
     server = zookeeper_server(home, config)
+    for name in agent_names(home):
+        await _run_blocking(reactor, stop_agent, home, name)
+    await _destroy_containers(reactor, home)
     await _run_blocking(reactor, _destroy_files_and_processes, home, server, config.get("name"))
     return config

@@ -102,7 +102,7 @@ async def test_unit_agent_presence_and_expiry(env_client, zk_server, zk_root, tm
 def start_agent_process(tmp_path, zk_spec):
     log = open(tmp_path / "agent.log", "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "ensemble", "machine-agent", "--machine-id", "0", "--no-bridge"],
+        [sys.executable, "-m", "ensemble", "machine-agent", "--machine-id", "0", "--no-bridge", "--no-containers"],
         env=ensemble_env(tmp_path / "home", zk_spec),
         stdout=log,
         stderr=log,
@@ -118,7 +118,7 @@ async def test_agent_process_sigterm_leaves_cleanly_and_sigkill_restart_takes_ov
         await wait_for(lambda: env_client.exists(AGENT))
         # A second agent for the same machine is refused while the first lives.
         second = subprocess.run(
-            [sys.executable, "-m", "ensemble", "machine-agent", "--machine-id", "0", "--no-bridge"],
+            [sys.executable, "-m", "ensemble", "machine-agent", "--machine-id", "0", "--no-bridge", "--no-containers"],
             env=ensemble_env(tmp_path / "home", zk_spec),
             capture_output=True,
             text=True,
@@ -176,7 +176,8 @@ async def test_unit_agent_command_runs_until_sigterm(env_client, zk_spec, tmp_pa
     try:
         await wait_for(lambda: env_client.exists("/units/db-0/agent"))
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == 0
+        status = process.wait(timeout=10)
+        assert status == 0, process.stdout.read()
         assert await env_client.exists("/units/db-0/agent") is None
     finally:
         if process.poll() is None:

@@ -21,7 +21,7 @@ AGGRESSIVE_GC = "import gc, sys; gc.set_threshold(1, 1, 1); from ensemble.cli im
 @pytest_twisted.ensureDeferred
 async def test_machine_agent_survives_garbage_collection(env_client, zk_spec, tmp_path):
     agent = subprocess.Popen(
-        [sys.executable, "-c", AGGRESSIVE_GC, "machine-agent", "--machine-id", "0", "--no-bridge"],
+        [sys.executable, "-c", AGGRESSIVE_GC, "machine-agent", "--machine-id", "0", "--no-bridge", "--no-containers"],
         env=ensemble_env(tmp_path / "home", zk_spec),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

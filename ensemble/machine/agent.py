@@ -3,7 +3,7 @@ of the units assigned to it (addresses reserved and published, removals finished
 
 import logging
 
-from twisted.internet import task, threads
+from twisted.internet import defer, task, threads
 
 from ensemble.agent import BaseAgent
 from ensemble.errors import EnsembleError, MalformedState, UnitNotFound
@@ -22,20 +22,36 @@ ADDRESS_ERROR_PREFIX = "no free address"
 
 
 class MachineAgent(BaseAgent):
-    lease_retry_delay = 10.0
+    """With a container `driver`, every assigned unit gets its own running container;
+    without one (tests of the other duties), units get addresses only."""
 
-    def __init__(self, client, machine_id, reactor=None, manage_bridge=True, netns=None):
+    lease_retry_delay = 10.0
+    resync_interval = 5.0
+    max_concurrent_deploys = 4
+
+    def __init__(
+        self, client, machine_id, reactor=None, manage_bridge=True, netns=None,
+        driver=None, template=None, unit_zookeeper=None, unit_log_dir=None,
+    ):
         super().__init__(client, reactor)
         self.machine_id = machine_id
         self.name = f"machine-{machine_id}"
         self.manage_bridge = manage_bridge
         self.netns = netns
+        self.driver = driver
+        self.template = template
+        self.unit_zookeeper = unit_zookeeper or f"{client.servers}{client.root}"
+        self.unit_log_dir = unit_log_dir
         self.machine = None
         self.subnet = None
         self.bridge = None
         self.allocator = None
+        self.deployer = None
         self.assigned = []
         self._watch = None
+        self._resync = None
+        self._lock = defer.DeferredLock()
+        self._deploys = defer.DeferredSemaphore(self.max_concurrent_deploys)
 
     async def register_presence(self, info):
         if self.machine is None:
@@ -48,6 +64,20 @@ class MachineAgent(BaseAgent):
             return
         await self.finish_orphaned_removals()
         self._watch = await self.machine.watch_assigned_units(self.assignments_changed)
+        if self.driver is not None:
+            # Containers stop behind our back (OOM, a host admin, a reboot): look again
+            # regularly, not only when assignments change.
+            self._resync = task.LoopingCall(self._resync_now)
+            self._resync.clock = self.reactor
+            self._resync.start(self.resync_interval, now=False)
+
+    def _resync_now(self):
+        if self._lock.locked or self._stopping:
+            return None
+        d = defer.ensureDeferred(self._locked_reconcile(list(self.assigned)))
+        # A failed pass must not end the loop: the next one may well succeed.
+        d.addErrback(lambda f: log.error("%s: resync failed: %s", self.name, f.getErrorMessage()))
+        return d
 
     # -- network -------------------------------------------------------------------
 
@@ -73,6 +103,14 @@ class MachineAgent(BaseAgent):
             )
         await self.machine.update(subnet=self.subnet, bridge=self.bridge, error=None)
         log.info("%s: subnet %s on bridge %s", self.name, self.subnet, self.bridge)
+        if self.driver is not None:
+            from ensemble.machine.deploy import UnitDeployer
+
+            await self.template.ensure(progress=lambda line: log.info("%s: template: %s", self.name, line))
+            self.deployer = UnitDeployer(
+                self.client, self.driver, environment["name"], self.bridge, self.subnet,
+                self.unit_zookeeper, self.reactor, self.unit_log_dir,
+            )
 
     # -- convergence -----------------------------------------------------------------
 
@@ -91,20 +129,34 @@ class MachineAgent(BaseAgent):
             ", ".join(added) or "none",
             ", ".join(removed) or "none",
         )
-        await self.reconcile(names, removed)
+        async with self._lock:
+            await self.reconcile(names, removed)
+
+    async def _locked_reconcile(self, assigned, removed=()):
+        async with self._lock:
+            await self.reconcile(assigned, removed)
 
     async def reconcile(self, assigned, removed=()):
-        """Converge: every assigned unit has its address published; every address of a
-        unit no longer assigned is freed and that unit's removal finished."""
+        """Converge this machine on `assigned`: units leaving are torn down (container,
+        address, nodes), containers nobody owns are destroyed, and every assigned unit
+        has its address published and its container running."""
+        wanted = set(assigned)
+        leaving = set(removed) | set(await self.allocator.store.reservations())
+        leaving -= wanted
         # Removals first: what they free may be what a waiting unit needs.
-        freed = await self.allocator.reconcile(set(assigned))
-        for name, address in freed.items():
-            log.info("%s: released %s of %s", self.name, address, name)
-        for name in sorted(set(removed) | set(freed)):
-            if name not in assigned:
-                await self._guard(name, self.finish_removal(name))
-        for name in assigned:
-            await self._guard(name, self.ensure_address(name))
+        await self._bounded(leaving, self.finish_removal)
+        if self.deployer is not None:
+            expected = {self.deployer.container_for(u) for u in wanted | leaving}
+            for orphan in sorted(set(await self.driver.list()) - expected):
+                log.warning("%s: destroying %s, which no unit here owns", self.name, orphan)
+                await self.driver.destroy(orphan)
+        await self._bounded(wanted, self.ensure_unit)
+
+    async def _bounded(self, names, work):
+        await defer.gatherResults(
+            [self._deploys.run(lambda n=n: defer.ensureDeferred(self._guard(n, work(n)))) for n in sorted(names)],
+            consumeErrors=True,
+        )
 
     async def _guard(self, name, work):
         # One unit's trouble must never stop the others.
@@ -121,7 +173,8 @@ class MachineAgent(BaseAgent):
         except (EnsembleError, NoNode):
             pass
 
-    async def ensure_address(self, name):
+    async def ensure_unit(self, name):
+        """The unit's address reserved and published, and its container running."""
         try:
             unit = await UnitStateManager(self.client).get_unit(name)
         except UnitNotFound:
@@ -132,12 +185,20 @@ class MachineAgent(BaseAgent):
             return
         if unit.life == DYING:
             return
+        address = await self.ensure_address(unit)
+        if address is None or self.deployer is None:
+            return
+        service = await ServiceStateManager(self.client).get_service(unit.service_name)
+        await self.deployer.deploy(unit, address, service.limits)
+
+    async def ensure_address(self, unit):
+        name = unit.name
         try:
             address = await self.allocator.allocate(name)
         except AddressesExhausted as e:
             log.error("%s: %s: %s", self.name, name, e)
             await unit.update(state=ERROR, error=str(e))
-            return
+            return None
         changes = {}
         if unit.data.get("private-address") != address:
             changes["private-address"] = address
@@ -146,11 +207,17 @@ class MachineAgent(BaseAgent):
             changes.update(state=PENDING, error=None)
         if changes:
             await unit.update(**changes)
+        return address
 
     async def finish_removal(self, name):
-        """The unit is no longer assigned here: free its address, and if it is dying,
-        remove its nodes (and its service's, if that was the last unit)."""
-        await self.allocator.release(name)
+        """The unit is no longer assigned here: destroy its container (after its stop
+        hook), free its address, and if it is dying remove its nodes (and its
+        service's, if that was the last unit). Each step is safe to repeat."""
+        if self.deployer is not None:
+            await self.deployer.teardown(name)
+        address = await self.allocator.release(name)
+        if address:
+            log.info("%s: released %s of %s", self.name, address, name)
         try:
             unit = await UnitStateManager(self.client).get_unit(name)
         except (UnitNotFound, MalformedState):
@@ -169,5 +236,8 @@ class MachineAgent(BaseAgent):
                 await self._guard(unit.name, self.finish_removal(unit.name))
 
     async def stopping(self):
+        # Containers keep running: units survive an agent restart or upgrade.
+        if self._resync is not None and self._resync.running:
+            self._resync.stop()
         if self._watch:
             self._watch.stop()

@@ -14,6 +14,7 @@ The policy lives here; where reservations are kept is a store's business
 """
 
 import netaddr
+from twisted.internet import defer
 
 from ensemble.errors import EnsembleError
 
@@ -115,6 +116,7 @@ class Allocator:
         self._taken = None
         self._reserved = None
         self._position = None
+        self._lock = defer.DeferredLock()
         self.collisions = 0
 
     async def _load(self):
@@ -125,6 +127,12 @@ class Allocator:
 
     async def allocate(self, unit):
         """The unit's address: its existing reservation, or a new one."""
+        # One at a time per allocator: concurrent calls would share a position and
+        # collide with each other.
+        async with self._lock:
+            return await self._allocate(unit)
+
+    async def _allocate(self, unit):
         if self._reserved is None:
             await self._load()
         if unit in self._reserved:

@@ -23,7 +23,7 @@ MARKER = "# ensemble container"
 SERVICE_DIR = "ensemble"             # in the container's lxc dir
 SERVICE_MOUNT = "etc/ensemble"       # where it is seen inside (relative to the rootfs)
 AGENT_LOG = "/var/log/ensemble/agent.log"
-INIT_CMD = "/usr/bin/tini -- /usr/bin/runsvdir -P /etc/ensemble/service"
+INIT_CMD = "/usr/bin/tini -- /usr/bin/runsv /etc/ensemble/service/agent"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # What a container may touch in /dev (LXC's own common.conf list): null, zero, full,
@@ -241,7 +241,7 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None):
         "",
         "# init: tini reaps orphans; runsvdir supervises the unit agent",
         f"lxc.init.cmd = {INIT_CMD}",
-        "lxc.signal.halt = SIGHUP",
+        "lxc.signal.halt = SIGTERM",
         "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed:force",
         "lxc.autodev = 1",
         "lxc.tty.max = 0",
@@ -289,7 +289,10 @@ def agent_run_script(argv, environment=None):
 
 def service_files(spec):
     """{relative path under <container>/ensemble: (content, mode)} for the spec."""
-    files = {}
     if spec.agent_command:
-        files["service/agent/run"] = (agent_run_script(spec.agent_command, spec.agent_environment), 0o755)
-    return files
+        return {"service/agent/run": (agent_run_script(spec.agent_command, spec.agent_environment), 0o755)}
+    # Nothing to supervise: runsv keeps the container up with the service down.
+    return {
+        "service/agent/run": ("#!/bin/sh\nexec sleep infinity\n", 0o755),
+        "service/agent/down": ("", 0o644),
+    }

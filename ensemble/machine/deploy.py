@@ -1,0 +1,109 @@
+"""One unit on this machine: its container made, started and published; and torn down.
+
+Every step is safe to repeat, so a reconcile after a crash at any point converges.
+"""
+
+import logging
+import os
+
+import netaddr
+from twisted.internet import task
+
+from ensemble.machine.container.driver import ContainerSpec, agent_python, ensemble_mounts
+from ensemble.machine.container.names import container_name
+from ensemble.names import unit_key
+from ensemble.state.unit import UnitStateManager
+
+log = logging.getLogger("ensemble.machine")
+
+STOP_HOOK_TIMEOUT = 60.0
+# Inside containers: expire quickly, so a dead unit agent shows as down in seconds.
+UNIT_SESSION_TIMEOUT = "4"
+
+
+def unit_log_path(unit_log_dir, unit_name):
+    """The host directory holding a unit's log (hook output and its agent's log)."""
+    return os.path.join(unit_log_dir, unit_key(unit_name))
+
+
+class UnitDeployer:
+    """Deploys and tears down units' containers for one machine agent."""
+
+    def __init__(self, client, driver, environment, bridge, subnet, zookeeper, reactor, unit_log_dir=None):
+        self.client = client
+        self.driver = driver
+        self.environment = environment
+        self.bridge = bridge
+        self.network = netaddr.IPNetwork(subnet)
+        self.zookeeper = zookeeper
+        self.reactor = reactor
+        self.unit_log_dir = unit_log_dir
+
+    def container_for(self, unit_name):
+        return container_name(self.environment, unit_name)
+
+    def spec(self, unit, address):
+        service_limits = unit.data.get("limits") or {}
+        name = self.container_for(unit.name)
+        mounts = list(ensemble_mounts())
+        if self.unit_log_dir:
+            # Each unit its own directory: a shared one would let units read each other's logs.
+            log_dir = unit_log_path(self.unit_log_dir, unit.name)
+            os.makedirs(log_dir, exist_ok=True)
+            mounts.append((log_dir, "/var/log/ensemble", False))
+        return ContainerSpec(
+            name=name,
+            hostname=unit.name.replace("/", "-"),
+            address=address,
+            prefixlen=self.network.prefixlen,
+            gateway=str(self.network.network + 1),
+            bridge=self.bridge,
+            memory=service_limits.get("memory"),
+            cpu_weight=service_limits.get("cpu-weight"),
+            pids=service_limits.get("pids"),
+            mounts=mounts,
+            agent_command=[agent_python(), "-m", "ensemble", "unit-agent", "--unit", unit.name],
+            agent_environment={
+                "ENSEMBLE_ZOOKEEPER": self.zookeeper,
+                "ENSEMBLE_SESSION_TIMEOUT": UNIT_SESSION_TIMEOUT,
+                "ENSEMBLE_CONNECT_TIMEOUT": "30",
+            },
+        )
+
+    async def deploy(self, unit, address, limits):
+        """Make the unit's container exist and run; publish its name. Idempotent."""
+        name = self.container_for(unit.name)
+        unit.data = {**unit.data, "limits": limits}
+        state = await self.driver.state(name)
+        if state is None:
+            await self.driver.create(self.spec(unit, address))
+            log.info("created %s for %s at %s", name, unit.name, address)
+            state = "STOPPED"
+        if state != "RUNNING":
+            await self.driver.start(name)
+            log.info("started %s", name)
+        if unit.data.get("container") != name:
+            await unit.update(container=name)
+
+    async def teardown(self, unit_name):
+        """Give the unit's stop hook a chance, then destroy its container. Idempotent."""
+        name = self.container_for(unit_name)
+        if await self.driver.state(name) == "RUNNING":
+            await self._wait_for_stop_hook(unit_name)
+        await self.driver.destroy(name)
+        log.info("destroyed %s of %s", name, unit_name)
+
+    async def _wait_for_stop_hook(self, unit_name):
+        # The unit agent sees the unit dying and runs the stop hook; it reports
+        # "stopped". A dead or wedged agent must not hold the removal up for ever.
+        units = UnitStateManager(self.client)
+        deadline = self.reactor.seconds() + STOP_HOOK_TIMEOUT
+        while self.reactor.seconds() < deadline:
+            try:
+                unit = await units.get_unit(unit_name)
+            except Exception:
+                return
+            if unit.state == "stopped" or not await unit.agent_alive():
+                return
+            await task.deferLater(self.reactor, 0.2, lambda: None)
+        log.warning("%s: stop hook did not report within %gs; destroying anyway", unit_name, STOP_HOOK_TIMEOUT)
