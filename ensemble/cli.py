@@ -204,6 +204,49 @@ async def cmd_service_addresses(reactor, args):
         print(address)
 
 
+async def cmd_debug_log(reactor, args):
+    from ensemble.machine.deploy import unit_log_path
+    from ensemble.names import unit_key
+
+    parse_unit_name(args.unit)
+    client = await connection.connect(args.zookeeper)
+    try:
+        await get_environment(client)
+        unit = await UnitStateManager(client).get_unit(args.unit)
+    finally:
+        await client.close()
+    directory = unit_log_path(os.path.join(EnsembleHome().logs_dir, "units"), args.unit)
+    path = os.path.join(directory, f"{unit_key(args.unit)}.log")
+    if not os.path.exists(path):
+        raise EnsembleError(
+            f"no log for {args.unit} on this host (it runs on machine {unit.machine_id}; "
+            f"its hooks have not run yet, or its log is on that machine's host)"
+        )
+    with open(path, errors="replace") as f:
+        lines = f.readlines()
+    sys.stdout.write("".join(lines[-args.lines:] if args.lines else lines))
+    sys.stdout.flush()
+    if args.follow:
+        await _follow(reactor, path, len("".join(lines).encode()))
+
+
+async def _follow(reactor, path, offset):
+    from twisted.internet import task
+
+    while True:
+        await task.deferLater(reactor, 0.5, lambda: None)
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return  # the unit was removed
+        if data:
+            offset += len(data)
+            sys.stdout.write(data.decode(errors="replace"))
+            sys.stdout.flush()
+
+
 async def cmd_destroy_environment(reactor, args):
     home = EnsembleHome()
     if not home.exists():
@@ -330,6 +373,11 @@ def build_parser():
 
     sub = command("service-addresses", cmd_service_addresses, "print the addresses of a service's started units")
     sub.add_argument("service", metavar="SERVICE")
+
+    sub = command("debug-log", cmd_debug_log, "show a unit's hook output (from this host)")
+    sub.add_argument("unit", metavar="UNIT")
+    sub.add_argument("-n", "--lines", type=int, default=100, help="last N lines (0: all; default 100)")
+    sub.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
 
     sub = command(
         "destroy-environment", cmd_destroy_environment, "stop and remove the local environment", zookeeper=False
