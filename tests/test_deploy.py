@@ -1,0 +1,250 @@
+"""Units deployed into real LXC containers by the machine agent of a real local
+environment (bootstrap on this host, a bridge of the test's own network, ZooKeeper on
+the bridge address): the mission's flow, end to end."""
+
+import itertools
+import json
+import os
+import signal
+import time
+import urllib.request
+
+import pytest
+import pytest_twisted
+import yaml
+from twisted.internet import reactor, task
+
+from ensemble.machine.container.driver import LXCDriver
+from ensemble.machine.container.template import Template
+from ensemble.state.client import ZKClient
+from ensemble.state.network import ZooKeeperAddressStore
+
+from conftest import ensemble_env, make_charm, run_ensemble
+
+DB, WEB = "examples/charms/db", "examples/charms/web"
+_networks = itertools.count(1)
+
+
+class Environment:
+    """A bootstrapped local environment owned by one test."""
+
+    def __init__(self, home):
+        self.home = home
+        # A /16 of its own per environment, so runs and parallel environments never clash.
+        self.network = f"10.{160 + next(_networks) % 60}.0.0/16"
+        self.env = ensemble_env(home, ENSEMBLE_CONNECT_TIMEOUT="10")
+
+    def cli(self, *args, check=True):
+        result = run_ensemble(*args, env=self.env, timeout=120)
+        if check:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    def status(self):
+        return json.loads(self.cli("status", "--format", "json").stdout)
+
+    def units(self):
+        return {n: u for s in self.status()["services"].values() for n, u in s["units"].items()}
+
+    @property
+    def config(self):
+        return yaml.safe_load((self.home / "environment.yaml").read_text())
+
+    def driver(self):
+        return LXCDriver(str(self.home / "lxc" / "machine-0"), Template())
+
+    async def client(self):
+        return await ZKClient(self.config["zookeeper"], self.config["root"]).connect()
+
+    def agent_pid(self):
+        return int((self.home / "run" / "machine-0.pid").read_text())
+
+
+@pytest.fixture
+def environment(tmp_path):
+    env = Environment(tmp_path / "home")
+    env.cli("bootstrap", "--network", env.network)
+    yield env
+    result = env.cli("destroy-environment", "-y", check=False)
+    assert result.returncode == 0, result.stderr
+
+
+async def until(check, timeout=120.0, what="condition"):
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = check()
+        if hasattr(value, "__await__"):
+            value = await value
+        if value:
+            return value
+        assert reactor.seconds() < deadline, f"{what} not reached in {timeout:g}s"
+        await task.deferLater(reactor, 0.25, lambda: None)
+
+
+def states(env):
+    return {name: unit["agent-state"] for name, unit in env.units().items()}
+
+
+async def all_started(env, names):
+    await until(lambda: states(env) == {n: "started" for n in names}, what=f"{names} started")
+    return env.units()
+
+
+async def sh(driver, container, script):
+    code, out, err = await driver.exec(container, ["/bin/sh", "-c", script], timeout=30)
+    return code, out.decode(), err.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_services_on_one_machine_are_started_connected_and_isolated(environment):
+    env = environment
+    env.cli("deploy", DB, "--to", "0")
+    env.cli("deploy", WEB, "--to", "0", "--config", "db=db")
+    units = await all_started(env, ["db/0", "web/0"])
+    db, web = units["db/0"], units["web/0"]
+    subnet = env.status()["machines"]["0"]["subnet"]
+    assert db["private-address"] != web["private-address"]
+    assert all(u["private-address"].rsplit(".", 1)[0] == subnet.rsplit(".", 1)[0] for u in (db, web))
+
+    # web reaches db over TCP: its page holds what it read from the db unit.
+    with urllib.request.urlopen(f"http://{web['private-address']}/", timeout=10) as response:
+        page = response.read().decode()
+    assert "hello from db/0" in page and f"reading from db at {db['private-address']}:7070" in page
+
+    driver = env.driver()
+    try:
+        # db listens on a unix socket too, to show web cannot reach it.
+        code, _, err = await sh(driver, db["container"], (
+            "setsid python3 -c \"import socket,time; s=socket.socket(socket.AF_UNIX); "
+            "s.bind('/tmp/db.sock'); s.listen(); time.sleep(600)\" >/dev/null 2>&1 & sleep 0.5; test -S /tmp/db.sock"
+        ))
+        assert code == 0, err
+        code, out, _ = await sh(driver, web["container"], "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done")
+        assert "--unit web/0" in out and "--unit db/0" not in out, out
+        assert out.count("/var/lib/ensemble/charm/server.py") == 1, out  # web's own server only
+        code, _, _ = await sh(driver, web["container"], "test -e /var/lib/ensemble/unit/db/data.json")
+        assert code != 0, "web sees db's files"
+        code, _, _ = await sh(driver, web["container"], "test -e /tmp/db.sock")
+        assert code != 0, "web sees db's unix socket"
+        code, out, _ = await sh(driver, web["container"], "hostname")
+        assert out.strip() == "web-0"
+    finally:
+        await driver.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_remove_unit_frees_the_machine_for_the_next_unit(environment):
+    env = environment
+    env.cli("deploy", DB, "--to", "0")
+    first = (await all_started(env, ["db/0"]))["db/0"]
+    env.cli("remove-unit", "db/0")
+    await until(lambda: env.units() == {}, what="db/0 removed")
+    driver = env.driver()
+    client = await env.client()
+    try:
+        assert await driver.list() == []
+        assert await ZooKeeperAddressStore(client, 0).taken() == []
+        env.cli("add-unit", "db", "--to", "0")
+        second = (await all_started(env, ["db/1"]))["db/1"]
+        assert second["container"] != first["container"]
+        assert await driver.list() == [second["container"]]
+        # A fresh container: nothing of the old unit's data.
+        code, _, _ = await sh(driver, second["container"], "grep -q db/0 /var/lib/ensemble/unit/db/data.json")
+        assert code != 0
+    finally:
+        await client.close()
+        await driver.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_killed_mid_deploy_converges_on_restart(environment):
+    env = environment
+    env.cli("deploy", DB, "--to", "0", "-n", "3")
+    time.sleep(0.3)  # mid-deploy
+    os.kill(env.agent_pid(), signal.SIGKILL)
+    # While it is down: one unit removed, another added.
+    env.cli("remove-unit", "db/1")
+    env.cli("add-unit", "db", "--to", "0")
+    restarted = env.cli("bootstrap")
+    assert "restarted environment" in restarted.stdout
+    await all_started(env, ["db/0", "db/2", "db/3"])
+    driver = env.driver()
+    client = await env.client()
+    try:
+        units = env.units()
+
+        async def converged():
+            containers = sorted(await driver.list())
+            taken = sorted(await ZooKeeperAddressStore(client, 0).taken())
+            return containers == sorted(u["container"] for u in units.values()) and taken == sorted(
+                u["private-address"] for u in units.values()
+            )
+
+        await until(converged, timeout=30, what="containers and addresses matching the units")
+    finally:
+        await client.close()
+        await driver.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_failing_install_hook_is_an_error_and_spares_the_others(environment, tmp_path):
+    env = environment
+    broken = make_charm(tmp_path / "broken", name="broken", hooks={"install": "echo cannot install >&2; exit 7"})
+    env.cli("deploy", broken, "--to", "0")
+    env.cli("deploy", DB, "--to", "0")
+    await until(lambda: states(env) == {"broken/0": "error", "db/0": "started"}, what="broken in error, db started")
+    assert env.units()["broken/0"]["error"] == "install hook exited with status 7: cannot install"
+    log = env.cli("debug-log", "broken/0").stdout
+    assert "cannot install" in log and "install hook exited with status 7" in log
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_unit_agent_is_restarted_and_reports_started(environment):
+    env = environment
+    env.cli("deploy", DB, "--to", "0")
+    container = (await all_started(env, ["db/0"]))["db/0"]["container"]
+    driver = env.driver()
+    client = await env.client()
+    try:
+        code, out, _ = await sh(driver, container, "cat /etc/ensemble/service/agent/supervise/pid")
+        old_pid = out.strip()
+        assert code == 0 and old_pid.isdigit()
+        code, out, _ = await sh(driver, container, "cat /var/lib/ensemble/unit/db/server.pid")
+        server_pid = out.strip()
+        await sh(driver, container, f"kill -9 {old_pid}")
+
+        async def new_agent():
+            code, out, _ = await sh(driver, container, "cat /etc/ensemble/service/agent/supervise/pid")
+            return code == 0 and out.strip() not in ("", old_pid)
+
+        await until(new_agent, timeout=30, what="a new unit agent")
+        await until(lambda: env.units()["db/0"]["agent"] == "alive", timeout=30, what="agent alive")
+        assert env.units()["db/0"]["agent-state"] == "started"
+        # The charm's service kept running through the agent's restart.
+        code, _, _ = await sh(driver, container, f"kill -0 {server_pid}")
+        assert code == 0
+    finally:
+        await client.close()
+        await driver.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_container_is_started_again(environment):
+    env = environment
+    env.cli("deploy", DB, "--to", "0")
+    container = (await all_started(env, ["db/0"]))["db/0"]["container"]
+    driver = env.driver()
+    try:
+        await driver.stop(container)
+        await until(lambda: driver.state(container), what="container state")
+        await until(
+            lambda: _running(driver, container), timeout=30, what="the container running again"
+        )
+        await until(lambda: env.units()["db/0"]["agent"] == "alive", timeout=30, what="agent alive")
+        assert env.units()["db/0"]["agent-state"] == "started"
+    finally:
+        await driver.close()
+
+
+async def _running(driver, container):
+    return await driver.state(container) == "RUNNING"
