@@ -1,0 +1,150 @@
+"""Deploy benchmark: from add-unit to the unit agent's `started`, in a real local
+environment (its own ENSEMBLE_HOME and network) with real containers. Prints one JSON
+object. The template must be cached (the machine agent builds it once otherwise).
+
+    .venv/bin/python bench/deploy.py [--sequential 30] [--concurrent 10] [--many 100]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+from twisted.internet import defer, task
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from ensemble.state.client import ZKClient  # noqa: E402
+from ensemble.state.service import ServiceStateManager  # noqa: E402
+from ensemble.state.unit import UnitStateManager  # noqa: E402
+
+CHARM = os.path.join(HERE, "charms", "idle")
+
+
+def ensemble(env, *args):
+    result = subprocess.run([sys.executable, "-m", "ensemble", *args], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"ensemble {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout
+
+
+def percentile(values, p):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+async def started(reactor, client, names, timeout):
+    """Seconds until every unit in `names` is started (None for those that never were)."""
+    units = UnitStateManager(client)
+    begin = reactor.seconds()
+    pending = set(names)
+    done = {}
+    while pending and reactor.seconds() - begin < timeout:
+        for name in list(pending):
+            if (await units.get_unit(name)).state == "started":
+                done[name] = reactor.seconds() - begin
+                pending.discard(name)
+        if pending:
+            await task.deferLater(reactor, 0.01, lambda: None)
+    return done
+
+
+def cgroup_memory(container):
+    for base in ("/sys/fs/cgroup/memory", "/sys/fs/cgroup"):
+        for root, dirs, files in os.walk(base):
+            if os.path.basename(root) == f"lxc.payload.{container}":
+                for name in ("memory.usage_in_bytes", "memory.current"):
+                    path = os.path.join(root, name)
+                    if os.path.exists(path):
+                        return int(open(path).read())
+            if root.count(os.sep) > base.count(os.sep) + 3:
+                dirs[:] = []
+    return None
+
+
+def monitor_rss(container):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
+            if cmdline.startswith(b"[lxc monitor]") and cmdline.rstrip().endswith(container.encode()):
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return 0
+
+
+async def benchmark(reactor, args, env, config):
+    client = await ZKClient(config["zookeeper"], config["root"]).connect()
+    services = ServiceStateManager(client)
+    try:
+        # Sequential: one unit at a time.
+        latencies = []
+        for _ in range(args.sequential):
+            (name,) = await services.add_units("idle", n=1, to=0)
+            took = await started(reactor, client, [name], timeout=60)
+            if name not in took:
+                raise SystemExit(f"{name} did not start within 60s")
+            latencies.append(took[name] * 1000)
+        # Ten at once.
+        names = await services.add_units("idle", n=args.concurrent, to=0)
+        took = await started(reactor, client, names, timeout=120)
+        concurrent_ms = max(took.values()) * 1000 if len(took) == len(names) else None
+        # Idle footprint: container memory cgroup + its LXC monitor on the host.
+        await task.deferLater(reactor, 3, lambda: None)
+        footprints = []
+        for unit in await UnitStateManager(client).get_all_units():
+            container = unit.data.get("container")
+            memory = cgroup_memory(container) if container else None
+            if memory is not None:
+                footprints.append(memory + monitor_rss(container))
+        # Many: up to 100 units on this one host.
+        have = len(await UnitStateManager(client).get_all_units())
+        more = await services.add_units("idle", n=max(0, args.many - have), to=0)
+        every = [u.name for u in await UnitStateManager(client).get_all_units()]
+        took = await started(reactor, client, every, timeout=600)
+        print(json.dumps({
+            "deploy_p50_ms": round(statistics.median(latencies), 1),
+            "deploy_p99_ms": round(percentile(latencies, 99), 1),
+            "concurrent10_all_started_ms": round(concurrent_ms, 1) if concurrent_ms else None,
+            "idle_unit_rss_mb": round(statistics.median(footprints) / 2**20, 1) if footprints else None,
+            f"units_started_of_{len(every)}": len(took),
+            "sequential": args.sequential,
+            "added_for_many": len(more),
+        }))
+    finally:
+        await client.close()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequential", type=int, default=30)
+    parser.add_argument("--concurrent", type=int, default=10)
+    parser.add_argument("--many", type=int, default=100)
+    parser.add_argument("--network", default="10.240.0.0/16")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ENSEMBLE_")}
+        env["ENSEMBLE_HOME"] = os.path.join(tmp, "home")
+        ensemble(env, "bootstrap", "--network", args.network)
+        try:
+            ensemble(env, "deploy", CHARM, "--to", "0", "-n", "1")
+            with open(os.path.join(env["ENSEMBLE_HOME"], "environment.yaml")) as f:
+                config = yaml.safe_load(f)
+            task.react(lambda reactor: defer.ensureDeferred(benchmark(reactor, args, env, config)))
+        except SystemExit as e:
+            if e.code not in (0, None):
+                raise
+        finally:
+            ensemble(env, "destroy-environment", "-y")
+
+
+if __name__ == "__main__":
+    main()
