@@ -14,6 +14,7 @@ import pytest_twisted
 import yaml
 from twisted.internet import reactor, task
 
+from ensemble import process
 from ensemble.machine.container.driver import LXCDriver
 from ensemble.machine.container.template import Template
 from ensemble.state.client import ZKClient
@@ -248,3 +249,27 @@ async def test_a_stopped_container_is_started_again(environment):
 
 async def _running(driver, container):
     return await driver.state(container) == "RUNNING"
+
+
+@pytest_twisted.ensureDeferred
+async def test_units_survive_an_agent_restart_untouched(environment):
+    env = environment
+    env.cli("deploy", DB, "--to", "0")
+    container = (await all_started(env, ["db/0"]))["db/0"]["container"]
+    driver = env.driver()
+    try:
+        init_before = await driver.init_pid(container)
+        pid = env.agent_pid()
+        os.kill(pid, signal.SIGTERM)
+        await until(lambda: not process.alive(pid), timeout=20, what="agent exit")
+        assert await driver.state(container) == "RUNNING"
+        assert env.status()["machines"]["0"]["agent"] == "down"
+        assert env.units()["db/0"]["agent-state"] == "started"
+        env.cli("bootstrap")  # restarts the machine agent
+        await until(lambda: env.status()["machines"]["0"]["agent"] == "alive", what="agent back")
+        await task.deferLater(reactor, 2, lambda: None)  # a reconcile pass
+        assert await driver.init_pid(container) == init_before, "the container was restarted"
+        assert await driver.list() == [container]
+    finally:
+        await driver.close()
+
