@@ -5,6 +5,7 @@ an unexpected one too, with the traceback in the log rather than on the screen.
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -40,6 +41,17 @@ class Parser(argparse.ArgumentParser):
 # -- commands ------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _environment(args):
+    """A session with the environment the command talks to; an error if there is none."""
+    client = await connection.connect(args.zookeeper)
+    try:
+        await get_environment(client)
+        yield client
+    finally:
+        await client.close()
+
+
 async def cmd_bootstrap(reactor, args):
     home = EnsembleHome()
     config, resumed = await local.bootstrap(
@@ -53,23 +65,15 @@ async def cmd_bootstrap(reactor, args):
 
 async def cmd_add_machine(reactor, args):
     address = _validate_address(args.address) if args.address else None
-    client = await connection.connect(args.zookeeper)
-    try:
-        await get_environment(client)
+    async with _environment(args) as client:
         machine = await MachineStateManager(client).add_machine(address=address)
-    finally:
-        await client.close()
     print(machine.id)
 
 
 async def cmd_remove_machine(reactor, args):
     machine_id = parse_machine_id(args.machine_id)
-    client = await connection.connect(args.zookeeper)
-    try:
-        await get_environment(client)
+    async with _environment(args) as client:
         await MachineStateManager(client).remove_machine(machine_id)
-    finally:
-        await client.close()
     print(f"removed machine {machine_id}")
 
 
@@ -117,16 +121,12 @@ async def cmd_deploy(reactor, args):
     n = _parse_count(args.n)
     to = parse_machine_id(args.to) if args.to is not None else None
     bundle = charm.bundle()
-    client = await connection.connect(args.zookeeper)
-    try:
-        await get_environment(client)
+    async with _environment(args) as client:
         if to is not None:
             await MachineStateManager(client).get_machine(to)
         _, units = await ServiceStateManager(client).deploy(
             service, bundle_id(charm.name, bundle), bundle, config, limits, n=n, to=to
         )
-    finally:
-        await client.close()
     print(f"deployed service {service} ({charm.name}): {', '.join(units)}")
 
 
@@ -134,44 +134,32 @@ async def cmd_add_unit(reactor, args):
     service = validate_service_name(args.service)
     n = _parse_count(args.n)
     to = parse_machine_id(args.to) if args.to is not None else None
-    client = await connection.connect(args.zookeeper)
-    try:
-        await get_environment(client)
+    async with _environment(args) as client:
         manager = ServiceStateManager(client)
         await manager.get_service(service)
         if to is not None:
             await MachineStateManager(client).get_machine(to)
         units = await manager.add_units(service, n=n, to=to)
-    finally:
-        await client.close()
     print(f"added {', '.join(units)}")
 
 
 async def cmd_remove_unit(reactor, args):
     for name in args.units:
         parse_unit_name(name)
-    client = await connection.connect(args.zookeeper)
-    try:
-        await get_environment(client)
+    async with _environment(args) as client:
         manager = UnitStateManager(client)
         # All must exist before any is touched.
         for name in args.units:
             await manager.get_unit(name)
         for name in args.units:
             await manager.remove_unit(name)
-    finally:
-        await client.close()
     print(f"removing {', '.join(args.units)}")
 
 
 async def cmd_destroy_service(reactor, args):
     service = validate_service_name(args.service)
-    client = await connection.connect(args.zookeeper)
-    try:
-        await get_environment(client)
+    async with _environment(args) as client:
         units = await ServiceStateManager(client).destroy_service(service)
-    finally:
-        await client.close()
     if units:
         print(f"destroying service {service}: removing {', '.join(units)}")
     else:
@@ -179,27 +167,20 @@ async def cmd_destroy_service(reactor, args):
 
 
 async def cmd_status(reactor, args):
-    client = await connection.connect(args.zookeeper)
-    try:
+    async with _environment(args) as client:
         status = await collect(client)
-    finally:
-        await client.close()
     print(render(status, args.format))
 
 
 async def cmd_service_addresses(reactor, args):
     service = validate_service_name(args.service)
-    client = await connection.connect(args.zookeeper)
-    try:
-        await get_environment(client)
+    async with _environment(args) as client:
         await ServiceStateManager(client).get_service(service)
         addresses = []
         units = UnitStateManager(client)
         for unit in await units.get_all_units():
             if unit.service_name == service and unit.state == STARTED and unit.data.get("private-address"):
                 addresses.append(unit.data["private-address"])
-    finally:
-        await client.close()
     for address in addresses:
         print(address)
 
@@ -209,12 +190,8 @@ async def cmd_debug_log(reactor, args):
     from ensemble.names import unit_key
 
     parse_unit_name(args.unit)
-    client = await connection.connect(args.zookeeper)
-    try:
-        await get_environment(client)
+    async with _environment(args) as client:
         unit = await UnitStateManager(client).get_unit(args.unit)
-    finally:
-        await client.close()
     directory = unit_log_path(os.path.join(EnsembleHome().logs_dir, "units"), args.unit)
     path = os.path.join(directory, f"{unit_key(args.unit)}.log")
     if not os.path.exists(path):
