@@ -14,7 +14,7 @@ import traceback
 
 from twisted.internet import defer
 
-from ensemble import __version__, connection, local
+from ensemble import __version__, connection
 from ensemble.charm import Charm, bundle_id
 from ensemble.errors import EnsembleError, InvalidValue, UnitNotFound
 from ensemble.home import EnsembleHome
@@ -53,6 +53,8 @@ async def _environment(args):
 
 
 async def cmd_bootstrap(reactor, args):
+    from ensemble import local  # pyroute2 and friends: only these two commands need them
+
     home = EnsembleHome()
     config, resumed = await local.bootstrap(
         reactor, home, network=args.network, name=args.name, address=args.address, host_prefix=args.host_prefix
@@ -234,6 +236,8 @@ async def cmd_destroy_environment(reactor, args):
         answer = input(f"destroy environment in {home.path} and everything in it? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             raise EnsembleError("not destroyed")
+    from ensemble import local
+
     config = await local.destroy_environment(reactor, home)
     print(f"destroyed environment {config.get('name')}")
 
