@@ -1,12 +1,13 @@
 """The LXC config of a unit's container, rendered in full (nothing is taken from
 /etc/lxc/default.conf, which names an lxcbr0 that hosts without lxc-net do not have),
-and the runit service directory PID 1 supervises.
+and the runit service directory that PID 1 (tini, then runsv) supervises.
 
 Layout of one container under its lxc path:
 
     <lxc_path>/<name>/config              this file
     <lxc_path>/<name>/overlay/delta       the overlayfs upper dir (the template is below)
-    <lxc_path>/<name>/ensemble/service/   runsvdir's directory, mounted at /etc/ensemble
+    <lxc_path>/<name>/ensemble/service/agent/   runsv's service directory (the unit agent),
+                                          seen inside as /etc/ensemble/service/agent
     <lxc_path>/<name>/lxc.log             LXC's log for this container
 """
 
@@ -32,7 +33,12 @@ DEVICES = [
     "c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 5:0 rwm", "c 5:1 rwm",
     "c 5:2 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 136:* rwm", "c 10:229 rwm",
 ]
-CAP_DROP = "mac_admin mac_override sys_time sys_module sys_rawio"
+# Root in a container keeps only these capabilities (Docker's default set): enough to
+# install packages, bind low ports and run daemons; not CAP_SYS_ADMIN, with which root
+# in a privileged container could mount /proc or a cgroup anew and reach the host
+# (core_pattern, release_agent) on hosts without AppArmor.
+CAP_KEEP = ("audit_write chown dac_override fowner fsetid kill mknod net_bind_service net_raw "
+            "setfcap setgid setpcap setuid sys_chroot")
 SECCOMP = "/usr/share/lxc/config/common.seccomp"
 
 
@@ -239,7 +245,7 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None):
         f"{key}.devices.deny = a",
         *(f"{key}.devices.allow = {d}" for d in DEVICES),
         "",
-        "# init: tini reaps orphans; runsvdir supervises the unit agent",
+        "# init: tini reaps orphans; runsv supervises the unit agent",
         f"lxc.init.cmd = {INIT_CMD}",
         "lxc.signal.halt = SIGTERM",
         "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed:force",
@@ -247,7 +253,7 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None):
         "lxc.tty.max = 0",
         "lxc.pty.max = 64",
         "lxc.console.path = none",
-        f"lxc.cap.drop = {CAP_DROP}",
+        f"lxc.cap.keep = {CAP_KEEP}",
     ]
     if os.path.exists(SECCOMP):
         lines.append(f"lxc.seccomp.profile = {SECCOMP}")

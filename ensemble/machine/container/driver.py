@@ -15,6 +15,7 @@ pair (`close()` ends it; it also dies with the driver's process).
 import dataclasses
 import errno
 import logging
+import math
 import os
 import re
 import signal
@@ -72,7 +73,10 @@ def ensemble_mounts():
 
 
 def agent_python():
-    """The venv's python: works inside a container given ensemble_mounts()."""
+    """The venv's python: works inside a container given ensemble_mounts(). (Outside
+    a venv, the rootfs's own python3, which does not have ensemble's dependencies.)"""
+    if sys.prefix == sys.base_prefix:
+        return "/usr/bin/python3"
     return os.path.join(sys.prefix, "bin", "python")
 
 
@@ -129,11 +133,21 @@ class ContainerSpec:
 # -- processes ------------------------------------------------------------------------
 
 class _Command(protocol.ProcessProtocol):
-    def __init__(self, input=None):
+    """Collects a command's output; `done` fires with its exit status once it has
+    exited and its pipes are drained. A daemon it left behind holding the pipes open
+    (a charm's service started through exec) does not keep us waiting: shortly after
+    the command exits, our ends of the pipes are closed."""
+
+    DRAIN = 0.1
+
+    def __init__(self, reactor, input=None):
+        self.reactor = reactor
         self.input = input
         self.out, self.err = [], []
         self.code = None
+        self.timed_out = False
         self.done = defer.Deferred()
+        self._drain = None
 
     def connectionMade(self):
         if self.input:
@@ -146,9 +160,25 @@ class _Command(protocol.ProcessProtocol):
     def errReceived(self, data):
         self.err.append(data)
 
-    def processEnded(self, reason):
+    def _status(self, reason):
         code = reason.value.exitCode
-        self.code = code if code is not None else 128 + (reason.value.signal or 0)
+        return code if code is not None else 128 + (reason.value.signal or 0)
+
+    def processExited(self, reason):
+        self.code = self._status(reason)
+        self._drain = self.reactor.callLater(self.DRAIN, self._finish)
+
+    def processEnded(self, reason):
+        if self.code is None:
+            self.code = self._status(reason)
+        self._finish()
+
+    def _finish(self):
+        if self._drain is not None and self._drain.active():
+            self._drain.cancel()
+        if self.done.called:
+            return
+        self.transport.loseConnection()
         self.done.callback(self.code)
 
 
@@ -161,6 +191,22 @@ def _reason(stderr, default):
         if match:
             return match.group(1)
     return lines[0] if lines else default
+
+
+def _log_reason(path, offset):
+    """The first error LXC logged after `offset`, without its source location."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read(1 << 20).decode("utf-8", "replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        # "lxc-start NAME 2026... ERROR    network - ../src/lxc/network.c:fn:711 - [errno text - ]What"
+        match = re.search(r" ERROR\s+\S+ - \S+:\d+ - (.*)", line)
+        if match:
+            return match.group(1).rsplit(" - ", 1)[-1].strip()
+    return None
 
 
 class _NetnsHelper(protocol.ProcessProtocol):
@@ -272,6 +318,11 @@ class LXCDriver:
 
     # -- running commands -------------------------------------------------------------
 
+    async def command_prefix(self):
+        """The argv prefix that runs a command where this driver's lxc commands run
+        (in its netns and that netns's sysfs); [] without a netns."""
+        return list(await self._prefix())
+
     async def _prefix(self):
         if self.netns is None:
             return []
@@ -339,7 +390,7 @@ class LXCDriver:
     async def _run(self, argv, input=None, timeout=None):
         """(exit status, stdout, stderr) of an lxc command (in the netns if any)."""
         argv = (await self._prefix()) + list(argv)
-        command = _Command(input)
+        command = _Command(self.reactor, input)
         try:
             self.reactor.spawnProcess(command, argv[0], argv, env={"PATH": PATH})
         except OSError as e:
@@ -353,7 +404,6 @@ class LXCDriver:
                     pass
                 command.timed_out = True
             timer = self.reactor.callLater(timeout, expire)
-        command.timed_out = False
         try:
             await command.done
         finally:
@@ -412,20 +462,28 @@ class LXCDriver:
     async def start(self, name, timeout=10):
         """Start and wait until RUNNING (lxc-start -d returns once it is)."""
         self._require(name)
+        log_path = self.log_path(name)
+        try:
+            log_offset = os.path.getsize(log_path)
+        except OSError:
+            log_offset = 0
         code, _, err, timed_out = await self._run(self._lxc("lxc-start", name, "-d"), timeout=timeout)
         if timed_out:
-            raise ContainerError(f"container {name} did not start within {timeout:g}s (log: {self.log_path(name)})")
+            raise ContainerError(f"container {name} did not start within {timeout:g}s (log: {log_path})")
         if code != 0:
             reason = _reason(err, f"lxc-start exited with {code}")
             if "already running" in reason:
                 return
-            raise ContainerError(f"cannot start container {name}: {reason} (log: {self.log_path(name)})")
+            # The daemonised start reports only that it aborted; the cause is in the log.
+            reason = _log_reason(log_path, log_offset) or reason
+            raise ContainerError(f"cannot start container {name}: {reason} (log: {log_path})")
 
     async def stop(self, name, timeout=10):
-        """Ask PID 1 to stop (SIGHUP: runsvdir stops the agent), kill after `timeout`."""
+        """Ask PID 1 to stop (SIGTERM: runsv stops the agent and exits), kill
+        everything after `timeout` seconds."""
         self._require(name)
         code, _, err, timed_out = await self._run(
-            self._lxc("lxc-stop", name, "-t", str(max(0, int(timeout)))), timeout=timeout + 20
+            self._lxc("lxc-stop", name, "-t", str(max(0, math.ceil(timeout)))), timeout=timeout + 20
         )
         if timed_out:
             raise ContainerError(f"container {name} did not stop")
@@ -462,15 +520,34 @@ class LXCDriver:
             return False
 
     async def _remove_cgroups(self, name):
-        pending = [d for d in self.cgroup_dirs(name) if os.path.isdir(d)]
+        """Remove the container's cgroup directories once LXC's monitor for it has
+        gone (it moves itself to lxc.pivot.<name> on the way out, so the set of
+        directories can change until then)."""
         deadline = time.monotonic() + CGROUP_WAIT
-        while pending:
-            pending = [d for d in pending if not _rmdir_cgroup(d)]
-            if not pending:
-                return
+        while True:
+            busy = [d for d in self.cgroup_dirs(name) if os.path.isdir(d) and not _rmdir_cgroup(d)]
+            if not busy and not self._monitor_alive(name):
+                if not any(os.path.isdir(d) for d in self.cgroup_dirs(name)):
+                    return
+                continue
             if time.monotonic() > deadline:
-                raise ContainerError(f"cannot remove the cgroup {pending[0]} of container {name}: it is busy")
+                what = busy[0] if busy else f"LXC's monitor for {name}"
+                raise ContainerError(f"cannot remove the cgroups of container {name}: {what} is still busy")
             await task.deferLater(self.reactor, 0.02, lambda: None)
+
+    def _monitor_alive(self, name):
+        """Whether LXC's monitor process for this container still runs (it renames
+        itself '[lxc monitor] <lxc path> <name>')."""
+        title = f"[lxc monitor] {self.lxc_path} {name}".encode()
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                        if f.read(len(title) + 1).rstrip(b"\0") == title:
+                            return True
+                except OSError:
+                    pass
+        return False
 
     async def list(self):
         """Names of this lxc path's containers made by ensemble."""

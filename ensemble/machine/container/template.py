@@ -33,18 +33,20 @@ import time
 from twisted.internet import defer, protocol, task, threads
 
 from ensemble.errors import EnsembleError
+from ensemble.machine.container.config import CAP_KEEP
 
 log = logging.getLogger("ensemble.container")
 
 # Bump when what the build does changes (it renames the template).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 PACKAGES = ("python3", "tini", "runit", "ca-certificates", "iproute2", "procps")
 DEFAULT_CACHE = "/var/cache/ensemble"
 MARKER = "ensemble-template.json"
 LOCK_POLL = 0.1
 HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
-# runsvdir's directory in the template itself; in a unit's clone a bind mount hides it.
-EMPTY_SERVICE_DIR = "etc/ensemble/service"
+# A service that is down, for the template's own config (plain `lxc-copy` clones boot
+# with it); in a unit's clone, the bind mount of its own service directory hides it.
+IDLE_SERVICE = "etc/ensemble/service/agent"
 
 
 class TemplateError(EnsembleError):
@@ -494,7 +496,12 @@ class Template:
             f.write("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
         for deb in glob.glob(os.path.join(rootfs, "var", "cache", "apt", "archives", "*.deb")):
             os.unlink(deb)
-        os.makedirs(os.path.join(rootfs, EMPTY_SERVICE_DIR), exist_ok=True)
+        idle = os.path.join(rootfs, IDLE_SERVICE)
+        os.makedirs(idle, exist_ok=True)
+        with open(os.path.join(idle, "run"), "w") as f:
+            f.write("#!/bin/sh\nexec sleep infinity\n")
+        os.chmod(os.path.join(idle, "run"), 0o755)
+        open(os.path.join(idle, "down"), "w").close()
         python = f"python{sys.version_info.major}.{sys.version_info.minor}"
         if not os.path.exists(os.path.join(rootfs, "usr", "bin", python)):
             raise TemplateError(f"the template has no {python}, the host's venv cannot run in it")
@@ -520,20 +527,20 @@ class Template:
 
     def _config(self):
         """The template's own config: lxc-copy copies it into plain clones, which boot
-        with no network and an empty runsvdir. Units get a config of their own."""
+        with no network and nothing supervised. Units get a config of their own."""
         return "\n".join([
             f"# ensemble template {self.version} ({self.release}, {self.mirror}): clone it, do not start it",
             f"lxc.rootfs.path = dir:{self.rootfs}",
             f"lxc.uts.name = {self.name}",
             "lxc.net.0.type = empty",
             "lxc.cgroup.relative = 1",
-            f"lxc.init.cmd = /usr/bin/tini -- /usr/bin/runsvdir -P /{EMPTY_SERVICE_DIR}",
-            "lxc.signal.halt = SIGHUP",
+            f"lxc.init.cmd = /usr/bin/tini -- /usr/bin/runsv /{IDLE_SERVICE}",
+            "lxc.signal.halt = SIGTERM",
             "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed:force",
             "lxc.autodev = 1",
             "lxc.tty.max = 0",
             "lxc.pty.max = 64",
             "lxc.console.path = none",
-            "lxc.cap.drop = mac_admin mac_override sys_time sys_module sys_rawio",
+            f"lxc.cap.keep = {CAP_KEEP}",
             "",
         ])

@@ -1,0 +1,230 @@
+"""Isolation between two real containers on one bridge, in a network namespace the
+test creates: processes, files, unix sockets, hostnames, TCP between their addresses,
+and a memory limit that kills inside one container only."""
+
+import os
+import socket
+
+import pytest
+import pytest_twisted
+
+from ensemble.machine.container import config as lxc_config
+
+from test_containers import driver, eventually, lab, sh, template  # noqa: F401 (fixtures)
+
+PYTHON = "/usr/bin/python3"  # the rootfs's own python3: no host code needed for these
+
+UNIX_SERVER = r"""
+import os, socket
+listeners = []
+for address in ("/tmp/a.sock", "\0ens-isolation-a"):
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(address)
+    s.listen()
+    listeners.append(s)
+import selectors
+sel = selectors.DefaultSelector()
+for s in listeners:
+    sel.register(s, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        conn, _ = key.fileobj.accept()
+        conn.sendall(b"hello from a")
+        conn.close()
+"""
+
+UNIX_CLIENT = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1].replace("@", "\0", 1))
+    print(s.recv(100).decode())
+except OSError as e:
+    print("refused", type(e).__name__)
+"""
+
+TCP_SERVER = r"""
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7777))
+s.listen()
+while True:
+    conn, peer = s.accept()
+    conn.sendall(f"{socket.gethostname()} sees {peer[0]}".encode())
+    conn.close()
+"""
+
+TCP_CLIENT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 7777), timeout=5)
+print(s.recv(100).decode())
+"""
+
+HOG = r"""
+chunks = []
+for i in range(512):
+    chunks.append(bytearray(b"x") * (1 << 20))  # written, so really resident
+print("allocated", len(chunks), "MiB")
+"""
+
+
+@pytest_twisted.async_yield_fixture
+async def pair(driver, lab):
+    a = lab.spec("web/0")
+    b = lab.spec("db/0", memory="64M")
+    for spec in (a, b):
+        await driver.create(spec)
+        await driver.start(spec.name)
+    yield driver, a, b
+
+
+async def daemon(driver, name, script, *args):
+    """Start a python script inside as a detached daemon."""
+    quoted = " ".join(["'" + a + "'" for a in args])
+    path = f"/tmp/daemon-{abs(hash(script))}.py"
+    await driver.exec(name, ["/bin/sh", "-c", f"cat > {path}"], input=script.encode())
+    await sh(driver, name, f"setsid -f {PYTHON} {path} {quoted} </dev/null >/dev/null 2>&1")
+
+
+async def process_list(driver, name):
+    return [line.strip() for line in (await sh(driver, name, "ps -eo pid=,args=")).splitlines()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_container_sees_only_its_own_processes(pair):
+    driver, a, b = pair
+    await sh(driver, a.name, "setsid -f sleep 1111 </dev/null >/dev/null 2>&1")
+    await sh(driver, b.name, "setsid -f sleep 2222 </dev/null >/dev/null 2>&1")
+    in_a = await eventually(lambda: _with(driver, a.name, "sleep 1111"))
+    in_b = await eventually(lambda: _with(driver, b.name, "sleep 2222"))
+    assert not any("sleep 2222" in p for p in in_a)
+    assert not any("sleep 1111" in p for p in in_b)
+    for listing in (in_a, in_b):
+        assert listing[0].startswith("1 /usr/bin/tini")
+        assert not any("pytest" in p or "lxc monitor" in p for p in listing)
+        assert len(listing) < 10, listing
+    # /proc holds only the container's own pids.
+    pids_a = {int(p) for p in (await sh(driver, a.name, "ls /proc")).split() if p.isdigit()}
+    host_init_b = await driver.init_pid(b.name)
+    assert host_init_b not in pids_a and os.getpid() not in pids_a and max(pids_a) < 100
+
+
+async def _with(driver, name, word):
+    listing = await process_list(driver, name)
+    return listing if any(word in p for p in listing) else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_files_and_unix_sockets_are_private(pair, template):
+    driver, a, b = pair
+    await sh(driver, a.name, "echo secret > /tmp/secret-a")
+    await daemon(driver, a.name, UNIX_SERVER)
+    await eventually(lambda: _exists(driver, a.name, "/tmp/a.sock"))
+    client = "/tmp/client.py"
+    for spec in (a, b):
+        await driver.exec(spec.name, ["/bin/sh", "-c", f"cat > {client}"], input=UNIX_CLIENT.encode())
+
+    # a reaches its own sockets (path and abstract) ...
+    for address in ("/tmp/a.sock", "@ens-isolation-a"):
+        assert (await sh(driver, a.name, f"{PYTHON} {client} {address}")).strip() == "hello from a"
+    # ... b sees neither the file nor the sockets.
+    code, _, _ = await driver.exec(b.name, ["test", "-e", "/tmp/secret-a"])
+    assert code == 1
+    code, _, _ = await driver.exec(b.name, ["test", "-e", "/tmp/a.sock"])
+    assert code == 1
+    for address in ("/tmp/a.sock", "@ens-isolation-a"):
+        assert (await sh(driver, b.name, f"{PYTHON} {client} {address}")).startswith("refused")
+
+    # The host sees them only inside a's storage (its overlay upper directory).
+    assert not os.path.exists("/tmp/secret-a") and not os.path.exists("/tmp/a.sock")
+    assert not os.path.exists(os.path.join(template.rootfs, "tmp/secret-a"))
+    with open(os.path.join(driver.rootfs_delta(a.name), "tmp/secret-a")) as f:
+        assert f.read() == "secret\n"
+    assert not os.path.exists(os.path.join(driver.rootfs_delta(b.name), "tmp/secret-a"))
+    host = socket.socket(socket.AF_UNIX)
+    with pytest.raises(OSError):
+        host.connect("\0ens-isolation-a")  # abstract sockets live in a's network namespace
+    host.close()
+
+
+async def _exists(driver, name, path):
+    code, _, _ = await driver.exec(name, ["test", "-e", path])
+    return code == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostnames_differ_and_tcp_works_between_their_addresses(pair):
+    driver, a, b = pair
+    assert (await sh(driver, a.name, "hostname")).strip() == "web-0"
+    assert (await sh(driver, b.name, "hostname")).strip() == "db-0"
+    await daemon(driver, a.name, TCP_SERVER)
+    await eventually(lambda: _listening(driver, a.name, ":7777"))
+    await driver.exec(b.name, ["/bin/sh", "-c", "cat > /tmp/tcp.py"], input=TCP_CLIENT.encode())
+    reply = (await sh(driver, b.name, f"{PYTHON} /tmp/tcp.py {a.address}")).strip()
+    assert reply == f"web-0 sees {b.address}"
+
+
+async def _listening(driver, name, port):
+    code, out, _ = await driver.exec(name, ["ss", "-ltn"])
+    return code == 0 and port in out.decode()
+
+
+def _oom_kills(cgroup_dir):
+    with open(os.path.join(cgroup_dir, "memory.oom_control")) as f:
+        for line in f:
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    return 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_limit_kills_inside_that_container_only(pair):
+    driver, a, b = pair
+    cgroups = lxc_config.host_cgroups()
+    if cgroups.version != 1 or not cgroups.has("memory"):
+        pytest.skip("checks cgroup v1 memory accounting")
+    host_cgroup = cgroups.hierarchy("memory").base
+    before = {"host": _oom_kills(host_cgroup),
+              "a": _oom_kills(driver.payload_cgroup(a.name, "memory")),
+              "b": _oom_kills(driver.payload_cgroup(b.name, "memory"))}
+    await sh(driver, a.name, "setsid -f sleep 3333 </dev/null >/dev/null 2>&1")
+    await sh(driver, b.name, "setsid -f sleep 4444 </dev/null >/dev/null 2>&1")
+    for spec in (a, b):
+        await driver.exec(spec.name, ["/bin/sh", "-c", "cat > /tmp/hog.py"], input=HOG.encode())
+
+    # 512 MiB in b (limit 64M): the hog is killed ...
+    code, out, _ = await driver.exec(b.name, [PYTHON, "/tmp/hog.py"], timeout=60)
+    assert code == 128 + 9 and b"allocated" not in out
+    assert _oom_kills(driver.payload_cgroup(b.name, "memory")) > before["b"]
+    # ... b itself goes on (PID 1 and its other processes) ...
+    assert await driver.state(b.name) == "RUNNING"
+    assert await _with(driver, b.name, "sleep 4444")
+    # ... a is untouched, and has no such limit: the same program runs to the end there.
+    assert await _with(driver, a.name, "sleep 3333")
+    code, out, _ = await driver.exec(a.name, [PYTHON, "/tmp/hog.py"], timeout=60)
+    assert code == 0 and b"allocated 512 MiB" in out
+    assert _oom_kills(driver.payload_cgroup(a.name, "memory")) == before["a"]
+    # ... and so is the host: no OOM kill in the cgroup that holds this test.
+    assert _oom_kills(host_cgroup) == before["host"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_root_inside_cannot_reach_the_host_kernel(pair):
+    driver, a, _ = pair
+    status = await sh(driver, a.name, "grep CapBnd /proc/1/status")
+    bounding = int(status.split()[1], 16)
+    assert not bounding & (1 << 21)  # CAP_SYS_ADMIN
+    assert not bounding & (1 << 16)  # CAP_SYS_MODULE
+    code, _, _ = await driver.exec(a.name, ["/bin/sh", "-c", "mkdir -p /mnt/p && mount -t proc proc /mnt/p"])
+    assert code != 0
+    with open("/proc/sys/kernel/core_pattern") as f:
+        core_pattern = f.read()
+    code, _, _ = await driver.exec(a.name, ["/bin/sh", "-c", "echo '|/tmp/x' > /proc/sys/kernel/core_pattern"])
+    assert code != 0
+    with open("/proc/sys/kernel/core_pattern") as f:
+        assert f.read() == core_pattern
+    # Block devices are out of reach even with mknod.
+    code, _, _ = await driver.exec(a.name, ["/bin/sh", "-c", "mknod /tmp/disk b 254 0 && head -c1 /tmp/disk"])
+    assert code != 0
