@@ -27,7 +27,7 @@ class MachineAgent(BaseAgent):
 
     lease_retry_delay = 10.0
     resync_interval = 5.0
-    max_concurrent_deploys = 4
+    max_concurrent_deploys = 8
 
     def __init__(
         self, client, machine_id, reactor=None, manage_bridge=True, netns=None,
@@ -49,6 +49,7 @@ class MachineAgent(BaseAgent):
         self.deployer = None
         self.assigned = []
         self._watch = None
+        self._running = None
         self._resync = None
         self._lock = defer.DeferredLock()
         self._deploys = defer.DeferredSemaphore(self.max_concurrent_deploys)
@@ -145,11 +146,13 @@ class MachineAgent(BaseAgent):
         leaving -= wanted
         # Removals first: what they free may be what a waiting unit needs.
         await self._bounded(leaving, self.finish_removal)
+        self._running = None
         if self.deployer is not None:
             expected = {self.deployer.container_for(u) for u in wanted | leaving}
             for orphan in sorted(set(await self.driver.list()) - expected):
                 log.warning("%s: destroying %s, which no unit here owns", self.name, orphan)
                 await self.driver.destroy(orphan)
+            self._running = await self.driver.running()
         await self._bounded(wanted, self.ensure_unit)
 
     async def _bounded(self, names, work):
@@ -189,7 +192,7 @@ class MachineAgent(BaseAgent):
         if address is None or self.deployer is None:
             return
         service = await ServiceStateManager(self.client).get_service(unit.service_name)
-        await self.deployer.deploy(unit, address, service.limits)
+        await self.deployer.deploy(unit, address, service.limits, self._running)
 
     async def ensure_address(self, unit):
         name = unit.name

@@ -70,11 +70,15 @@ class UnitDeployer:
             },
         )
 
-    async def deploy(self, unit, address, limits):
-        """Make the unit's container exist and run; publish its name. Idempotent."""
+    async def deploy(self, unit, address, limits, running=None):
+        """Make the unit's container exist and run; publish its name. Idempotent.
+        `running`: the names known to be running now, if the caller asked already."""
         name = self.container_for(unit.name)
         unit.data = {**unit.data, "limits": limits}
-        state = await self.driver.state(name)
+        if running is not None and name in running:
+            state = "RUNNING"
+        else:
+            state = await self.driver.state(name)
         if state is None:
             await self.driver.create(self.spec(unit, address))
             log.info("created %s for %s at %s", name, unit.name, address)
