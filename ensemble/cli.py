@@ -16,7 +16,7 @@ from twisted.internet import defer
 
 from ensemble import __version__, connection
 from ensemble.charm import Charm, bundle_id
-from ensemble.errors import EnsembleError, InvalidValue, UnitNotFound
+from ensemble.errors import EnsembleError, InvalidValue
 from ensemble.home import EnsembleHome
 from ensemble.limits import parse_cpu_weight, parse_memory, parse_pids
 from ensemble.names import parse_machine_id, parse_unit_name, validate_service_name

@@ -12,7 +12,6 @@ import netaddr
 from twisted.internet import task, threads
 
 from ensemble.errors import EnsembleError, EnvironmentExists, InvalidValue, NoEnvironment
-from ensemble.home import EnsembleHome
 from ensemble.names import validate_environment_name
 from ensemble.state.client import ZKClient
 from ensemble.state.environment import DEFAULT_NETWORK, initialize

@@ -1,7 +1,6 @@
 """Regressions: a running agent survives garbage collection, an interrupted command
 fails, bad settings are one-line errors, a mistyped root is left uncreated."""
 
-import os
 import signal
 import socket
 import subprocess
