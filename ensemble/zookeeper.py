@@ -117,7 +117,11 @@ class ZooKeeperServer:
         command = [
             "java",
             f"-Xmx{self.heap_mb}m",
+            # A fixed heap: growing it stalled every client at once. C1 only: C2's
+            # compilation bursts took the cores from request handling on small hosts
+            # (IPAM p99 with 8 allocators 20-50 ms -> 8-13 ms; docs/benchmarks.md).
             f"-Xms{self.heap_mb}m",
+            "-XX:TieredStopAtLevel=1",
             "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
             "-Dzookeeper.jmx.log4j.disable=true",
             "-cp",
