@@ -210,6 +210,20 @@ def limit_lines(memory=None, cpu_weight=None, pids=None, cgroups=None):
     return lines, warnings
 
 
+def runtime_lines(init_cmd):
+    """What every container of ours runs with: its init, mounts and capabilities."""
+    return [
+        f"lxc.init.cmd = {init_cmd}",
+        "lxc.signal.halt = SIGTERM",
+        "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed:force",
+        "lxc.autodev = 1",
+        "lxc.tty.max = 0",
+        "lxc.pty.max = 64",
+        "lxc.console.path = none",
+        f"lxc.cap.keep = {CAP_KEEP}",
+    ]
+
+
 def render(spec, container_dir, template_rootfs, veth, cgroups=None):
     """The LXC config for `spec` (see driver.ContainerSpec) as text."""
     cgroups = cgroups or host_cgroups()
@@ -246,14 +260,7 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None):
         *(f"{key}.devices.allow = {d}" for d in DEVICES),
         "",
         "# init: tini reaps orphans; runsv supervises the unit agent",
-        f"lxc.init.cmd = {INIT_CMD}",
-        "lxc.signal.halt = SIGTERM",
-        "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed:force",
-        "lxc.autodev = 1",
-        "lxc.tty.max = 0",
-        "lxc.pty.max = 64",
-        "lxc.console.path = none",
-        f"lxc.cap.keep = {CAP_KEEP}",
+        *runtime_lines(INIT_CMD),
     ]
     if os.path.exists(SECCOMP):
         lines.append(f"lxc.seccomp.profile = {SECCOMP}")

@@ -33,7 +33,7 @@ import time
 from twisted.internet import defer, protocol, task, threads
 
 from ensemble.errors import EnsembleError
-from ensemble.machine.container.config import CAP_KEEP
+from ensemble.machine.container.config import runtime_lines
 
 log = logging.getLogger("ensemble.container")
 
@@ -534,13 +534,6 @@ class Template:
             f"lxc.uts.name = {self.name}",
             "lxc.net.0.type = empty",
             "lxc.cgroup.relative = 1",
-            f"lxc.init.cmd = /usr/bin/tini -- /usr/bin/runsv /{IDLE_SERVICE}",
-            "lxc.signal.halt = SIGTERM",
-            "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed:force",
-            "lxc.autodev = 1",
-            "lxc.tty.max = 0",
-            "lxc.pty.max = 64",
-            "lxc.console.path = none",
-            f"lxc.cap.keep = {CAP_KEEP}",
+            *runtime_lines(f"/usr/bin/tini -- /usr/bin/runsv /{IDLE_SERVICE}"),
             "",
         ])
