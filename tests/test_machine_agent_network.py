@@ -194,3 +194,42 @@ async def test_assignment_to_a_missing_unit_does_not_stop_the_others(env_client,
             assert found == {"db/0": "10.77.0.2"}
         finally:
             await agent.stop()
+
+
+class _FailingTemplate:
+    """A template whose build fails the first time, as with no mirror reachable."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def ensure(self, progress=None):
+        self.calls += 1
+        if self.calls == 1:
+            from ensemble.machine.container.template import TemplateError
+
+            raise TemplateError("debootstrap failed: could not reach http://deb.debian.org/debian")
+        return self
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_template_build_is_a_machine_error_and_retried(env_client, zk_server, zk_root):
+    agent_client = await ZKClient(zk_server.address, zk_root, session_timeout=SESSION_TIMEOUT).connect()
+    template = _FailingTemplate()
+    # The driver is never reached here: the test is about what the agent does around the build.
+    agent = MachineAgent(agent_client, 0, manage_bridge=False, driver=object(), template=template)
+    agent.template_retry_delay = 0.2
+    started = defer.ensureDeferred(agent.start())
+    try:
+        async def machine_error():
+            return (await collect(env_client))["machines"][0].get("error")
+
+        assert (await eventually(machine_error)).startswith("container template: debootstrap failed")
+        assert (await collect(env_client))["machines"][0]["agent"] == "alive"
+
+        async def cleared():
+            return template.calls >= 2 and "error" not in (await collect(env_client))["machines"][0]
+
+        await eventually(cleared)
+        await started
+    finally:
+        await agent.stop()

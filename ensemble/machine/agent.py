@@ -26,6 +26,7 @@ class MachineAgent(BaseAgent):
     without one (tests of the other duties), units get addresses only."""
 
     lease_retry_delay = 10.0
+    template_retry_delay = 30.0
     resync_interval = 5.0
     max_concurrent_deploys = 8
 
@@ -107,11 +108,28 @@ class MachineAgent(BaseAgent):
         if self.driver is not None:
             from ensemble.machine.deploy import UnitDeployer
 
-            await self.template.ensure(progress=lambda line: log.info("%s: template: %s", self.name, line))
+            await self._ensure_template()
+            if self._stopping:
+                return
             self.deployer = UnitDeployer(
                 self.client, self.driver, environment["name"], self.bridge, self.subnet,
                 self.unit_zookeeper, self.reactor, self.unit_log_dir,
             )
+
+    async def _ensure_template(self):
+        # Built once per host (debootstrap from the host's mirror). A failure, such as
+        # no network on first use, shows on the machine and is retried, not fatal.
+        while not self._stopping:
+            try:
+                await self.template.ensure(progress=lambda line: log.info("%s: template: %s", self.name, line))
+            except EnsembleError as e:
+                log.error("%s: container template: %s; retrying in %gs", self.name, e, self.template_retry_delay)
+                await self.machine.update(error=f"container template: {e}")
+                await task.deferLater(self.reactor, self.template_retry_delay, lambda: None)
+                continue
+            if self.machine.data.get("error", "").startswith("container template:"):
+                await self.machine.update(error=None)
+            return
 
     # -- convergence -----------------------------------------------------------------
 
