@@ -273,3 +273,23 @@ async def test_units_survive_an_agent_restart_untouched(environment):
     finally:
         await driver.close()
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_limits_reach_the_units_cgroup(environment):
+    env = environment
+    env.cli("deploy", DB, "--to", "0", "--memory", "256M", "--cpu-weight", "200", "--pids", "300")
+    container = (await all_started(env, ["db/0"]))["db/0"]["container"]
+    driver = env.driver()
+    try:
+        memory = driver.payload_cgroup(container, "memory")
+        with open(os.path.join(memory, "memory.limit_in_bytes")) as f:
+            assert int(f.read()) == 256 * 2**20
+        with open(os.path.join(driver.payload_cgroup(container, "cpu"), "cpu.shares")) as f:
+            assert int(f.read()) == 2048  # weight 200 of the default 100, as shares of 1024
+        pids = driver.payload_cgroup(container, "pids")
+        if pids:
+            with open(os.path.join(pids, "pids.max")) as f:
+                assert f.read().strip() == "300"
+    finally:
+        await driver.close()

@@ -42,8 +42,9 @@ class UnitDeployer:
     def container_for(self, unit_name):
         return container_name(self.environment, unit_name)
 
-    def spec(self, unit, address):
-        service_limits = unit.data.get("limits") or {}
+    def spec(self, unit, address, limits):
+        """The container `unit` gets: its address, its service's `limits`, its agent."""
+        service_limits = limits or {}
         name = self.container_for(unit.name)
         mounts = list(ensemble_mounts())
         if self.unit_log_dir:
@@ -74,13 +75,12 @@ class UnitDeployer:
         """Make the unit's container exist and run; publish its name. Idempotent.
         `running`: the names known to be running now, if the caller asked already."""
         name = self.container_for(unit.name)
-        unit.data = {**unit.data, "limits": limits}
         if running is not None and name in running:
             state = "RUNNING"
         else:
             state = await self.driver.state(name)
         if state is None:
-            await self.driver.create(self.spec(unit, address))
+            await self.driver.create(self.spec(unit, address, limits))
             log.info("created %s for %s at %s", name, unit.name, address)
             state = "STOPPED"
         if state != "RUNNING":
