@@ -12,7 +12,7 @@ from twisted.internet import reactor, task
 from ensemble.charm import Charm, bundle_id
 from ensemble.machine.agent import MachineAgent
 from ensemble.state import nodes
-from ensemble.state.client import ZKClient, expire_session
+from ensemble.state.client import NoNode, ZKClient, expire_session
 from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import UnitStateManager
 from ensemble.unit.agent import UnitAgent
@@ -103,7 +103,9 @@ def start_agent_process(tmp_path, zk_spec):
     log = open(tmp_path / "agent.log", "ab")
     return subprocess.Popen(
         [sys.executable, "-m", "ensemble", "machine-agent", "--machine-id", "0", "--no-bridge", "--no-containers"],
-        env=ensemble_env(tmp_path / "home", zk_spec),
+        # Long sessions (the server's maximum at this tick): a killed agent's node then
+        # lingers >= 10 s, so a takeover well inside that is told apart from waiting.
+        env=ensemble_env(tmp_path / "home", zk_spec, ENSEMBLE_SESSION_TIMEOUT="10"),
         stdout=log,
         stderr=log,
     )
@@ -139,8 +141,8 @@ async def test_agent_process_sigterm_leaves_cleanly_and_sigkill_restart_takes_ov
         process.wait()
         assert await env_client.exists(AGENT) is not None
         process = start_agent_process(tmp_path, zk_spec)
-        # Well before the old session would have expired on its own.
-        await wait_for(lambda: _is_pid(env_client, process.pid), timeout=SESSION_TIMEOUT)
+        # Well before the old session (10 s) could have expired on its own.
+        await wait_for(lambda: _is_pid(env_client, process.pid), timeout=8)
     finally:
         if process.poll() is None:
             process.terminate()
@@ -150,10 +152,10 @@ async def test_agent_process_sigterm_leaves_cleanly_and_sigkill_restart_takes_ov
 
 
 async def _owner_pid(client):
-    stat = await client.exists(AGENT)
-    if stat is None:
+    try:
+        data, _ = await client.get(AGENT)
+    except NoNode:  # e.g. deleted by the new agent taking over from the dead one
         return None
-    data, _ = await client.get(AGENT)
     return nodes.load(data, AGENT).get("pid")
 
 
