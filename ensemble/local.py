@@ -167,14 +167,13 @@ async def bootstrap(reactor, home, network=None, name=None, address="127.0.0.1",
         return await _resume(reactor, home, network, name), True
     cidr = validate_network(network or DEFAULT_NETWORK["cidr"], host_prefix)
     name = validate_environment_name(name or default_environment_name(home))
-    check_network_free(cidr)
+    await _run_blocking(reactor, check_network_free, cidr)
     # Machine 0 will lease the first subnet. Its bridge comes first so that ZooKeeper
     # can listen on the bridge address: the one address units can reach it at, and
     # never a wildcard.
     subnet = next(SubnetPlan(cidr, host_prefix).subnets())
     bridge_address = str(netaddr.IPNetwork(subnet).network + 1)
-    client = None
-    server = ZooKeeperServer(home.zookeeper_dir, host="127.0.0.1")  # replaced once the bridge exists
+    client = server = None
     try:
         await _run_blocking(reactor, bridge.ensure_bridge, bridge.bridge_name(name), subnet)
         server = ZooKeeperServer(home.zookeeper_dir, host=bridge_address, tick_time=tick_time)
@@ -231,7 +230,8 @@ async def _resume(reactor, home, network=None, name=None):
 def _destroy_files_and_processes(home, server, environment_name=None):
     for name in agent_names(home):
         stop_agent(home, name)
-    server.stop()
+    if server is not None:
+        server.stop()
     if environment_name:
         bridge.remove_bridge(bridge.bridge_name(environment_name))
     for path in home.owned_paths:

@@ -51,6 +51,7 @@ class MachineAgent(BaseAgent):
         self.assigned = []
         self._watch = None
         self._running = None
+        self._limits = {}
         self._resync = None
         self._lock = defer.DeferredLock()
         self._deploys = defer.DeferredSemaphore(self.max_concurrent_deploys)
@@ -160,7 +161,9 @@ class MachineAgent(BaseAgent):
         address, nodes), containers nobody owns are destroyed, and every assigned unit
         has its address published and its container running."""
         wanted = set(assigned)
-        leaving = set(removed) | set(await self.allocator.store.reservations())
+        # The allocator's view, read from ZooKeeper once per agent start (so it holds
+        # leaks from before a crash) and kept current by its own takes and releases.
+        leaving = set(removed) | set(await self.allocator.reserved())
         leaving -= wanted
         # Removals first: what they free may be what a waiting unit needs.
         await self._bounded(leaving, self.finish_removal)
@@ -171,6 +174,7 @@ class MachineAgent(BaseAgent):
                 log.warning("%s: destroying %s, which no unit here owns", self.name, orphan)
                 await self.driver.destroy(orphan)
             self._running = await self.driver.running()
+            self._limits = await self._service_limits({u.rpartition("/")[0] for u in wanted})
         await self._bounded(wanted, self.ensure_unit)
 
     async def _bounded(self, names, work):
@@ -209,8 +213,15 @@ class MachineAgent(BaseAgent):
         address = await self.ensure_address(unit)
         if address is None or self.deployer is None:
             return
-        service = await ServiceStateManager(self.client).get_service(unit.service_name)
-        await self.deployer.deploy(unit, address, service.limits, self._running)
+        await self.deployer.deploy(unit, address, self._limits.get(unit.service_name), self._running)
+
+    async def _service_limits(self, names):
+        """{service: limits}, one read per service per pass rather than one per unit."""
+        services = ServiceStateManager(self.client)
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(services.get_service(n)) for n in sorted(names)], consumeErrors=True
+        )
+        return {n: value.limits for n, (ok, value) in zip(sorted(names), results) if ok}
 
     async def ensure_address(self, unit):
         name = unit.name

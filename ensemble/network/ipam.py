@@ -125,6 +125,12 @@ class Allocator:
         self._reserved = await self.store.reservations()
         self._taken = set(await self.store.taken())
 
+    async def reserved(self):
+        """{unit: address} of every reservation here, from this allocator's view."""
+        if self._reserved is None:
+            await self._load()
+        return dict(self._reserved)
+
     async def allocate(self, unit):
         """The unit's address: its existing reservation, or a new one."""
         # One at a time per allocator: concurrent calls would share a position and
@@ -183,7 +189,7 @@ class Allocator:
     async def reconcile(self, assigned):
         """Free the reservations of units not in `assigned`; returns {unit: address} freed."""
         freed = {}
-        for unit, address in sorted((await self.store.reservations()).items()):
+        for unit, address in sorted((await self.reserved()).items()):
             if unit not in assigned:
                 if await self.release(unit) is not None:
                     freed[unit] = address
