@@ -11,6 +11,7 @@ import time
 
 from ensemble import process
 from ensemble.errors import ZooKeeperStartFailed
+from ensemble.network.netns import inside, netns_path
 
 JARS = ["/usr/share/java/zookeeper.jar", "/usr/share/java/slf4j-simple.jar"]
 MAIN_CLASS = "org.apache.zookeeper.server.ZooKeeperServerMain"
@@ -51,10 +52,13 @@ def four_letter(host, port, command, timeout=1.0):
 class ZooKeeperServer:
     """One standalone server whose config, data, log and pid file live in `directory`."""
 
-    def __init__(self, directory, host="127.0.0.1", port=None, tick_time=2000, heap_mb=256):
+    def __init__(self, directory, host="127.0.0.1", port=None, tick_time=2000, heap_mb=256, netns=None):
         self.directory = os.path.abspath(directory)
         self.host = host
-        self.port = port or free_port(host)
+        # In a named network namespace (a lab's simulated host), checks included.
+        self.netns = netns
+        with inside(netns):
+            self.port = port or free_port(host)
         self.tick_time = tick_time
         self.heap_mb = heap_mb
 
@@ -110,7 +114,9 @@ class ZooKeeperServer:
                 raise ZooKeeperStartFailed(f"{jar} is missing: install the 'zookeeper' package")
         if self.pid() is not None:
             raise ZooKeeperStartFailed(f"a ZooKeeper server already runs from {self.directory}")
-        if not port_free(self.host, self.port):
+        with inside(self.netns):
+            free = port_free(self.host, self.port)
+        if not free:
             raise ZooKeeperStartFailed(f"cannot start ZooKeeper: {self.address} is already in use")
         os.makedirs(self.directory, exist_ok=True)
         self._write_config()
@@ -129,6 +135,8 @@ class ZooKeeperServer:
             MAIN_CLASS,
             self.config_path,
         ]
+        if self.netns is not None:
+            command = ["nsenter", f"--net={netns_path(self.netns)}", "--", *command]
         with open(self.log_path, "ab") as log, open(os.devnull, "rb") as null:
             server = subprocess.Popen(
                 command, stdin=null, stdout=log, stderr=log, start_new_session=True, close_fds=True
@@ -146,7 +154,8 @@ class ZooKeeperServer:
         # `ruok` answers before the server accepts sessions; `srvr` showing a Mode does not.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            answer = four_letter(self.host, self.port, "srvr", timeout=0.5)
+            with inside(self.netns):
+                answer = four_letter(self.host, self.port, "srvr", timeout=0.5)
             exited = server is not None and server.poll() is not None
             if answer and "Mode:" in answer and not exited:
                 return

@@ -248,6 +248,7 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None):
         "lxc.net.0.flags = up",
         f"lxc.net.0.ipv4.address = {spec.address}/{spec.prefixlen} {network.broadcast or network.network}",
         f"lxc.net.0.ipv4.gateway = {spec.gateway}",
+        *([f"lxc.net.0.mtu = {spec.mtu}"] if spec.mtu else []),
         "",
         "# cgroups: under the agent's own cgroup, one directory per container",
         "lxc.cgroup.relative = 1",

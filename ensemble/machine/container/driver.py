@@ -32,6 +32,7 @@ from ensemble.errors import EnsembleError, InvalidName, InvalidValue
 from ensemble.machine.container import config as lxc_config
 from ensemble.machine.container.names import validate_container_name, validate_hostname, veth_name
 from ensemble.machine.container.template import remove_tree
+from ensemble.network.netns import host_argv, validate_netns_name
 
 log = logging.getLogger("ensemble.container")
 
@@ -39,7 +40,6 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CGROUP_DIRS = ("lxc.payload.{}", "lxc.monitor.{}", "lxc.pivot.{}")
 CGROUP_WAIT = 5.0  # seconds for LXC's monitor to leave its cgroups after a stop
 _IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
-_NETNS_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
 
 class ContainerError(EnsembleError):
@@ -94,6 +94,7 @@ class ContainerSpec:
     mounts: Sequence = ()              # (host_path, container_path, read_only)
     agent_command: Optional[Sequence[str]] = None
     agent_environment: Optional[dict] = None
+    mtu: Optional[int] = None          # the veth's; None: the kernel's default
 
     def __post_init__(self):
         validate_container_name(self.name)
@@ -111,6 +112,8 @@ class ContainerSpec:
         self.address, self.gateway = str(network.ip), str(gateway)
         if not isinstance(self.bridge, str) or not _IFNAME_RE.match(self.bridge):
             raise InvalidName(f"invalid bridge name {str(self.bridge)[:20]!r}")
+        if self.mtu is not None and not (isinstance(self.mtu, int) and 576 <= self.mtu <= 65535):
+            raise InvalidValue(f"invalid MTU {self.mtu!r} for container {self.name}: use 576 to 65535")
         if self.memory is not None:
             self.memory = limits.parse_memory(self.memory)
         if self.cpu_weight is not None:
@@ -213,14 +216,6 @@ class _NetnsHelper(protocol.ProcessProtocol):
     """A sleeping process in network namespace `netns` and in a mount namespace with
     that network namespace's sysfs (and the host's cgroup mounts)."""
 
-    SCRIPT = (
-        "set -e; t=; "
-        "if mountpoint -q /sys/fs/cgroup; then t=$(mktemp -d); mount --rbind /sys/fs/cgroup \"$t\"; fi; "
-        "mount -t sysfs sysfs /sys; "
-        "if [ -n \"$t\" ]; then mount --move \"$t\" /sys/fs/cgroup; rmdir \"$t\"; fi; "
-        "echo ready; exec sleep infinity"
-    )
-
     def __init__(self, netns):
         self.netns = netns
         self.ready = defer.Deferred()
@@ -232,9 +227,7 @@ class _NetnsHelper(protocol.ProcessProtocol):
     def argv(self):
         return [
             "setpriv", "--pdeathsig", "KILL", "--",
-            "unshare", "--mount", "--propagation", "slave", "--",
-            "nsenter", f"--net=/run/netns/{self.netns}", "--",
-            "sh", "-c", self.SCRIPT,
+            *host_argv(self.netns, ["sh", "-c", "echo ready; exec sleep infinity"]),
         ]
 
     def connectionMade(self):
@@ -276,9 +269,7 @@ class LXCDriver:
     def __init__(self, lxc_path, template, netns=None, reactor=None):
         self.lxc_path = os.path.abspath(lxc_path)
         self.template = template
-        if netns is not None and not _NETNS_RE.match(str(netns)):
-            raise InvalidName(f"invalid network namespace name {str(netns)[:70]!r}")
-        self.netns = netns
+        self.netns = None if netns is None else validate_netns_name(netns)
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
