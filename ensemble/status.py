@@ -40,8 +40,9 @@ async def collect(client):
             "subnet": machine.data.get("subnet"),
             "agent": "alive" if alive else "down",
         }
-        if "error" in machine.data:
-            entry["error"] = machine.data["error"]
+        for field in ("error", "network-error"):
+            if field in machine.data:
+                entry[field] = machine.data[field]
         result["machines"][machine.id] = entry
     for service in services:
         entry = {}

@@ -7,12 +7,13 @@ from twisted.internet import defer, task, threads
 
 from ensemble.agent import BaseAgent
 from ensemble.errors import EnsembleError, MalformedState, UnitNotFound
-from ensemble.network import bridge
+from ensemble.network import bridge, netns as namespaces
 from ensemble.network.ipam import Allocator, AddressesExhausted, SubnetsExhausted
+from ensemble.network.overlay import Overlay, OverlayError, peers_from_leases
 from ensemble.state.client import NoNode
 from ensemble.state.environment import get_environment
 from ensemble.state.machine import MachineStateManager
-from ensemble.state.network import ZooKeeperAddressStore, lease_subnet
+from ensemble.state.network import ZooKeeperAddressStore, lease_subnet, watch_leases
 from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import DYING, ERROR, PENDING, UnitStateManager
 
@@ -23,7 +24,10 @@ ADDRESS_ERROR_PREFIX = "no free address"
 
 class MachineAgent(BaseAgent):
     """With a container `driver`, every assigned unit gets its own running container;
-    without one (tests of the other duties), units get addresses only."""
+    without one (tests of the other duties), units get addresses only. With `overlay`,
+    the agent also keeps this host's paths to every other machine's subnet (routes or
+    VXLAN entries, by the environment's network mode) and turns IP forwarding on in
+    its network namespace once there is another machine to reach."""
 
     lease_retry_delay = 10.0
     template_retry_delay = 30.0
@@ -32,7 +36,7 @@ class MachineAgent(BaseAgent):
 
     def __init__(
         self, client, machine_id, reactor=None, manage_bridge=True, netns=None,
-        driver=None, template=None, unit_zookeeper=None, unit_log_dir=None,
+        driver=None, template=None, unit_zookeeper=None, unit_log_dir=None, overlay=False,
     ):
         super().__init__(client, reactor)
         self.machine_id = machine_id
@@ -41,8 +45,14 @@ class MachineAgent(BaseAgent):
         self.netns = netns
         self.driver = driver
         self.template = template
-        self.unit_zookeeper = unit_zookeeper or f"{client.servers}{client.root}"
+        self.unit_zookeeper = unit_zookeeper
         self.unit_log_dir = unit_log_dir
+        self.manage_overlay = overlay
+        self.overlay = None
+        self._leases = None
+        self._lease_watch = None
+        self._overlay_lock = defer.DeferredLock()
+        self._forwarding = False
         self.machine = None
         self.subnet = None
         self.bridge = None
@@ -67,19 +77,26 @@ class MachineAgent(BaseAgent):
             return
         await self.finish_orphaned_removals()
         self._watch = await self.machine.watch_assigned_units(self.assignments_changed)
-        if self.driver is not None:
-            # Containers stop behind our back (OOM, a host admin, a reboot): look again
-            # regularly, not only when assignments change.
+        if self.overlay is not None:
+            self._lease_watch = await watch_leases(self.client, self.leases_changed)
+        if self.driver is not None or self.overlay is not None:
+            # Containers stop and routes vanish behind our back (OOM, a host admin, a
+            # reboot): look again regularly, not only when ZooKeeper changes.
             self._resync = task.LoopingCall(self._resync_now)
             self._resync.clock = self.reactor
             self._resync.start(self.resync_interval, now=False)
 
     def _resync_now(self):
-        if self._lock.locked or self._stopping:
+        if self._stopping:
             return None
-        d = defer.ensureDeferred(self._locked_reconcile(list(self.assigned)))
+        passes = []
+        if self.driver is not None and not self._lock.locked:
+            passes.append(defer.ensureDeferred(self._locked_reconcile(list(self.assigned))))
+        if self.overlay is not None and self._leases is not None and not self._overlay_lock.locked:
+            passes.append(defer.ensureDeferred(self.sync_overlay()))
+        d = defer.gatherResults(passes, consumeErrors=True)
         # A failed pass must not end the loop: the next one may well succeed.
-        d.addErrback(lambda f: log.error("%s: resync failed: %s", self.name, f.getErrorMessage()))
+        d.addErrback(lambda f: log.error("%s: resync failed: %s", self.name, f.value.subFailure.getErrorMessage()))
         return d
 
     # -- network -------------------------------------------------------------------
@@ -100,10 +117,26 @@ class MachineAgent(BaseAgent):
         self.allocator = Allocator(store, self.subnet)
         environment = await get_environment(self.client)
         self.bridge = bridge.bridge_name(environment["name"])
+        if self.unit_zookeeper is None:
+            # Units may need another address for ZooKeeper than this agent: one inside
+            # the container network, reached over the overlay.
+            servers = environment.get("units-zookeeper") or self.client.servers
+            self.unit_zookeeper = f"{servers}{self.client.root}"
+        mtu = None
+        if self.manage_overlay:
+            network = environment.get("network") or {}
+            try:
+                self.overlay = Overlay(
+                    network.get("mode", "host-gw"), environment["name"], network.get("cidr", "10.77.0.0/16"),
+                    self.subnet, self.machine.address, self.netns, network.get("vni"),
+                )
+            except OverlayError as e:
+                log.error("%s: %s; no paths to other machines", self.name, e)
+                await self.machine.update(**{"network-error": str(e)})
+            else:
+                mtu = await self._in_thread(self.overlay.container_mtu)
         if self.manage_bridge:
-            await threads.deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), bridge.ensure_bridge, self.bridge, self.subnet, self.netns
-            )
+            await self._in_thread(bridge.ensure_bridge, self.bridge, self.subnet, self.netns, mtu)
         await self.machine.update(subnet=self.subnet, bridge=self.bridge, error=None)
         log.info("%s: subnet %s on bridge %s", self.name, self.subnet, self.bridge)
         if self.driver is not None:
@@ -114,8 +147,51 @@ class MachineAgent(BaseAgent):
                 return
             self.deployer = UnitDeployer(
                 self.client, self.driver, environment["name"], self.bridge, self.subnet,
-                self.unit_zookeeper, self.reactor, self.unit_log_dir,
+                self.unit_zookeeper, self.reactor, self.unit_log_dir, mtu,
             )
+
+    def _in_thread(self, f, *args):
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+    # -- paths to other machines -----------------------------------------------------
+
+    async def leases_changed(self, leases):
+        self._leases = leases
+        await self.sync_overlay()
+
+    async def sync_overlay(self):
+        """Make this host's paths match the leases seen last; report what could not
+        be done on the machine node (`network-error`), and what changed in the log."""
+        async with self._overlay_lock:
+            if self._stopping:
+                return
+            peers, problems = peers_from_leases(
+                self._leases or {}, self.machine_id, self.overlay.cidr
+            )
+            try:
+                report = await self._in_thread(self.overlay.sync, peers)
+            except Exception as e:
+                log.exception("%s: programming paths to other machines failed", self.name)
+                problems.append(f"overlay: {e}")
+                report = None
+            if report is not None:
+                problems.extend(report.errors)
+                if report.changed:
+                    log.info(
+                        "%s: %s paths: %d peers; added %s; removed %s", self.name, self.overlay.mode, len(peers),
+                        ", ".join(report.added) or "nothing", ", ".join(report.removed) or "nothing",
+                    )
+            if peers and not self._forwarding:
+                # Only once there is another machine to forward to: a lone host (a
+                # laptop's local environment) never has its forwarding switched on.
+                await self._in_thread(namespaces.set_ip_forwarding, self.netns)
+                self._forwarding = True
+                log.info("%s: IP forwarding on, for containers on other machines", self.name)
+            error = "; ".join(problems) or None
+            if error != self.machine.data.get("network-error"):
+                if error:
+                    log.error("%s: %s", self.name, error)
+                await self.machine.update(**{"network-error": error})
 
     async def _ensure_template(self):
         # Built once per host (debootstrap from the host's mirror). A failure, such as
@@ -273,3 +349,5 @@ class MachineAgent(BaseAgent):
             self._resync.stop()
         if self._watch:
             self._watch.stop()
+        if self._lease_watch:
+            self._lease_watch.stop()

@@ -29,7 +29,7 @@ def unit_log_path(unit_log_dir, unit_name):
 class UnitDeployer:
     """Deploys and tears down units' containers for one machine agent."""
 
-    def __init__(self, client, driver, environment, bridge, subnet, zookeeper, reactor, unit_log_dir=None):
+    def __init__(self, client, driver, environment, bridge, subnet, zookeeper, reactor, unit_log_dir=None, mtu=None):
         self.client = client
         self.driver = driver
         self.environment = environment
@@ -38,6 +38,7 @@ class UnitDeployer:
         self.zookeeper = zookeeper
         self.reactor = reactor
         self.unit_log_dir = unit_log_dir
+        self.mtu = mtu
 
     def container_for(self, unit_name):
         return container_name(self.environment, unit_name)
@@ -62,6 +63,7 @@ class UnitDeployer:
             memory=service_limits.get("memory"),
             cpu_weight=service_limits.get("cpu-weight"),
             pids=service_limits.get("pids"),
+            mtu=self.mtu,
             mounts=mounts,
             agent_command=[agent_python(), "-m", "ensemble", "unit-agent", "--unit", unit.name],
             agent_environment={

@@ -25,6 +25,7 @@ from ensemble.network.ipam import (
 from ensemble.state import nodes
 from ensemble.state.client import BadVersion, NodeExists, NoNode
 from ensemble.state.environment import get_environment
+from ensemble.state.watch import ChildrenWatch
 
 
 class ZooKeeperAddressStore:
@@ -166,3 +167,12 @@ async def release_ops(client, machine_id, tx):
         if lease.get("machine") == machine_id:
             tx.delete(f"{nodes.SUBNETS}/{lease_key(subnet)}")
     await ZooKeeperAddressStore(client, machine_id).delete_ops(tx)
+
+
+async def watch_leases(client, callback):
+    """Call `callback({subnet: lease})` now and whenever a lease comes or goes."""
+
+    async def changed(keys):
+        await callback({} if keys is None else await leases(client))
+
+    return await ChildrenWatch(client, nodes.SUBNETS, changed).start()
