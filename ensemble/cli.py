@@ -20,7 +20,7 @@ from ensemble.errors import EnsembleError, InvalidValue
 from ensemble.home import EnsembleHome
 from ensemble.limits import parse_cpu_weight, parse_memory, parse_pids
 from ensemble.names import parse_machine_id, parse_unit_name, validate_service_name
-from ensemble.state.environment import get_environment
+from ensemble.state.environment import DEFAULT_NETWORK, get_environment
 from ensemble.state.machine import MachineStateManager
 from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import STARTED, UnitStateManager
@@ -57,12 +57,36 @@ async def cmd_bootstrap(reactor, args):
 
     home = EnsembleHome()
     config, resumed = await local.bootstrap(
-        reactor, home, network=args.network, name=args.name, address=args.address, host_prefix=args.host_prefix
+        reactor, home, network=args.network, name=args.name, address=args.address, host_prefix=args.host_prefix,
+        mode=args.network_mode,
     )
     verb = "restarted" if resumed else "bootstrapped"
     print(f"{verb} environment {config['name']} in {home.path}")
     print(f"zookeeper: {config['zookeeper']}")
     print(f"machine 0 agent log: {home.agent_log_path('machine-0')}")
+
+
+async def cmd_create_environment(reactor, args):
+    from ensemble import local
+    from ensemble.names import validate_environment_name
+    from ensemble.state.environment import initialize
+
+    name = validate_environment_name(args.name)
+    cidr = local.validate_network(args.network or DEFAULT_NETWORK["cidr"], args.host_prefix)
+    network = {"cidr": cidr, "host-prefix": args.host_prefix, "mode": args.network_mode}
+    units_zookeeper = None
+    if args.units_zookeeper:
+        if "/" in args.units_zookeeper:
+            raise InvalidValue("--units-zookeeper takes HOST:PORT[,HOST:PORT...]; the root is the environment's")
+        units_zookeeper, _ = connection.parse_zookeeper(args.units_zookeeper)
+    if args.zookeeper is None and not os.environ.get("ENSEMBLE_ZOOKEEPER"):
+        raise InvalidValue("create-environment needs --zookeeper HOST:PORT[/ROOT] (or $ENSEMBLE_ZOOKEEPER)")
+    client = await connection.connect(args.zookeeper, create_root=True)
+    try:
+        await initialize(client, name, network, units_zookeeper=units_zookeeper)
+    finally:
+        await client.close()
+    print(f"created environment {name} at {client.servers}{client.root} ({cidr}, {args.network_mode})")
 
 
 async def cmd_add_machine(reactor, args):
@@ -257,7 +281,7 @@ async def cmd_machine_agent(reactor, args):
     client = await connection.connect(args.zookeeper)
     args.agent = MachineAgent(
         client, machine_id, reactor, manage_bridge=not args.no_bridge, driver=driver, template=template,
-        unit_log_dir=os.path.join(home.logs_dir, "units"),
+        unit_log_dir=os.path.join(home.logs_dir, "units"), overlay=not (args.no_bridge or args.no_overlay),
     )
     await _run_agent(reactor, args.agent)
 
@@ -323,6 +347,22 @@ def build_parser():
     )
     sub.add_argument("--name", help="environment name (default: derived from ENSEMBLE_HOME)")
     sub.add_argument("--address", default="127.0.0.1", help="this host's address as machine 0")
+    _network_mode_argument(sub)
+
+    sub = command(
+        "create-environment", cmd_create_environment,
+        "create an environment in a running ZooKeeper, for machines that each run 'ensemble machine-agent'",
+    )
+    sub.add_argument("--name", required=True, help="environment name (used in container and bridge names)")
+    sub.add_argument("--network", metavar="CIDR", help="address range for containers (default 10.77.0.0/16)")
+    sub.add_argument(
+        "--host-prefix", type=int, default=24, metavar="N", help="each machine's subnet is a /N of it (default 24)"
+    )
+    _network_mode_argument(sub)
+    sub.add_argument(
+        "--units-zookeeper", metavar="HOST:PORT[,HOST:PORT...]",
+        help="where units reach ZooKeeper, if not where the agents do (e.g. an address inside the container network)",
+    )
 
     sub = command("add-machine", cmd_add_machine, "register a machine that will run its own agent")
     sub.add_argument("--address", metavar="IP", help="the machine's address")
@@ -374,10 +414,22 @@ def build_parser():
         "--no-containers", action="store_true",
         help="give units addresses but no containers (for testing the control plane alone)",
     )
+    sub.add_argument(
+        "--no-overlay", action="store_true",
+        help="do not program routes or VXLAN entries to other machines' subnets (implied by --no-bridge)",
+    )
 
     sub = command("unit-agent", cmd_unit_agent, "run a unit agent in the foreground")
     sub.add_argument("--unit", required=True, metavar="NAME")
     return parser
+
+
+def _network_mode_argument(sub):
+    sub.add_argument(
+        "--network-mode", choices=("host-gw", "vxlan"), default="host-gw",
+        help="how containers on different machines reach each other: host-gw (routes; hosts on one L2 "
+             "network) or vxlan (an overlay; works across L3 networks). Default host-gw",
+    )
 
 
 def _placement_arguments(sub):

@@ -59,7 +59,9 @@ def resolve(zookeeper=None, home=None):
     return config["zookeeper"], config.get("root", DEFAULT_ROOT)
 
 
-async def connect(zookeeper=None, home=None, timeout=None, session_timeout=None):
+async def connect(zookeeper=None, home=None, timeout=None, session_timeout=None, create_root=False):
     servers, root = resolve(zookeeper, home)
     client = ZKClient(servers, root, session_timeout=session_timeout or _seconds("ENSEMBLE_SESSION_TIMEOUT", "10"))
-    return await client.connect(timeout if timeout is not None else _seconds("ENSEMBLE_CONNECT_TIMEOUT", "5"))
+    return await client.connect(
+        timeout if timeout is not None else _seconds("ENSEMBLE_CONNECT_TIMEOUT", "5"), create_root=create_root
+    )

@@ -161,7 +161,9 @@ async def _start_machine_agent(reactor, home, client, machine_id=0):
 # -- bootstrap and destroy ----------------------------------------------------------
 
 
-async def bootstrap(reactor, home, network=None, name=None, address="127.0.0.1", tick_time=2000, host_prefix=24):
+async def bootstrap(
+    reactor, home, network=None, name=None, address="127.0.0.1", tick_time=2000, host_prefix=24, mode="host-gw"
+):
     """Start a new local environment, or restart a stopped one. Returns (config, resumed)."""
     if home.exists():
         return await _resume(reactor, home, network, name), True
@@ -183,7 +185,7 @@ async def bootstrap(reactor, home, network=None, name=None, address="127.0.0.1",
         }
         await _run_blocking(reactor, server.start)
         client = await ZKClient(server.address, config["root"]).connect(create_root=True)
-        await initialize(client, name, {"cidr": cidr, "host-prefix": host_prefix})
+        await initialize(client, name, {"cidr": cidr, "host-prefix": host_prefix, "mode": mode})
         await MachineStateManager(client).add_machine(address=address)
         home.save(config)
         await _start_machine_agent(reactor, home, client)
@@ -245,7 +247,7 @@ def _destroy_files_and_processes(home, server, environment_name=None):
         pass
 
 
-async def _destroy_containers(reactor, home):
+async def destroy_containers(reactor, home):
     """Every container of every machine agent of this home (agents already stopped)."""
     from ensemble.machine.container.driver import LXCDriver
     from ensemble.machine.container.template import Template
@@ -271,6 +273,6 @@ async def destroy_environment(reactor, home):
     server = zookeeper_server(home, config)
     for name in agent_names(home):
         await _run_blocking(reactor, stop_agent, home, name)
-    await _destroy_containers(reactor, home)
+    await destroy_containers(reactor, home)
     await _run_blocking(reactor, _destroy_files_and_processes, home, server, config.get("name"))
     return config

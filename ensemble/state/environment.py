@@ -7,9 +7,12 @@ from ensemble.state.client import NodeExists, NoNode
 DEFAULT_NETWORK = {"cidr": "10.77.0.0/16", "host-prefix": 24, "mode": "host-gw"}
 
 
-async def initialize(client, name, network=None):
-    """Create the environment node and the empty tree in one transaction."""
+async def initialize(client, name, network=None, units_zookeeper=None):
+    """Create the environment node and the empty tree in one transaction.
+    `units_zookeeper`: HOST:PORT list units use, when it is not the agents'."""
     settings = {"name": name, "network": dict(DEFAULT_NETWORK, **(network or {}))}
+    if units_zookeeper:
+        settings["units-zookeeper"] = units_zookeeper
     tx = client.transaction()
     tx.create(nodes.ENVIRONMENT, nodes.dump(settings))
     for path in nodes.TREE:
