@@ -20,6 +20,7 @@ Blocking API (subprocesses and netlink); call it from plain test code or a threa
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,6 +113,24 @@ class LabNetwork:
         for name in self.hosts + [self.lab]:
             if os.path.exists(f"/run/netns/{name}"):
                 pyroute2_netns.remove(name)
+
+    def connect(self, i, address, port, source=None, timeout=1.0):
+        """True if a TCP connection from host i's namespace reaches `address` (a refusal
+        counts: the SYN arrived and the answer came back)."""
+        with inside(self.hosts[i]):
+            s = socket.socket()
+        try:
+            s.settimeout(timeout)
+            if source:
+                s.bind((source, 0))
+            s.connect((address, port))
+            return True
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
 
     def route_lookup(self, netns, address):
         """The kernel's route to `address` from `netns`, or None if unreachable (a
@@ -299,24 +318,7 @@ class Lab:
         return json.loads(result.stdout)
 
     def connect_from_host(self, i, address, port, source=None, timeout=1.0):
-        """True if a TCP connection from host i's namespace reaches `address` (a refusal
-        counts: the SYN arrived and the answer came back)."""
-        import socket
-
-        with inside(self.network.hosts[i]):
-            s = socket.socket()
-        try:
-            s.settimeout(timeout)
-            if source:
-                s.bind((source, 0))
-            s.connect((address, port))
-            return True
-        except ConnectionRefusedError:
-            return True
-        except OSError:
-            return False
-        finally:
-            s.close()
+        return self.network.connect(i, address, port, source, timeout)
 
 
 def _destroy_containers(home):

@@ -1,0 +1,205 @@
+"""ensemble/network/overlay.py against real namespaces (a lab network, no agents), and
+the machine agent's use of it: what it programs, repairs, removes and reports."""
+
+import pytest
+import pytest_twisted
+from pyroute2 import IPRoute
+from twisted.internet import reactor, task
+
+from ensemble.lab import LabNetwork
+from ensemble.machine.agent import MachineAgent
+from ensemble.network import bridge
+from ensemble.network.netns import ip_forwarding
+from ensemble.network.overlay import (
+    ROUTE_PROTO, Overlay, OverlayError, Peer, peers_from_leases, vtep_address, vtep_mac, vxlan_name,
+)
+from ensemble.state.client import ZKClient
+from ensemble.state.machine import MachineStateManager
+from ensemble.state.network import lease_subnet
+from ensemble.status import collect
+
+from conftest import SESSION_TIMEOUT
+from netns import temporary_netns
+
+CIDR = "10.90.0.0/16"
+SUBNETS = ["10.90.0.0/24", "10.90.1.0/24", "10.90.2.0/24"]
+
+
+@pytest.fixture
+def network(request):
+    marker = request.node.get_closest_marker("routed")
+    net = LabNetwork(routed=marker is not None)
+    try:
+        net.create()
+        for _ in range(3):
+            net.add_host()
+        yield net
+    finally:
+        net.remove()
+
+
+def overlays(net, mode):
+    return [
+        Overlay(mode, "ovtest", CIDR, SUBNETS[i], net.addresses[i], netns=net.hosts[i]) for i in range(3)
+    ]
+
+
+def peers_of(net, i, hosts=range(3)):
+    return [Peer(j, SUBNETS[j], net.addresses[j]) for j in hosts if j != i]
+
+
+def wire(net, mode):
+    """Bridges with each host's gateway, and every host synced to every other."""
+    result = overlays(net, mode)
+    for i, overlay in enumerate(result):
+        bridge.ensure_bridge("ens-ovtest", SUBNETS[i], net.hosts[i], overlay.container_mtu())
+        report = overlay.sync(peers_of(net, i))
+        assert report.errors == []
+    return result
+
+
+def gateway(i):
+    return SUBNETS[i].replace(".0/24", ".1")
+
+
+def reachable(net, i, j):
+    # From host i's gateway address to host j's: both directions must be routed.
+    return net.connect(i, gateway(j), 9, source=gateway(i))
+
+
+def test_peers_from_leases_keeps_the_good_and_names_the_bad():
+    leases = {
+        "10.90.0.0/24": {"machine": 0, "address": "192.168.1.10"},      # ours
+        "10.90.1.0/24": {"machine": 1, "address": "192.168.1.11"},
+        "10.90.2.0/24": {"machine": 2, "address": None},
+        "10.90.3.0/24": {"machine": 3, "address": "127.0.0.1"},
+        "10.90.4.0/24": {"machine": 4, "address": "10.90.9.9"},
+        "10.91.0.0/24": {"machine": 5, "address": "192.168.1.15"},
+        "10.90.6.0/24": "not a mapping",
+        "10.90.7.0/24": {"machine": 7, "address": "not-an-ip"},
+    }
+    peers, problems = peers_from_leases(leases, 0, CIDR)
+    assert peers == [Peer(1, "10.90.1.0/24", "192.168.1.11")]
+    text = "\n".join(problems)
+    assert len(problems) == 6
+    for fragment in ("machine 2", "127.0.0.1 cannot be reached", "inside the container network",
+                     "10.91.0.0/24 of machine 5 is outside", "machine None", "'not-an-ip' is not"):
+        assert fragment in text
+
+
+def test_names_and_derived_addresses():
+    assert vxlan_name("x" * 40).startswith("ensv-") and len(vxlan_name("x" * 40)) == 15
+    assert vtep_address("10.90.2.0/24") == "10.90.2.0"
+    assert vtep_mac("10.90.2.0/24") == "0e:e5:0a:5a:02:00"
+    with pytest.raises(OverlayError, match="unknown network mode"):
+        Overlay("flannel", "e", CIDR, SUBNETS[0], "192.168.1.1")
+
+
+def test_host_gw_routes_are_idempotent_repaired_and_removed(network):
+    net = network
+    hosts = wire(net, "host-gw")
+    assert hosts[0].routes() == {SUBNETS[1]: (net.addresses[1], 2), SUBNETS[2]: (net.addresses[2], 2)}
+    assert all(reachable(net, i, j) for i in range(3) for j in range(3) if i != j)
+    assert not hosts[0].sync(peers_of(net, 0)).changed
+    # Someone else's route in the same range is not ours to touch.
+    with IPRoute(netns=net.hosts[0], flags=0) as ipr:
+        ipr.route("add", dst="10.90.200.0", dst_len=24, gateway=net.addresses[1])
+        ipr.route("del", dst="10.90.1.0", dst_len=24, proto=ROUTE_PROTO)
+    assert not reachable(net, 0, 1)
+    report = hosts[0].sync(peers_of(net, 0))
+    assert report.added == [f"route {SUBNETS[1]} via {net.addresses[1]}"] and report.removed == []
+    assert reachable(net, 0, 1)
+    report = hosts[0].sync(peers_of(net, 0, hosts=(0, 2)))
+    assert report.removed == [f"route {SUBNETS[1]}"]
+    assert SUBNETS[1] not in hosts[0].routes()
+    with IPRoute(netns=net.hosts[0], flags=0) as ipr:
+        assert any(r.get_attr("RTA_DST") == "10.90.200.0" for r in ipr.get_routes(family=2))
+
+
+@pytest.mark.routed
+def test_host_gw_across_l3_says_why_and_still_routes_the_reachable(network):
+    net = network
+    # Hosts 0 and 2 share a segment; host 1 is behind the lab's router.
+    report = overlays(net, "host-gw")[0].sync(peers_of(net, 0))
+    assert report.added == [f"route {SUBNETS[2]} via {net.addresses[2]}"]
+    assert len(report.errors) == 1
+    assert "machine 1" in report.errors[0] and "one L2 network" in report.errors[0]
+
+
+@pytest.mark.routed
+def test_vxlan_entries_follow_the_peers_across_l3(network):
+    net = network
+    hosts = wire(net, "vxlan")
+    device = vxlan_name("ovtest")
+    assert hosts[0].container_mtu() == 1450
+    assert bridge.bridge_state("ens-ovtest", net.hosts[0])["mtu"] == 1450
+    neighbours, fdb = hosts[0].vxlan_entries()
+    assert neighbours == {vtep_address(SUBNETS[j]): vtep_mac(SUBNETS[j]) for j in (1, 2)}
+    assert fdb == {vtep_mac(SUBNETS[j]): net.addresses[j] for j in (1, 2)}
+    assert all(reachable(net, i, j) for i in range(3) for j in range(3) if i != j)
+    assert not hosts[1].sync(peers_of(net, 1)).changed
+    # Host 2 goes: its entries go from host 0, and only they.
+    report = hosts[0].sync(peers_of(net, 0, hosts=(0, 1)))
+    assert sorted(report.removed) == sorted(
+        [f"route {SUBNETS[2]}", f"neighbour {vtep_address(SUBNETS[2])}",
+         f"fdb {vtep_mac(SUBNETS[2])} -> {net.addresses[2]}"]
+    )
+    assert hosts[0].vxlan_entries() == (
+        {vtep_address(SUBNETS[1]): vtep_mac(SUBNETS[1])}, {vtep_mac(SUBNETS[1]): net.addresses[1]}
+    )
+    assert reachable(net, 0, 1) and not reachable(net, 0, 2)
+    # A change of mode takes the device, and with it every entry, away.
+    host_gw = Overlay("host-gw", "ovtest", CIDR, SUBNETS[0], net.addresses[0], netns=net.hosts[0])
+    report = host_gw.sync([])
+    assert f"device {device}" in report.removed
+    assert host_gw.routes() == {}
+    with IPRoute(netns=net.hosts[0], flags=0) as ipr:
+        assert not ipr.link_lookup(ifname=device)
+
+
+def test_vxlan_refuses_a_loopback_vtep(network):
+    overlay = Overlay("vxlan", "ovtest", CIDR, SUBNETS[0], "127.0.0.1", netns=network.hosts[0])
+    report = overlay.sync(peers_of(network, 0))
+    assert report.errors and "cannot be reached from other hosts" in report.errors[0]
+    assert overlay.routes() == {}
+
+
+async def eventually(check, timeout=15.0):
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert reactor.seconds() < deadline, "condition not reached in time"
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_forwards_only_once_there_is_another_machine(env_client, zk_server, zk_root):
+    """A lone machine (a laptop's local environment) never gets forwarding switched on;
+    a second machine's lease brings routes, forwarding, and a clear error for a host
+    that cannot be reached."""
+    forwarding_here = ip_forwarding(None)
+    with temporary_netns() as ns:
+        client = await ZKClient(zk_server.address, zk_root, session_timeout=SESSION_TIMEOUT).connect()
+        agent = MachineAgent(client, 0, netns=ns, overlay=True)
+        agent.resync_interval = 0.2
+        await agent.start()
+        try:
+            assert agent.overlay is not None and agent.subnet
+            await task.deferLater(reactor, 0.5, lambda: None)
+            assert not ip_forwarding(ns)
+            other = await MachineStateManager(env_client).add_machine(address="192.0.2.77")
+            subnet = await lease_subnet(env_client, other.id)
+
+            async def reported():
+                machine = (await collect(env_client))["machines"][0]
+                return machine.get("network-error")
+
+            error = await eventually(reported)
+            assert f"route to machine 1's {subnet} via 192.0.2.77" in error and "one L2 network" in error
+            assert ip_forwarding(ns)
+            assert ip_forwarding(None) == forwarding_here  # the machine's own: untouched
+        finally:
+            await agent.stop()
+            await client.close()
