@@ -174,32 +174,72 @@ async def eventually(check, timeout=15.0):
         await task.deferLater(reactor, 0.05, lambda: None)
 
 
+async def run_agent(zk_server, zk_root, ns):
+    client = await ZKClient(zk_server.address, zk_root, session_timeout=SESSION_TIMEOUT).connect()
+    agent = MachineAgent(client, 0, netns=ns, overlay=True)
+    agent.resync_interval = 0.2
+    await agent.start()
+    return agent
+
+
+async def network_error(client):
+    return (await collect(client))["machines"][0].get("network-error")
+
+
 @pytest_twisted.ensureDeferred
-async def test_agent_forwards_only_once_there_is_another_machine(env_client, zk_server, zk_root):
-    """A lone machine (a laptop's local environment) never gets forwarding switched on;
-    a second machine's lease brings routes, forwarding, and a clear error for a host
-    that cannot be reached."""
+async def test_agent_forwards_only_once_it_has_a_path_to_another_machine(env_client, zk_server, zk_root):
+    """A lone machine never gets forwarding switched on; a second machine's lease
+    brings a route and forwarding; a host that cannot be reached is reported."""
     forwarding_here = ip_forwarding(None)
+    machine = await MachineStateManager(env_client).get_machine(0)
+    await machine.update(address="192.0.2.76")
     with temporary_netns() as ns:
-        client = await ZKClient(zk_server.address, zk_root, session_timeout=SESSION_TIMEOUT).connect()
-        agent = MachineAgent(client, 0, netns=ns, overlay=True)
-        agent.resync_interval = 0.2
-        await agent.start()
+        with IPRoute(netns=ns, flags=0) as ipr:
+            # The "provider network" this host is on: a veth whose peer stays in the
+            # same namespace, so nothing can leave it.
+            ipr.link("add", ifname="uplink", kind="veth", peer={"ifname": "uplink-peer"})
+            index = ipr.link_lookup(ifname="uplink")[0]
+            ipr.link("set", index=ipr.link_lookup(ifname="uplink-peer")[0], state="up")
+            ipr.addr("add", index=index, address="192.0.2.76", prefixlen=24)
+            ipr.link("set", index=index, state="up")
+        agent = await run_agent(zk_server, zk_root, ns)
         try:
-            assert agent.overlay is not None and agent.subnet
             await task.deferLater(reactor, 0.5, lambda: None)
+            assert agent.overlay.routes() == {}
             assert not ip_forwarding(ns)
-            other = await MachineStateManager(env_client).add_machine(address="192.0.2.77")
-            subnet = await lease_subnet(env_client, other.id)
+            near = await MachineStateManager(env_client).add_machine(address="192.0.2.77")
+            near_subnet = await lease_subnet(env_client, near.id)
 
-            async def reported():
-                machine = (await collect(env_client))["machines"][0]
-                return machine.get("network-error")
+            async def routed():
+                return agent.overlay.routes().get(near_subnet)
 
-            error = await eventually(reported)
-            assert f"route to machine 1's {subnet} via 192.0.2.77" in error and "one L2 network" in error
+            assert (await eventually(routed))[0] == "192.0.2.77"
             assert ip_forwarding(ns)
-            assert ip_forwarding(None) == forwarding_here  # the machine's own: untouched
+            far = await MachineStateManager(env_client).add_machine(address="198.51.100.7")
+            far_subnet = await lease_subnet(env_client, far.id)
+            error = await eventually(lambda: network_error(env_client))
+            assert f"route to machine 2's {far_subnet} via 198.51.100.7" in error and "one L2 network" in error
+            assert list(agent.overlay.routes()) == [near_subnet]
         finally:
             await agent.stop()
-            await client.close()
+            await agent.client.close()
+    assert ip_forwarding(None) == forwarding_here  # the machine's own: untouched
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_loopback_machine_makes_no_paths_and_says_why(env_client, zk_server, zk_root):
+    """Machine 0 of a local environment (127.0.0.1): another machine's lease must not
+    produce routes or forwarding on the laptop."""
+    with temporary_netns() as ns:
+        agent = await run_agent(zk_server, zk_root, ns)
+        try:
+            other = await MachineStateManager(env_client).add_machine(address="192.0.2.77")
+            await lease_subnet(env_client, other.id)
+            error = await eventually(lambda: network_error(env_client))
+            assert error == "no paths to other machines: this machine's host address 127.0.0.1 " \
+                            "cannot be reached from other hosts"
+            assert agent.overlay.routes() == {}
+            assert not ip_forwarding(ns)
+        finally:
+            await agent.stop()
+            await agent.client.close()

@@ -181,9 +181,9 @@ class MachineAgent(BaseAgent):
                         "%s: %s paths: %d peers; added %s; removed %s", self.name, self.overlay.mode, len(peers),
                         ", ".join(report.added) or "nothing", ", ".join(report.removed) or "nothing",
                     )
-            if peers and not self._forwarding:
-                # Only once there is another machine to forward to: a lone host (a
-                # laptop's local environment) never has its forwarding switched on.
+            if report is not None and report.paths and not self._forwarding:
+                # Only once there is a path to another machine: a lone host (a laptop's
+                # local environment) never has its forwarding switched on.
                 await self._in_thread(namespaces.set_ip_forwarding, self.netns)
                 self._forwarding = True
                 log.info("%s: IP forwarding on, for containers on other machines", self.name)

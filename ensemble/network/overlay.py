@@ -123,6 +123,7 @@ class SyncReport:
     added: list = dataclasses.field(default_factory=list)
     removed: list = dataclasses.field(default_factory=list)
     errors: list = dataclasses.field(default_factory=list)
+    paths: int = 0  # remote subnets this host has a path to after the sync
 
     @property
     def changed(self):
@@ -192,8 +193,14 @@ class Overlay:
         peer's failure is reported and the others still go in."""
         report = SyncReport()
         wanted = {p.subnet: p for p in peers if p.subnet != self.subnet}
+        # Peers route back to us by our address: without a usable one (a laptop's
+        # local environment records 127.0.0.1) no path can work, so none is made.
+        unusable = usable_host_address(self.address, self.cidr)
+        if unusable and wanted:
+            report.errors.append(f"no paths to other machines: this machine's {unusable}")
+            wanted = {}
         with _ipr(self.netns) as ipr:
-            if self.mode == VXLAN:
+            if self.mode == VXLAN and not unusable:
                 index = self._ensure_device(ipr, report)
                 if index is None:
                     return report
@@ -201,16 +208,11 @@ class Overlay:
                 desired = {s: (vtep_address(s), index) for s in wanted}
             else:
                 self._remove_device(ipr, report)
-                index = None
                 desired = {s: (p.address, None) for s, p in wanted.items()}
-            self._sync_routes(ipr, desired, wanted, report)
+            report.paths = self._sync_routes(ipr, desired, wanted, report)
         return report
 
     def _ensure_device(self, ipr, report):
-        reason = usable_host_address(self.address, self.cidr)
-        if reason:
-            report.errors.append(f"vxlan needs this machine's address: {reason}")
-            return None
         mtu = self.container_mtu()
         index = _index(ipr, self.device)
         if index is not None:
@@ -301,7 +303,9 @@ class Overlay:
             except NetlinkError as e:
                 report.errors.append(self._route_error(wanted[subnet], e))
                 continue
+            present[subnet] = (gateway, oif)
             report.added.append(f"route {subnet} via {gateway}")
+        return sum(1 for subnet in desired if present.get(subnet) is not None)
 
     def _routes(self, ipr):
         network = netaddr.IPNetwork(self.cidr)
