@@ -18,7 +18,7 @@ from test_state import snapshot
 DB = "examples/charms/db"
 WEB = "examples/charms/web"
 COMMANDS = [
-    "bootstrap", "add-machine", "deploy", "add-unit", "remove-unit", "destroy-service", "status",
+    "bootstrap", "create-environment", "add-machine", "deploy", "add-unit", "remove-unit", "destroy-service", "status",
     "service-addresses", "destroy-environment", "machine-agent", "unit-agent",
 ]
 
@@ -149,6 +149,12 @@ BAD_INPUT = [
     (["deploy", WEB, "-n", "0"], "-n must be"),
     (["deploy", "/nonexistent/charm"], "does not exist"),
     (["add-machine", "--address", "300.1.1.1"], "invalid address"),
+    (["create-environment", "--name", "x"], "an environment already exists"),
+    (["create-environment", "--name", "x/y"], "invalid environment name"),
+    (["create-environment", "--name", "x", "--network-mode", "fan"], "invalid choice: 'fan'"),
+    (["create-environment", "--name", "x", "--network", "10.1.0.0/33"], "invalid network"),
+    (["create-environment", "--name", "x", "--units-zookeeper", "10.77.0.1:2181/other"], "the root is the environment's"),
+    (["create-environment", "--name", "x", "--units-zookeeper", "10.77.0.1"], "invalid ZooKeeper address"),
     (["deploy"], "the following arguments are required"),
     (["frobnicate"], "invalid choice"),
 ]
@@ -205,3 +211,22 @@ def test_uninitialised_root_is_a_clear_error(zk_spec, tmp_path):
 def test_bad_zookeeper_spec(tmp_path):
     env = ensemble_env(tmp_path, "localhost")
     assert "invalid ZooKeeper address 'localhost'" in one_line_error(run_ensemble("status", env=env))
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_environment_records_mode_and_units_zookeeper(client, cli):
+    from ensemble.state.environment import get_environment
+
+    result = cli("create-environment", "--name", "multi", "--network", "10.88.0.0/16", "--network-mode", "vxlan",
+                 "--units-zookeeper", "10.88.0.1:2181")
+    assert result.returncode == 0, result.stderr
+    assert "created environment multi" in result.stdout and "(10.88.0.0/16, vxlan)" in result.stdout
+    environment = await get_environment(client)
+    assert environment["network"] == {"cidr": "10.88.0.0/16", "host-prefix": 24, "mode": "vxlan"}
+    assert environment["units-zookeeper"] == "10.88.0.1:2181"
+    assert status(cli)["network"]["mode"] == "vxlan"
+
+
+def test_create_environment_needs_a_zookeeper(tmp_path):
+    result = run_ensemble("create-environment", "--name", "x", env=ensemble_env(tmp_path))
+    assert "needs --zookeeper" in one_line_error(result)
