@@ -160,7 +160,17 @@ class Lab:
 
     # -- life cycle ----------------------------------------------------------------------
 
+    def ensure_template(self):
+        """Build the container template here if it is not cached: lab hosts have no
+        way to the apt mirror, so their agents could not."""
+        result = subprocess.run(
+            [sys.executable, "-m", "ensemble.lab", "ensure-template"], capture_output=True, text=True, timeout=900
+        )
+        if result.returncode != 0:
+            raise LabError(f"building the container template failed: {result.stderr.strip()[-500:]}")
+
     def start(self):
+        self.ensure_template()
         try:
             self.network.create()
             for _ in range(self.initial_hosts):
@@ -321,18 +331,31 @@ class Lab:
         return self.network.connect(i, address, port, source, timeout)
 
 
-def _destroy_containers(home):
+def _react(work):
     from twisted.internet import defer, task
 
+    task.react(lambda reactor: defer.ensureDeferred(work(reactor)))
+
+
+def _destroy_containers(home):
     from ensemble import local
     from ensemble.home import EnsembleHome
 
-    task.react(lambda reactor: defer.ensureDeferred(local.destroy_containers(reactor, EnsembleHome(home))))
+    _react(lambda reactor: local.destroy_containers(reactor, EnsembleHome(home)))
+
+
+def _ensure_template():
+    from ensemble.machine.container.template import Template
+
+    _react(lambda reactor: Template(reactor=reactor).ensure(progress=print))
 
 
 if __name__ == "__main__":
-    # `python -m ensemble.lab destroy-containers HOME`, run inside a lab host's namespace.
+    # Helpers for Lab: `destroy-containers HOME` runs inside a lab host's namespace;
+    # `ensure-template` in the machine's own, where the apt mirror can be reached.
     if len(sys.argv) == 3 and sys.argv[1] == "destroy-containers":
         _destroy_containers(sys.argv[2])
+    elif sys.argv[1:] == ["ensure-template"]:
+        _ensure_template()
     else:
-        sys.exit("usage: python -m ensemble.lab destroy-containers HOME")
+        sys.exit("usage: python -m ensemble.lab destroy-containers HOME | ensure-template")

@@ -144,7 +144,8 @@ async def _start_machine_agent(reactor, home, client, machine_id=0):
         pid = agent_pid(home, name)
     machine = await MachineStateManager(client).get_machine(machine_id)
     deadline = reactor.seconds() + AGENT_START_TIMEOUT
-    while not await machine.agent_alive():
+    # This agent, not a killed one whose session has not expired yet.
+    while ((await machine.agent_owner()) or {}).get("pid") != pid:
         if not process.alive(pid):
             raise EnsembleError(
                 f"the machine agent exited during start-up: {_log_tail(home.agent_log_path(name))}"

@@ -67,6 +67,10 @@ class MachineState:
     async def agent_alive(self):
         return await presence.alive(self.client, self.agent_path)
 
+    async def agent_owner(self):
+        """What the present agent says of itself ({pid, host, ...}), or None."""
+        return await presence.owner(self.client, self.agent_path)
+
 
 def _unit_names(keys):
     names = []

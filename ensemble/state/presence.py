@@ -79,3 +79,15 @@ async def register(client, path, info, who, reactor=None, wait=None):
 
 async def alive(client, path):
     return await client.exists(path) is not None
+
+
+async def owner(client, path):
+    """The presence node's info ({pid, host, ...}), or None while nobody is present."""
+    try:
+        data, _ = await client.get(path)
+    except NoNode:
+        return None
+    try:
+        return nodes.load(data, path) or {}
+    except EnsembleError:
+        return {}
