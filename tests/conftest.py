@@ -108,3 +108,16 @@ async def deploy_charm(client, charm_dir, service=None, n=1, to=0, config=None):
     return await ServiceStateManager(client).deploy(
         service or charm.name, bundle_id(charm.name, bundle), bundle, charm.config(config or {}), {}, n=n, to=to
     )
+
+
+async def eventually(check, timeout=10.0, interval=0.05):
+    """Wait until `await check()` is truthy; return it (fails the test at `timeout`)."""
+    from twisted.internet import reactor, task
+
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert reactor.seconds() < deadline, "condition not reached in time"
+        await task.deferLater(reactor, interval, lambda: None)

@@ -39,6 +39,7 @@ from ensemble.machine.container.template import (
 )
 from ensemble.network.bridge import ensure_bridge
 
+from conftest import eventually
 from netns import temporary_netns
 
 BRIDGE = "ens-t"
@@ -94,16 +95,6 @@ async def driver(template, lab, tmp_path):
                 await d.destroy(name, timeout=2)
         finally:
             await d.close()
-
-
-async def eventually(check, timeout=10.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await task.deferLater(reactor, interval, lambda: None)
 
 
 async def sh(driver, name, script, **kw):

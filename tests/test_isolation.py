@@ -10,7 +10,8 @@ import pytest_twisted
 
 from ensemble.machine.container import config as lxc_config
 
-from test_containers import driver, eventually, lab, sh, template  # noqa: F401 (fixtures)
+from conftest import eventually
+from test_containers import driver, lab, sh, template  # noqa: F401 (fixtures)
 
 PYTHON = "/usr/bin/python3"  # the rootfs's own python3: no host code needed for these
 

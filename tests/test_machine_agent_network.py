@@ -2,7 +2,7 @@
 release on removal, leaks after a restart, exhaustion as a unit or machine error."""
 
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 
 from ensemble.charm import Charm, bundle_id
 from ensemble.machine.agent import MachineAgent
@@ -15,19 +15,8 @@ from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import UnitStateManager
 from ensemble.status import collect
 
-from conftest import SESSION_TIMEOUT
+from conftest import SESSION_TIMEOUT, eventually
 from netns import temporary_netns
-
-
-async def eventually(check, timeout=10.0):
-    """Wait until `await check()` returns truthy; return it."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert reactor.seconds() < deadline, "condition not reached in time"
-        await task.deferLater(reactor, 0.05, lambda: None)
 
 
 async def deploy(client, name="db", n=1):

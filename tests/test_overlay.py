@@ -18,7 +18,7 @@ from ensemble.state.machine import MachineStateManager
 from ensemble.state.network import lease_subnet
 from ensemble.status import collect
 
-from conftest import SESSION_TIMEOUT
+from conftest import SESSION_TIMEOUT, eventually
 from netns import temporary_netns
 
 CIDR = "10.90.0.0/16"
@@ -157,21 +157,18 @@ def test_vxlan_entries_follow_the_peers_across_l3(network):
         assert not ipr.link_lookup(ifname=device)
 
 
-def test_vxlan_refuses_a_loopback_vtep(network):
-    overlay = Overlay("vxlan", "ovtest", CIDR, SUBNETS[0], "127.0.0.1", netns=network.hosts[0])
+@pytest.mark.parametrize("mode", ["host-gw", "vxlan"])
+@pytest.mark.parametrize("address,why", [
+    ("127.0.0.1", "host address 127.0.0.1 cannot be reached from other hosts"),
+    ("192.168.250.99", "host address 192.168.250.99 is not on any interface of this host"),
+])
+def test_no_paths_without_an_address_peers_can_route_back_to(network, mode, address, why):
+    overlay = Overlay(mode, "ovtest", CIDR, SUBNETS[0], address, netns=network.hosts[0])
     report = overlay.sync(peers_of(network, 0))
-    assert report.errors and "cannot be reached from other hosts" in report.errors[0]
-    assert overlay.routes() == {}
-
-
-async def eventually(check, timeout=15.0):
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert reactor.seconds() < deadline, "condition not reached in time"
-        await task.deferLater(reactor, 0.05, lambda: None)
+    assert report.errors == [f"no paths to other machines: this machine's {why}"]
+    assert overlay.routes() == {} and report.paths == 0
+    with IPRoute(netns=network.hosts[0], flags=0) as ipr:
+        assert not ipr.link_lookup(ifname=vxlan_name("ovtest"))
 
 
 async def run_agent(zk_server, zk_root, ns):

@@ -12,7 +12,7 @@ from ensemble.state.unit import UnitStateManager
 from ensemble.unit.agent import UnitAgent
 
 from conftest import SESSION_TIMEOUT, deploy_charm, make_charm
-from test_machine_agent_network import eventually
+from conftest import eventually
 
 
 async def start_agent(zk_server, zk_root, tmp_path, unit="probe/0"):

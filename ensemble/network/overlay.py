@@ -130,6 +130,10 @@ class SyncReport:
         return bool(self.added or self.removed)
 
 
+def _holds(ipr, address):
+    return any(a.get("address") == address for a in ipr.get_addr(family=2))
+
+
 def _vxlan_entries(ipr, index):
     neighbours = {
         n.get_attr("NDA_DST"): n.get_attr("NDA_LLADDR")
@@ -163,9 +167,8 @@ class Overlay:
     def underlay_mtu(self):
         """The MTU of the interface holding this host's address (None if none does)."""
         with _ipr(self.netns) as ipr:
-            for addr in ipr.get_addr(family=2):
-                if addr.get("address") == self.address:
-                    return ipr.get_links(addr["index"])[0].get("mtu")
+            for addr in ipr.get_addr(family=2, address=self.address):
+                return ipr.get_links(addr["index"])[0].get("mtu")
         return None
 
     def container_mtu(self):
@@ -193,13 +196,16 @@ class Overlay:
         peer's failure is reported and the others still go in."""
         report = SyncReport()
         wanted = {p.subnet: p for p in peers if p.subnet != self.subnet}
-        # Peers route back to us by our address: without a usable one (a laptop's
-        # local environment records 127.0.0.1) no path can work, so none is made.
-        unusable = usable_host_address(self.address, self.cidr)
-        if unusable and wanted:
-            report.errors.append(f"no paths to other machines: this machine's {unusable}")
-            wanted = {}
         with _ipr(self.netns) as ipr:
+            # Peers route back to us by our address. Without a usable one (a laptop's
+            # local environment records 127.0.0.1), or with one this host does not
+            # have (a mistyped --address), no path can work, so none is made.
+            unusable = usable_host_address(self.address, self.cidr)
+            if unusable is None and not _holds(ipr, self.address):
+                unusable = f"host address {self.address} is not on any interface of this host"
+            if unusable and wanted:
+                report.errors.append(f"no paths to other machines: this machine's {unusable}")
+                wanted = {}
             if self.mode == VXLAN and not unusable:
                 index = self._ensure_device(ipr, report)
                 if index is None:
