@@ -58,7 +58,7 @@ async def cmd_bootstrap(reactor, args):
     home = EnsembleHome()
     config, resumed = await local.bootstrap(
         reactor, home, network=args.network, name=args.name, address=args.address, host_prefix=args.host_prefix,
-        mode=args.network_mode,
+        mode=args.network_mode, zookeeper_servers=args.zookeeper_servers,
     )
     verb = "restarted" if resumed else "bootstrapped"
     print(f"{verb} environment {config['name']} in {home.path}")
@@ -193,9 +193,16 @@ async def cmd_destroy_service(reactor, args):
 
 
 async def cmd_status(reactor, args):
+    from twisted.internet import threads
+
+    from ensemble.zookeeper import server_modes
+
     async with _environment(args) as client:
         status = await collect(client)
-    print(render(status, args.format))
+        # Each server's own view: a lost member shows as down while the others serve.
+        modes = await threads.deferToThread(server_modes, client.servers)
+    head = {k: status.pop(k) for k in ("environment", "network")}
+    print(render({**head, "zookeeper": modes, **status}, args.format))
 
 
 async def cmd_service_addresses(reactor, args):
@@ -348,6 +355,10 @@ def build_parser():
     sub.add_argument("--name", help="environment name (default: derived from ENSEMBLE_HOME)")
     sub.add_argument("--address", default="127.0.0.1", help="this host's address as machine 0")
     _network_mode_argument(sub)
+    sub.add_argument(
+        "--zookeeper-servers", type=int, default=1, metavar="N",
+        help="run an ensemble of N ZooKeeper servers (1, 3, 5 or 7; default 1) that survives losing a minority",
+    )
 
     sub = command(
         "create-environment", cmd_create_environment,

@@ -19,7 +19,7 @@ from ensemble.state.machine import MachineStateManager
 from ensemble import process
 from ensemble.network import bridge
 from ensemble.network.ipam import SubnetPlan
-from ensemble.zookeeper import ZooKeeperServer
+from ensemble.zookeeper import ZooKeeperEnsemble, ZooKeeperServer
 
 log = logging.getLogger("ensemble.local")
 
@@ -71,7 +71,12 @@ def _run_blocking(reactor, f, *args):
 def zookeeper_server(home, config=None):
     if config is None:
         return ZooKeeperServer(home.zookeeper_dir)
-    host, _, port = config["zookeeper"].rpartition(":")
+    host, _, port = config["zookeeper"].split(",")[0].rpartition(":")
+    if config.get("zookeeper-ports"):
+        return ZooKeeperEnsemble(
+            home.zookeeper_dir, len(config["zookeeper-ports"]), host, config["zookeeper-ports"],
+            tick_time=config.get("zookeeper-tick", 2000),
+        )
     return ZooKeeperServer(home.zookeeper_dir, host=host, port=int(port))
 
 
@@ -163,12 +168,15 @@ async def _start_machine_agent(reactor, home, client, machine_id=0):
 
 
 async def bootstrap(
-    reactor, home, network=None, name=None, address="127.0.0.1", tick_time=2000, host_prefix=24, mode="host-gw"
+    reactor, home, network=None, name=None, address="127.0.0.1", tick_time=2000, host_prefix=24, mode="host-gw",
+    zookeeper_servers=1,
 ):
     """Start a new local environment, or restart a stopped one. Returns (config, resumed)."""
     if home.exists():
         return await _resume(reactor, home, network, name), True
     cidr = validate_network(network or DEFAULT_NETWORK["cidr"], host_prefix)
+    if zookeeper_servers not in (1, 3, 5, 7):
+        raise InvalidValue(f"--zookeeper-servers must be 1, 3, 5 or 7 (a quorum needs an odd number), not {zookeeper_servers}")
     name = validate_environment_name(name or default_environment_name(home))
     await _run_blocking(reactor, check_network_free, cidr)
     # Machine 0 will lease the first subnet. Its bridge comes first so that ZooKeeper
@@ -179,11 +187,17 @@ async def bootstrap(
     client = server = None
     try:
         await _run_blocking(reactor, bridge.ensure_bridge, bridge.bridge_name(name), subnet)
-        server = ZooKeeperServer(home.zookeeper_dir, host=bridge_address, tick_time=tick_time)
+        if zookeeper_servers == 1:
+            server = ZooKeeperServer(home.zookeeper_dir, host=bridge_address, tick_time=tick_time)
+        else:
+            server = ZooKeeperEnsemble(home.zookeeper_dir, zookeeper_servers, bridge_address, tick_time=tick_time)
         config = {
             "name": name, "zookeeper": server.address, "root": "/ensemble", "machine": 0,
             "network": cidr, "host-prefix": host_prefix, "subnet": subnet,
         }
+        if zookeeper_servers > 1:
+            config["zookeeper-ports"] = [list(p) for p in server.ports]
+            config["zookeeper-tick"] = tick_time
         await _run_blocking(reactor, server.start)
         client = await ZKClient(server.address, config["root"]).connect(create_root=True)
         await initialize(client, name, {"cidr": cidr, "host-prefix": host_prefix, "mode": mode})
@@ -210,7 +224,7 @@ async def _resume(reactor, home, network=None, name=None):
         )
     server = zookeeper_server(home, config)
     machine_id = config.get("machine", 0)
-    zookeeper_up = server.pid() is not None
+    zookeeper_up = not server.down()
     agent_up = agent_pid(home, f"machine-{machine_id}") is not None
     if zookeeper_up and agent_up:
         raise EnvironmentExists(

@@ -15,6 +15,7 @@ from ensemble.network.netns import inside, netns_path
 
 JARS = ["/usr/share/java/zookeeper.jar", "/usr/share/java/slf4j-simple.jar"]
 MAIN_CLASS = "org.apache.zookeeper.server.ZooKeeperServerMain"
+QUORUM_MAIN_CLASS = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
 
 
 def free_port(host="127.0.0.1"):
@@ -50,15 +51,22 @@ def four_letter(host, port, command, timeout=1.0):
 
 
 class ZooKeeperServer:
-    """One standalone server whose config, data, log and pid file live in `directory`."""
+    """One server whose config, data, log and pid file live in `directory`: standalone,
+    or with `server_id` and `peers` ([(id, host, quorum port, election port)]) one
+    member of an ensemble."""
 
-    def __init__(self, directory, host="127.0.0.1", port=None, tick_time=2000, heap_mb=256, netns=None):
+    def __init__(
+        self, directory, host="127.0.0.1", port=None, tick_time=2000, heap_mb=256, netns=None,
+        server_id=None, peers=None,
+    ):
         self.directory = os.path.abspath(directory)
         self.host = host
         # In a named network namespace (a lab's simulated host), checks included.
         self.netns = netns
         with inside(netns):
             self.port = port or free_port(host)
+        self.server_id = server_id
+        self.peers = peers or []
         self.tick_time = tick_time
         self.heap_mb = heap_mb
 
@@ -93,6 +101,11 @@ class ZooKeeperServer:
             "autopurge.snapRetainCount=3",
             "autopurge.purgeInterval=1",
         ]
+        if self.peers:
+            lines += ["initLimit=10", "syncLimit=5"]
+            lines += [f"server.{i}={host}:{quorum}:{election}" for i, host, quorum, election in self.peers]
+            with open(os.path.join(data_dir, "myid"), "w") as f:
+                f.write(f"{self.server_id}\n")
         with open(self.config_path, "w") as f:
             f.write("\n".join(lines) + "\n")
 
@@ -107,8 +120,23 @@ class ZooKeeperServer:
             return pid
         return None
 
+    def down(self):
+        """[0] if the server is not running, else [] (as for an ensemble's members)."""
+        return [] if self.pid() is not None else [0]
+
     def start(self, timeout=30.0):
         """Start the server detached from the caller and wait until it serves sessions."""
+        server = self.launch()
+        try:
+            self.wait_ready(timeout, server)
+        except ZooKeeperStartFailed:
+            self.stop()
+            raise
+        return server.pid
+
+    def launch(self):
+        """Start the server process without waiting for it (an ensemble member serves
+        only once a quorum is up); returns the Popen."""
         for jar in JARS:
             if not os.path.exists(jar):
                 raise ZooKeeperStartFailed(f"{jar} is missing: install the 'zookeeper' package")
@@ -132,7 +160,7 @@ class ZooKeeperServer:
             "-Dzookeeper.jmx.log4j.disable=true",
             "-cp",
             ":".join(JARS),
-            MAIN_CLASS,
+            QUORUM_MAIN_CLASS if self.peers else MAIN_CLASS,
             self.config_path,
         ]
         if self.netns is not None:
@@ -143,12 +171,16 @@ class ZooKeeperServer:
             )
         with open(self.pid_path, "w") as f:
             f.write(f"{server.pid}\n")
-        try:
-            self.wait_ready(timeout, server)
-        except ZooKeeperStartFailed:
-            self.stop()
-            raise
-        return server.pid
+        return server
+
+    def mode(self):
+        """'standalone', 'leader' or 'follower' while serving; None otherwise."""
+        with inside(self.netns):
+            answer = four_letter(self.host, self.port, "srvr", timeout=0.5)
+        for line in (answer or "").splitlines():
+            if line.startswith("Mode:"):
+                return line.split(":", 1)[1].strip()
+        return None
 
     def wait_ready(self, timeout=30.0, server=None):
         # `ruok` answers before the server accepts sessions; `srvr` showing a Mode does not.
@@ -177,3 +209,78 @@ class ZooKeeperServer:
             os.unlink(self.pid_path)
         except FileNotFoundError:
             pass
+
+
+class ZooKeeperEnsemble:
+    """`size` servers on one host address, each in `directory`/server-N; clients are
+    given all of them ("h:p1,h:p2,h:p3") and fail over between them. `ports`: one
+    (client, quorum, election) triple per server, to restart an ensemble as it was."""
+
+    def __init__(self, directory, size=3, host="127.0.0.1", ports=None, tick_time=2000, heap_mb=256):
+        if ports is None:
+            ports = _distinct_free_ports(host, 3 * size)
+            ports = [tuple(ports[3 * i: 3 * i + 3]) for i in range(size)]
+        if len(ports) != size:
+            raise ValueError(f"{size} servers need {size} port triples, not {len(ports)}")
+        self.directory = os.path.abspath(directory)
+        self.host = host
+        self.ports = [tuple(p) for p in ports]
+        peers = [(i + 1, host, quorum, election) for i, (_, quorum, election) in enumerate(self.ports)]
+        self.servers = [
+            ZooKeeperServer(
+                os.path.join(self.directory, f"server-{i + 1}"), host, client, tick_time, heap_mb,
+                server_id=i + 1, peers=peers,
+            )
+            for i, (client, _, _) in enumerate(self.ports)
+        ]
+
+    @property
+    def address(self):
+        return ",".join(s.address for s in self.servers)
+
+    def pid(self):
+        """A running member's pid, or None when none runs (the single server's API)."""
+        pids = [s.pid() for s in self.servers]
+        return next((p for p in pids if p is not None), None)
+
+    def down(self):
+        """Indices of the members whose process is not running."""
+        return [i for i, s in enumerate(self.servers) if s.pid() is None]
+
+    def start(self, timeout=60.0):
+        """Start every member that is not running; wait until each serves."""
+        launched = {i: self.servers[i].launch() for i in self.down()}
+        try:
+            for i, server in launched.items():
+                self.servers[i].wait_ready(timeout, server)
+        except ZooKeeperStartFailed:
+            for i in launched:
+                self.servers[i].stop()
+            raise
+
+    def leader(self):
+        """The index of the member that leads now, or None."""
+        return next((i for i, s in enumerate(self.servers) if s.mode() == "leader"), None)
+
+    def stop(self, timeout=10.0):
+        for server in self.servers:
+            server.stop(timeout)
+
+
+def server_modes(servers, timeout=0.5):
+    """{"host:port": "leader" | "follower" | "standalone" | "down"} for a client's
+    server list ("h:p,h:p"), asked with `srvr`. Blocking."""
+    modes = {}
+    for server in servers.split(","):
+        host, _, port = server.rpartition(":")
+        answer = four_letter(host, int(port), "srvr", timeout=timeout) or ""
+        mode = next((line.split(":", 1)[1].strip() for line in answer.splitlines() if line.startswith("Mode:")), None)
+        modes[server] = mode or "down"
+    return modes
+
+
+def _distinct_free_ports(host, n):
+    ports = set()
+    while len(ports) < n:
+        ports.add(free_port(host))
+    return sorted(ports)
