@@ -474,8 +474,15 @@ def _crash_log(exc):
 
 
 def _report(exc):
+    from ensemble.state.client import ConnectionLost, SessionExpired
+
     if isinstance(exc, EnsembleError):
         message = str(exc)
+    elif isinstance(exc, (ConnectionLost, SessionExpired)):
+        message = (
+            "lost the connection to ZooKeeper before it answered; the command may or may not have "
+            "taken effect: check 'ensemble status'"
+        )
     elif isinstance(exc, KeyboardInterrupt):
         message = "interrupted"
     else:
