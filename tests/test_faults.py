@@ -352,3 +352,48 @@ async def test_churn_of_300_units_leaves_nothing_behind(environment, charm):
             assert await client.get_children(path) == [], path
     finally:
         await client.close()
+
+
+# -- 6. malformed data in ZooKeeper ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_data_is_reported_and_the_rest_keeps_being_served(environment, charm):
+    env = environment
+    env.cli("deploy", charm, "--to", "0", "-n", "2")
+    await until(lambda: len(env.units()) == 2 and all(u["agent-state"] == "started" for u in env.units().values()),
+                120, "two started")
+    phantom = env.config["subnet"].rsplit(".", 1)[0] + ".200"
+    machine = "machine-0000000000"
+    client = await env.client()
+    try:
+        await client.set("/units/probe-1", b"{not: [valid")
+        await client.create(f"/machines/{machine}/units/ghost-5", b"")
+        tx = client.transaction()
+        tx.create(f"/network/addresses/{machine}/ips/{phantom}", b"phantom/3")
+        tx.create(f"/network/addresses/{machine}/units/phantom-3", phantom.encode())
+        await tx.commit()
+        env.cli("add-unit", "probe", "--to", "0")
+        await until(lambda: env.units().get("probe/2", {}).get("agent-state") == "started", 120, "probe/2 started")
+
+        async def phantom_freed():
+            return await client.exists(f"/network/addresses/{machine}/ips/{phantom}") is None
+
+        # Reservations are re-read every 30 s (MachineAgent.audit_interval).
+        await until(phantom_freed, 50, "the phantom's address released")
+    finally:
+        await client.close()
+    units = env.units()
+    assert units["probe/0"]["agent-state"] == "started"
+    assert "not valid YAML" in str(units["probe/1"])
+    log = (env.home / "logs" / "machine-0.log").read_text()
+    assert "ghost/5, which does not exist" in log
+    assert "malformed data at /units/probe-1" in log
+    assert f"released {phantom} of phantom/3" in log
+    # Nothing was lost: probe/1's container still runs, with its data untouched.
+    driver = env.driver()
+    try:
+        assert container_name(env.config["name"], "probe/1") in await driver.running()
+    finally:
+        await driver.close()
+    assert env.status()["machines"]["0"]["agent"] == "alive"

@@ -32,6 +32,9 @@ class MachineAgent(BaseAgent):
     lease_retry_delay = 10.0
     template_retry_delay = 30.0
     resync_interval = 5.0
+    # Reservations are re-read from ZooKeeper this often (and at start): between
+    # reads the allocator's own view serves, which misses what others wrote.
+    audit_interval = 30.0
     max_concurrent_deploys = 8
 
     def __init__(
@@ -53,6 +56,7 @@ class MachineAgent(BaseAgent):
         self._lease_watch = None
         self._overlay_lock = defer.DeferredLock()
         self._forwarding = False
+        self._audited = None
         self.machine = None
         self.subnet = None
         self.bridge = None
@@ -230,6 +234,11 @@ class MachineAgent(BaseAgent):
 
     async def _locked_reconcile(self, assigned, removed=()):
         async with self._lock:
+            now = self.reactor.seconds()
+            if self._audited is None or now - self._audited >= self.audit_interval:
+                if self._audited is not None:
+                    await self.allocator.refresh()
+                self._audited = now
             await self.reconcile(assigned, removed)
 
     async def reconcile(self, assigned, removed=()):

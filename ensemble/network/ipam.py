@@ -125,6 +125,12 @@ class Allocator:
         self._reserved = await self.store.reservations()
         self._taken = set(await self.store.taken())
 
+    async def refresh(self):
+        """Read the reservations again: the view is otherwise kept by this allocator's
+        own takes and releases, and misses what others wrote."""
+        async with self._lock:
+            await self._load()
+
     async def reserved(self):
         """{unit: address} of every reservation here, from this allocator's view."""
         if self._reserved is None:
