@@ -33,11 +33,21 @@ def validate_environment_name(name):
     return name
 
 
+# Unit numbers become node, container and host names: bounded like the service part.
+UNIT_NUMBER_DIGITS = 9
+
+
 def parse_unit_name(name):
     """'web/0' -> ('web', 0)."""
     service, sep, number = str(name).partition("/")
-    if not sep or not number.isdigit() or not number.isascii() or (len(number) > 1 and number[0] == "0"):
-        raise InvalidName(f"invalid unit name {_printable(str(name))}: use SERVICE/N, e.g. web/0")
+    if (
+        not sep or not number.isdigit() or not number.isascii() or (len(number) > 1 and number[0] == "0")
+        or len(number) > UNIT_NUMBER_DIGITS
+    ):
+        raise InvalidName(
+            f"invalid unit name {_printable(str(name))}: use SERVICE/N, e.g. web/0 "
+            f"(N at most {UNIT_NUMBER_DIGITS} digits)"
+        )
     try:
         validate_service_name(service)
     except InvalidName:

@@ -58,6 +58,9 @@ def test_bootstrap_status_destroy_leaves_nothing(tmp_path):
     message = one_line_error(run_ensemble("status", env=env))
     assert message.startswith(f"no environment in {home}")
     assert one_line_error(run_ensemble("deploy", DB, env=env)).startswith("no environment")
+    assert one_line_error(run_ensemble("destroy-environment", "-y", env=env)).startswith("no environment")
+    assert one_line_error(run_ensemble("add-unit", "db", env=env)).startswith("no environment")
+    assert not home.exists()
 
 
 def test_two_environments_side_by_side(tmp_path):
@@ -107,6 +110,9 @@ def test_bad_bootstrap_input_leaves_nothing(tmp_path):
         (["--network", "banana"], "invalid network"),
         (["--network", "10.0.0.1/16"], "host bits are set"),
         (["--name", "Bad_Name"], "invalid environment name"),
+        (["--name", "../../etc"], "invalid environment name"),
+        (["--network", "127.0.0.0/8"], "overlaps 127.0.0.0/8, which this host already uses"),
+        (["--zookeeper-servers", "2"], "must be 1, 3, 5 or 7"),
     ):
         assert message in one_line_error(run_ensemble("bootstrap", *argv, env=env))
         assert not home.exists()

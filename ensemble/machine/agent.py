@@ -57,6 +57,7 @@ class MachineAgent(BaseAgent):
         self._overlay_lock = defer.DeferredLock()
         self._forwarding = False
         self._audited = None
+        self._reported = set()
         self.machine = None
         self.subnet = None
         self.bridge = None
@@ -291,7 +292,10 @@ class MachineAgent(BaseAgent):
             log.warning("%s: assignment of %s, which does not exist; ignored", self.name, name)
             return
         except MalformedState as e:
-            log.error("%s: %s", self.name, e)
+            # Once per distinct problem, not on every 5 s pass; status shows it all along.
+            if str(e) not in self._reported:
+                self._reported.add(str(e))
+                log.error("%s: %s; leaving it alone", self.name, e)
             return
         if unit.life == DYING:
             return
