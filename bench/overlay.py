@@ -92,7 +92,7 @@ def reach(lab, i, source, target, timeout=30):
     """Wall time at which host i first reaches `target` from `source`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if lab.connect_from_host(i, target, 9, source=source, timeout=0.1):
+        if lab.connect_from_host(i, target, 9, source=source, timeout=0.02):
             return time.time()
         time.sleep(0.005)
     return None
