@@ -209,6 +209,13 @@ def pause(pid, seconds):
         os.kill(pid, signal.SIGCONT)
 
 
+async def deploy_started(env, charm, n):
+    """Deploy `n` probe units on machine 0 and wait until all are started."""
+    env.cli("deploy", charm, "--to", "0", "-n", str(n))
+    await until(lambda: len(env.units()) == n and all(u["agent-state"] == "started" for u in env.units().values()),
+                120, f"{n} units started")
+
+
 async def container_inits(env, names):
     driver = env.driver()
     try:
@@ -220,9 +227,7 @@ async def container_inits(env, names):
 @pytest_twisted.ensureDeferred
 async def test_session_expiry_of_machine_and_unit_agents_redeploys_nothing(environment, charm):
     env = environment
-    env.cli("deploy", charm, "--to", "0", "-n", "2")
-    await until(lambda: all(u["agent-state"] == "started" for u in env.units().values()) and len(env.units()) == 2,
-                120, "both started")
+    await deploy_started(env, charm, 2)
     inits = await container_inits(env, ["probe/0", "probe/1"])
     # The local environment's ZooKeeper ticks every 2 s, so no session lasts less than 4 s.
     await threads.deferToThread(pause, env.agent_pid(), 4 + 4)
@@ -288,9 +293,7 @@ async def test_agent_sigkilled_at_random_points_converges_every_time(environment
 @pytest_twisted.ensureDeferred
 async def test_containers_lost_while_the_agent_was_down_come_back_with_their_addresses(environment, charm):
     env = environment
-    env.cli("deploy", charm, "--to", "0", "-n", "3")
-    await until(lambda: len(env.units()) == 3 and all(u["agent-state"] == "started" for u in env.units().values()),
-                120, "three started")
+    await deploy_started(env, charm, 3)
     before = {n: u["private-address"] for n, u in env.units().items()}
     os.kill(env.agent_pid(), signal.SIGKILL)
     driver = env.driver()
@@ -360,9 +363,7 @@ async def test_churn_of_300_units_leaves_nothing_behind(environment, charm):
 @pytest_twisted.ensureDeferred
 async def test_malformed_data_is_reported_and_the_rest_keeps_being_served(environment, charm):
     env = environment
-    env.cli("deploy", charm, "--to", "0", "-n", "2")
-    await until(lambda: len(env.units()) == 2 and all(u["agent-state"] == "started" for u in env.units().values()),
-                120, "two started")
+    await deploy_started(env, charm, 2)
     phantom = env.config["subnet"].rsplit(".", 1)[0] + ".200"
     machine = "machine-0000000000"
     client = await env.client()
