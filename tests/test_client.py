@@ -156,3 +156,44 @@ async def test_session_expiry_is_surfaced_and_watches_rearm(client):
         await wait_for(lambda: children and children[-1] == ["after"])
     finally:
         watch.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reads_and_sets_in_flight_ride_out_a_dropped_connection(tmp_path):
+    """A read or set whose connection drops before the answer (here: the server
+    freezes until the client gives the connection up) is sent again once the client
+    is back on its session, instead of failing the caller."""
+    import os
+    import signal
+
+    from twisted.internet import threads
+
+    from ensemble.zookeeper import ZooKeeperServer
+
+    server = ZooKeeperServer(str(tmp_path / "zk"), tick_time=500)
+    await threads.deferToThread(server.start)
+    client = None
+    events = []
+    try:
+        client = await ZKClient(server.address, "/r", session_timeout=8).connect(create_root=True)
+        client.on_session_event(events.append)
+        await client.create("/n", b"before")
+        os.kill(server.pid(), signal.SIGSTOP)
+        try:
+            pending = client.get("/n")
+            updating = client.set("/n", b"after")
+            deadline = reactor.seconds() + 10
+            while "suspended" not in events and reactor.seconds() < deadline:
+                await task.deferLater(reactor, 0.1, lambda: None)
+            assert "suspended" in events  # the connection was given up with both in flight
+            assert not pending.called and not updating.called
+        finally:
+            os.kill(server.pid(), signal.SIGCONT)
+        assert (await pending)[0] in (b"before", b"after")
+        await updating
+        assert (await client.get("/n"))[0] == b"after"
+        assert "expired" not in events
+    finally:
+        if client is not None:
+            await client.close()
+        await threads.deferToThread(server.stop)

@@ -174,7 +174,15 @@ async def test_leader_killed_during_a_stream_of_deploys(ha_environment, charm):
             failed.append(n)
     names = sorted(env.units())
     assert len(names) >= 8 - len(failed)
-    await until(lambda: all(u["agent-state"] == "started" for u in env.units().values()), 180, "all started")
+    try:
+        await until(lambda: all(u["agent-state"] == "started" for u in env.units().values()), 180, "all started")
+    except AssertionError:
+        stuck = [n for n, u in env.units().items() if u["agent-state"] != "started"]
+        logs = "\n".join(
+            f"--- {path}\n{path.read_text()[-3000:]}"
+            for n in stuck for path in sorted((env.home / "logs" / "units" / n.replace("/", "-")).glob("*"))
+        )
+        raise AssertionError(f"not started: {stuck}\n{logs}")
     state = await host_state(env)
     assert_host_matches(env, state)
     # Deployed once each: one install and one start, one container.

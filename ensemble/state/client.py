@@ -315,17 +315,53 @@ class ZKClient:
             self._kz().create_async(path, data, ephemeral=ephemeral, sequence=sequence, makepath=makepath)
         )
 
+    def _retried(self, issue):
+        """Run `issue()` (a Deferred-returning call), and again after a reconnection if
+        the connection dropped before the answer. Only for calls that are safe to
+        repeat: reads, and sets (a versioned one that did happen fails as BadVersion,
+        which callers already handle; an unversioned one just bumps the version)."""
+
+        async def attempt():
+            deadline = None
+            while True:
+                try:
+                    return await issue()
+                except ConnectionLost:
+                    if self._closing or self._kazoo is None:
+                        raise
+                    now = self._reactor.seconds()
+                    if deadline is None:
+                        # A failover or a brief drop; longer than this, the session
+                        # is as good as gone and the caller should hear about it.
+                        deadline = now + max(2 * self.session_timeout, 5.0)
+                    if now >= deadline:
+                        raise
+                    # The state change may not have reached the reactor yet.
+                    await task.deferLater(self._reactor, 0.05, lambda: None)
+                    while not self.connected and self._reactor.seconds() < deadline and not self._closing:
+                        await task.deferLater(self._reactor, 0.05, lambda: None)
+
+        return defer.ensureDeferred(attempt())
+
     def get(self, path, watch=None):
         """Fires with (data, Stat)."""
-        d = self._bridge(self._kz().get_async(path, watch=self._watcher(watch)))
-        d.addCallback(lambda r: (r[0], Stat(r[1])))
-        return d
+
+        def issue():
+            d = self._bridge(self._kz().get_async(path, watch=self._watcher(watch)))
+            d.addCallback(lambda r: (r[0], Stat(r[1])))
+            return d
+
+        return self._retried(issue)
 
     def set(self, path, data, version=-1):
         """Fires with the node's new Stat."""
-        d = self._bridge(self._kz().set_async(path, data, version))
-        d.addCallback(Stat)
-        return d
+
+        def issue():
+            d = self._bridge(self._kz().set_async(path, data, version))
+            d.addCallback(Stat)
+            return d
+
+        return self._retried(issue)
 
     def delete(self, path, version=-1):
         return self._bridge(self._kz().delete_async(path, version))
@@ -345,12 +381,16 @@ class ZKClient:
 
     def exists(self, path, watch=None):
         """Fires with a Stat, or None if there is no such node."""
-        d = self._bridge(self._kz().exists_async(path, watch=self._watcher(watch)))
-        d.addCallback(lambda s: Stat(s) if s is not None else None)
-        return d
+
+        def issue():
+            d = self._bridge(self._kz().exists_async(path, watch=self._watcher(watch)))
+            d.addCallback(lambda s: Stat(s) if s is not None else None)
+            return d
+
+        return self._retried(issue)
 
     def get_children(self, path, watch=None):
-        return self._bridge(self._kz().get_children_async(path, watch=self._watcher(watch)))
+        return self._retried(lambda: self._bridge(self._kz().get_children_async(path, watch=self._watcher(watch))))
 
     def ensure_path(self, path):
         return self._bridge(self._kz().ensure_path_async(path))

@@ -15,6 +15,7 @@ import sys
 
 from ensemble.agent import BaseAgent
 from ensemble.charm import extract_bundle
+from ensemble.state.client import ConnectionLost, SessionExpired
 from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import DYING, ERROR, INSTALLING, STARTED, UnitStateManager
 from ensemble.unit.hooks import HookFailed, hook_environment, run_hook
@@ -76,13 +77,19 @@ class UnitAgent(BaseAgent):
         # Only two things drive the agent: its own start, and the unit becoming dying.
         # Reacting to every change would mean reacting to its own state writes.
         # (The watch calls one at a time, folding changes made meanwhile into one call.)
-        if data.get("life") == DYING:
-            if not self._stop_done:
-                self._stop_done = True
-                await self.stop_unit()
-        elif not self._start_done:
-            self._start_done = True
-            await self.start_unit()
+        try:
+            if data.get("life") == DYING:
+                if not self._stop_done:
+                    self._stop_done = True
+                    await self.stop_unit()
+            elif not self._start_done:
+                self._start_done = True
+                await self.start_unit()
+        except (ConnectionLost, SessionExpired) as e:
+            # ZooKeeper went away mid-way: try again on the watch's next delivery
+            # (after the reconnection); the marker keeps hooks from running twice.
+            log.warning("%s: lost ZooKeeper while acting on the unit (%s); will resume", self.name, e)
+            self._start_done = self._stop_done = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -103,7 +110,11 @@ class UnitAgent(BaseAgent):
     async def start_unit(self):
         marker = self._read_marker()
         run_id = container_run_id()
-        if marker.get("started-in") == run_id and self.unit.state == STARTED:
+        if marker.get("started-in") == run_id:
+            # The hooks ran in this container run; at most the report is missing (the
+            # connection dropped before it was written).
+            if self.unit.state != STARTED:
+                await self.unit.update(state=STARTED, error=None)
             log.info("%s: charm already started in this container run", self.name)
             return
         if marker.get("failed-in") == run_id:
@@ -120,6 +131,8 @@ class UnitAgent(BaseAgent):
             self._write_marker(**{"failed-in": run_id})
             await self.unit.update(state=ERROR, error=str(e))
             return
+        except (ConnectionLost, SessionExpired):
+            raise  # not the charm's fault: resumed once ZooKeeper is back
         except Exception as e:
             log.exception("%s: preparing hooks failed", self.name)
             self._write_marker(**{"failed-in": run_id})
