@@ -16,5 +16,10 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-twisted>=1.14", "hypothesis>=6"],
     },
-    entry_points={"console_scripts": ["ensemble = ensemble.cli:main"]},
+    entry_points={"console_scripts": [
+        "ensemble = ensemble.cli:main",
+        # Hook tools: hooks find them next to the ensemble command.
+        "open-port = ensemble.unit.ports:open_port",
+        "close-port = ensemble.unit.ports:close_port",
+    ]},
 )

@@ -289,6 +289,7 @@ async def cmd_machine_agent(reactor, args):
     args.agent = MachineAgent(
         client, machine_id, reactor, manage_bridge=not args.no_bridge, driver=driver, template=template,
         unit_log_dir=os.path.join(home.logs_dir, "units"), overlay=not (args.no_bridge or args.no_overlay),
+        firewall=not (args.no_bridge or args.no_firewall),
     )
     await _run_agent(reactor, args.agent)
 
@@ -428,6 +429,10 @@ def build_parser():
     sub.add_argument(
         "--no-overlay", action="store_true",
         help="do not program routes or VXLAN entries to other machines' subnets (implied by --no-bridge)",
+    )
+    sub.add_argument(
+        "--no-firewall", action="store_true",
+        help="let units reach every port of each other and of this host (implied by --no-bridge)",
     )
 
     sub = command("unit-agent", cmd_unit_agent, "run a unit agent in the foreground")

@@ -251,6 +251,7 @@ def _destroy_files_and_processes(home, server, environment_name=None):
         server.stop()
     if environment_name:
         bridge.remove_bridge(bridge.bridge_name(environment_name))
+        _remove_firewall(environment_name)
     for path in home.owned_paths:
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
@@ -260,6 +261,15 @@ def _destroy_files_and_processes(home, server, environment_name=None):
         os.rmdir(home.path)
     except OSError:
         pass
+
+
+def _remove_firewall(environment_name):
+    from ensemble.network.firewall import Firewall, FirewallError
+
+    try:
+        Firewall(environment_name, bridge.bridge_name(environment_name), None).remove()
+    except FirewallError as e:
+        log.warning("could not remove the firewall tables: %s", e)
 
 
 async def destroy_containers(reactor, home):

@@ -83,6 +83,8 @@ def _unit_entry(unit, alive):
         "agent-state": unit.state,
         "agent": "alive" if alive else "down",
     }
+    if data.get("open-ports"):
+        entry["open-ports"] = list(data["open-ports"])
     if data.get("error"):
         entry["error"] = data["error"]
     if unit.life == DYING:

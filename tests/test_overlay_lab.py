@@ -125,6 +125,10 @@ def test_units_reach_zookeeper_and_nothing_outside_the_lab(lab):
     )
     result = lab.container_run(host, container, ["/usr/bin/python3", "-c", ask, zookeeper])
     assert result.stdout.strip() == "imok", result.stderr
+    # Across machines too, a unit is reached only on the ports it opened: nothing
+    # listens on 7001 of echo/0, so without the firewall this would be refused.
+    target = placement(lab)["echo/0"][2]
+    assert lab.probe(host, container, [target], 7001)[target] == "error: timed out"
     # The unit on host 1 reached units on hosts 0 and 2 in the mesh test. Outside:
     # route lookups (no packet is sent). A host's only way anywhere else is the lab
     # namespace (the routed lab's default gateway), and the lab namespace has none.

@@ -9,6 +9,7 @@ from ensemble.agent import BaseAgent
 from ensemble.errors import EnsembleError, MalformedState, UnitNotFound
 from ensemble.network import bridge, netns as namespaces
 from ensemble.network.ipam import Allocator, AddressesExhausted, SubnetsExhausted
+from ensemble.network.firewall import Firewall, parse_port, zookeeper_ports
 from ensemble.network.overlay import Overlay, OverlayError, peers_from_leases
 from ensemble.state.client import NoNode
 from ensemble.state.environment import get_environment
@@ -39,7 +40,7 @@ class MachineAgent(BaseAgent):
 
     def __init__(
         self, client, machine_id, reactor=None, manage_bridge=True, netns=None,
-        driver=None, template=None, unit_zookeeper=None, unit_log_dir=None, overlay=False,
+        driver=None, template=None, unit_zookeeper=None, unit_log_dir=None, overlay=False, firewall=False,
     ):
         super().__init__(client, reactor)
         self.machine_id = machine_id
@@ -57,6 +58,11 @@ class MachineAgent(BaseAgent):
         self._overlay_lock = defer.DeferredLock()
         self._forwarding = False
         self._audited = None
+        self.manage_firewall = firewall
+        self.firewall = None
+        self._openings = {}       # unit -> (address, ["7070/tcp", ...])
+        self._unit_watches = {}   # unit -> its node's watch (for its opened ports)
+        self._firewall_lock = defer.DeferredLock()
         self._reported = set()
         self.machine = None
         self.subnet = None
@@ -84,7 +90,7 @@ class MachineAgent(BaseAgent):
         self._watch = await self.machine.watch_assigned_units(self.assignments_changed)
         if self.overlay is not None:
             self._lease_watch = await watch_leases(self.client, self.leases_changed)
-        if self.driver is not None or self.overlay is not None:
+        if self.driver is not None or self.overlay is not None or self.firewall is not None:
             # Containers stop and routes vanish behind our back (OOM, a host admin, a
             # reboot): look again regularly, not only when ZooKeeper changes.
             self._resync = task.LoopingCall(self._resync_now)
@@ -99,6 +105,8 @@ class MachineAgent(BaseAgent):
             passes.append(defer.ensureDeferred(self._locked_reconcile(list(self.assigned))))
         if self.overlay is not None and self._leases is not None and not self._overlay_lock.locked:
             passes.append(defer.ensureDeferred(self.sync_overlay()))
+        if self.firewall is not None and not self._firewall_lock.locked:
+            passes.append(defer.ensureDeferred(self.sync_firewall()))
         d = defer.gatherResults(passes, consumeErrors=True)
         # A failed pass must not end the loop: the next one may well succeed.
         d.addErrback(lambda f: log.error("%s: resync failed: %s", self.name, f.value.subFailure.getErrorMessage()))
@@ -144,6 +152,13 @@ class MachineAgent(BaseAgent):
             await self._in_thread(bridge.ensure_bridge, self.bridge, self.subnet, self.netns, mtu)
         await self.machine.update(subnet=self.subnet, bridge=self.bridge, error=None)
         log.info("%s: subnet %s on bridge %s", self.name, self.subnet, self.bridge)
+        if self.manage_firewall:
+            self.firewall = Firewall(
+                environment["name"], self.bridge, bridge.gateway_of(self.subnet),
+                zookeeper_ports(self.unit_zookeeper, bridge.gateway_of(self.subnet)), self.netns,
+            )
+            # Closed from the start: until a unit's ports are known, nothing is open.
+            await self.sync_firewall()
         if self.driver is not None:
             from ensemble.machine.deploy import UnitDeployer
 
@@ -300,6 +315,13 @@ class MachineAgent(BaseAgent):
         if unit.life == DYING:
             return
         address = await self.ensure_address(unit)
+        if address is not None and self.firewall is not None and name not in self._unit_watches:
+            self._unit_watches[name] = None  # claimed: one watch per unit
+            try:
+                self._unit_watches[name] = await unit.watch(lambda data, n=name: self._unit_node_changed(n, data))
+            except Exception:
+                del self._unit_watches[name]  # the next pass tries again
+                raise
         if address is None or self.deployer is None:
             return
         await self.deployer.deploy(unit, address, self._limits.get(unit.service_name), self._running)
@@ -334,6 +356,11 @@ class MachineAgent(BaseAgent):
         """The unit is no longer assigned here: destroy its container (after its stop
         hook), free its address, and if it is dying remove its nodes (and its
         service's, if that was the last unit). Each step is safe to repeat."""
+        watch = self._unit_watches.pop(name, None)
+        if watch is not None:
+            watch.stop()
+        if self._openings.pop(name, None) is not None:
+            await self.sync_firewall()
         if self.deployer is not None:
             await self.deployer.teardown(name)
         address = await self.allocator.release(name)
@@ -356,6 +383,41 @@ class MachineAgent(BaseAgent):
             if unit.machine_id == self.machine_id and unit.life == DYING and unit.name not in assigned:
                 await self._guard(unit.name, self.finish_removal(unit.name))
 
+    # -- the firewall between units ---------------------------------------------------
+
+    async def _unit_node_changed(self, name, data):
+        if data is None or "malformed" in data:
+            opening = None
+        else:
+            opening = (data.get("private-address"), list(data.get("open-ports") or []))
+        if self._openings.get(name) != opening:
+            if opening is None:
+                self._openings.pop(name, None)
+            else:
+                self._openings[name] = opening
+            await self.sync_firewall()
+
+    async def sync_firewall(self):
+        """The firewall's opened ports made those the units here published."""
+        if self.firewall is None:
+            return
+        async with self._firewall_lock:
+            openings = {}
+            for name, (address, ports) in sorted(self._openings.items()):
+                if not address:
+                    continue
+                parsed = []
+                for port in ports:
+                    try:
+                        parsed.append(parse_port(port))
+                    except ValueError:
+                        log.warning("%s: %s published an invalid port %r; ignored", self.name, name, port)
+                openings[address] = parsed
+            try:
+                await self._in_thread(self.firewall.sync, openings)
+            except Exception as e:
+                log.error("%s: firewall: %s", self.name, e)
+
     async def stopping(self):
         # Containers keep running: units survive an agent restart or upgrade.
         if self._resync is not None and self._resync.running:
@@ -364,3 +426,6 @@ class MachineAgent(BaseAgent):
             self._watch.stop()
         if self._lease_watch:
             self._lease_watch.stop()
+        for watch in self._unit_watches.values():
+            if watch is not None:
+                watch.stop()

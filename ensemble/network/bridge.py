@@ -52,13 +52,18 @@ def _kind(link):
     return info.get_attr("IFLA_INFO_KIND") if info else None
 
 
+def gateway_of(subnet):
+    """The subnet's .1: the bridge's address and the containers' gateway."""
+    return str(netaddr.IPNetwork(subnet).network + 1)
+
+
 def ensure_bridge(name, subnet, netns=None, mtu=None):
     """Make bridge `name` exist, up, holding the subnet's gateway (.1). Idempotent;
     returns the gateway address."""
     if len(name) > IFNAME_MAX:
         raise BridgeError(f"interface name {name!r} is longer than {IFNAME_MAX} characters")
     network = netaddr.IPNetwork(subnet)
-    gateway = str(network.network + 1)
+    gateway = gateway_of(subnet)
     with _ipr(netns) as ipr:
         index = _index(ipr, name)
         if index is None:

@@ -19,6 +19,7 @@ from ensemble.state.client import ConnectionLost, SessionExpired
 from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import DYING, ERROR, INSTALLING, STARTED, UnitStateManager
 from ensemble.unit.hooks import HookFailed, hook_environment, run_hook
+from ensemble.unit.ports import read_ports
 
 log = logging.getLogger("ensemble.unit")
 
@@ -125,6 +126,8 @@ class UnitAgent(BaseAgent):
                 await self.unit.update(state=INSTALLING, error=None)
                 await run_hook(self.reactor, "install", self.charm_dir, env, self.log_path)
                 self._write_marker(installed="yes")
+                # Ports opened at install are in the firewall before the service starts.
+                await self._publish_ports()
             await run_hook(self.reactor, "start", self.charm_dir, env, self.log_path)
         except HookFailed as e:
             log.error("%s: %s", self.name, e)
@@ -139,8 +142,13 @@ class UnitAgent(BaseAgent):
             await self.unit.update(state=ERROR, error=f"unit agent: {e}")
             return
         self._write_marker(**{"started-in": run_id})
-        await self.unit.update(state=STARTED, error=None)
+        await self.unit.update(state=STARTED, error=None, **{"open-ports": read_ports(self.unit_dir)})
         log.info("%s: started", self.name)
+
+    async def _publish_ports(self):
+        ports = read_ports(self.unit_dir)
+        if ports != (self.unit.data.get("open-ports") or []):
+            await self.unit.update(**{"open-ports": ports})
 
     async def stop_unit(self):
         if self.unit.state == STOPPED:

@@ -157,6 +157,11 @@ class Daemon:
             pass
 
 
+def open_port(port, proto="tcp"):
+    """Let other units connect to PORT (the `open-port` hook tool)."""
+    subprocess.run(["open-port", f"{port}/{proto}"], check=True)
+
+
 def port_open(host, port, timeout=0.5):
     try:
         with socket.create_connection((host, port), timeout=timeout):

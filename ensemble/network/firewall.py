@@ -1,0 +1,199 @@
+"""The firewall between units on one host: nftables, through libnftables' own JSON
+API (Debian's python3-nftables), never through rule strings.
+
+- A unit accepts connections only on the ports it opened (`open-port`), from other
+  units on this host (bridged: a `bridge` table) and from anywhere routed to it (an
+  `inet` table); everything else addressed to it is dropped.
+- From its host, a unit reaches only ZooKeeper (when ZooKeeper runs on this host).
+
+Units on one bridge talk at L2, so their traffic is filtered in the bridge family.
+Kernels without nf_conntrack_bridge (like this project's machines) have no connection
+tracking there, so the bridge rules are stateless: into an opened port, or back out of
+one with ACK set, which a connection attempt never has. Where br_netfilter also hands
+bridged IPv4 to the inet hooks (bridge-nf-call-iptables, on by default when built in),
+the stateful inet rules apply to it as well. The routed and host-bound rules use
+conntrack.
+
+Each sync replaces both tables in one atomic batch. Blocking (netlink): agents run it
+in a thread. `netns`: a named namespace to act in (None: this one).
+"""
+
+import re
+
+from ensemble.errors import EnsembleError
+from ensemble.network.netns import inside
+
+VETH_GLOB = "ve-*"  # host-side names of our containers' veths (bridge.VETH_PREFIX)
+PORT_RE = re.compile(r"(\d{1,5})/(tcp|udp)\Z")
+
+
+class FirewallError(EnsembleError):
+    pass
+
+
+def _nftables():
+    # Debian ships the binding for its own python3; scripts/install links it into the
+    # venv (which is built on that python3).
+    try:
+        import nftables
+    except ImportError:
+        raise FirewallError(
+            "the nftables Python binding is missing: install the 'python3-nftables' package "
+            "and run scripts/install"
+        )
+    return nftables
+
+
+def parse_port(text):
+    """'7070/tcp' -> (7070, 'tcp'); a bare number is TCP."""
+    text = str(text).strip().lower()
+    if text.isdigit():
+        text += "/tcp"
+    match = PORT_RE.match(text)
+    if not match or not 1 <= int(match.group(1)) <= 65535:
+        raise ValueError(f"invalid port {text!r}: use PORT/tcp or PORT/udp, PORT from 1 to 65535")
+    return int(match.group(1)), match.group(2)
+
+
+def zookeeper_ports(servers, gateway):
+    """The ports of the ZooKeeper servers in 'h:p,h:p[/root]' that listen on `gateway`
+    (this host's bridge address): the only host service units may reach."""
+    ports = []
+    for server in servers.split("/", 1)[0].split(","):
+        host, _, port = server.strip().rpartition(":")
+        if host == gateway and port.isdigit():
+            ports.append(int(port))
+    return sorted(ports)
+
+
+def _match(left, right, op="=="):
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key):
+    return {"meta": {"key": key}}
+
+
+def _payload(protocol, field):
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _pair(direction, proto):
+    ip = "daddr" if direction == "to" else "saddr"
+    port = "dport" if direction == "to" else "sport"
+    return {"concat": [_payload("ip", ip), _payload(proto, port)]}
+
+
+class Firewall:
+    def __init__(self, environment, bridge, gateway, zookeeper_ports=(), netns=None):
+        self.table = f"ens-{environment}"
+        self.bridge = bridge
+        self.gateway = gateway
+        self.zookeeper_ports = sorted(set(zookeeper_ports))
+        self.netns = netns
+
+    def _run(self, commands):
+        """Run the JSON commands in one batch; returns the parsed JSON output."""
+        nftables = _nftables()
+        with inside(self.netns):
+            nft = nftables.Nftables()
+            nft.set_json_output(True)
+            rc, output, error = nft.json_cmd({"nftables": commands})
+        if rc != 0:
+            raise FirewallError(f"nftables refused the firewall: {error.strip() or rc}")
+        return output
+
+    def _objects(self, openings):
+        """Everything in both tables for `openings` ({address: [(port, proto)]})."""
+        elements = {"tcp": [], "udp": []}
+        for address, ports in sorted(openings.items()):
+            for port, proto in sorted(set(ports)):
+                elements[proto].append({"concat": [address, port]})
+        objects = []
+        for family in ("bridge", "inet"):
+            t = {"family": family, "table": self.table}
+            objects.append({"table": {"family": family, "name": self.table}})
+            for proto in ("tcp", "udp"):
+                objects.append({"set": {**t, "name": f"{proto}_open", "type": ["ipv4_addr", "inet_service"]}})
+                if elements[proto]:
+                    objects.append({"element": {**t, "name": f"{proto}_open", "elem": elements[proto]}})
+
+        def rule(family, chain, *expr):
+            objects.append({"rule": {"family": family, "table": self.table, "chain": chain, "expr": list(expr)}})
+
+        def chain(family, name, hook=None):
+            body = {"family": family, "table": self.table, "name": name}
+            if hook:
+                body.update(type="filter", hook=hook, prio=0, policy="accept")
+            objects.append({"chain": body})
+
+        # Unit to unit on this host (bridged): stateless, see the module doc.
+        chain("bridge", "forward", "forward")
+        chain("bridge", "between_units")
+        rule("bridge", "forward", _match(_meta("iifname"), VETH_GLOB), _match(_meta("oifname"), VETH_GLOB),
+             {"jump": {"target": "between_units"}})
+        rule("bridge", "between_units", _match(_payload("ether", "type"), "arp"), {"accept": None})
+        for proto in ("tcp", "udp"):
+            rule("bridge", "between_units", _match(_pair("to", proto), f"@{proto}_open"), {"accept": None})
+        rule("bridge", "between_units", _match(_pair("from", "tcp"), "@tcp_open"),
+             _match({"&": [_payload("tcp", "flags"), "ack"]}, "ack"), {"accept": None})
+        rule("bridge", "between_units", _match(_pair("from", "udp"), "@udp_open"), {"accept": None})
+        rule("bridge", "between_units", {"drop": None})
+
+        established = _match({"ct": {"key": "state"}}, ["established", "related"], "in")
+        # Routed to a unit (from units on other machines, or anything else).
+        chain("inet", "forward", "forward")
+        chain("inet", "to_units")
+        rule("inet", "forward", _match(_meta("oifname"), self.bridge), {"jump": {"target": "to_units"}})
+        rule("inet", "to_units", established, {"accept": None})
+        for proto in ("tcp", "udp"):
+            rule("inet", "to_units", _match(_pair("to", proto), f"@{proto}_open"), {"accept": None})
+        rule("inet", "to_units", {"drop": None})
+        # A unit to its own host: ZooKeeper only.
+        chain("inet", "input", "input")
+        chain("inet", "from_units")
+        rule("inet", "input", _match(_meta("iifname"), self.bridge), {"jump": {"target": "from_units"}})
+        rule("inet", "from_units", established, {"accept": None})
+        if self.zookeeper_ports:
+            rule("inet", "from_units", _match(_payload("ip", "daddr"), self.gateway),
+                 _match(_payload("tcp", "dport"), {"set": self.zookeeper_ports}), {"accept": None})
+        rule("inet", "from_units", {"drop": None})
+        return objects
+
+    def sync(self, openings):
+        """Replace both tables with the rules for `openings`, atomically."""
+        objects = self._objects(openings)
+        tables = [o for o in objects if "table" in o]
+        commands = [{"add": t} for t in tables] + [{"delete": t} for t in tables]
+        commands += [{"add": o} for o in objects]
+        self._run(commands)
+
+    def opened(self):
+        """{(address, port, proto)} as the kernel has them now (bridge table)."""
+        found = set()
+        for proto in ("tcp", "udp"):
+            try:
+                output = self._run([{"list": {"set": {"family": "bridge", "table": self.table, "name": f"{proto}_open"}}}])
+            except FirewallError:
+                return set()
+            for item in (output or {}).get("nftables", []):
+                for elem in (item.get("set") or {}).get("elem", []):
+                    address, port = elem["concat"]
+                    found.add((address, port, proto))
+        return found
+
+    def present(self):
+        """The families ('bridge', 'inet') in which this firewall's table exists."""
+        found = []
+        for family in ("bridge", "inet"):
+            try:
+                self._run([{"list": {"table": {"family": family, "name": self.table}}}])
+            except FirewallError:
+                continue
+            found.append(family)
+        return found
+
+    def remove(self):
+        """Delete both tables (idempotent)."""
+        tables = [{"table": {"family": f, "name": self.table}} for f in ("bridge", "inet")]
+        self._run([{"add": t} for t in tables] + [{"delete": t} for t in tables])
