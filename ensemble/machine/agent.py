@@ -56,7 +56,6 @@ class MachineAgent(BaseAgent):
         self._leases = None
         self._lease_watch = None
         self._overlay_lock = defer.DeferredLock()
-        self._forwarding = False
         self._audited = None
         self.manage_firewall = firewall
         self.firewall = None
@@ -201,12 +200,13 @@ class MachineAgent(BaseAgent):
                         "%s: %s paths: %d peers; added %s; removed %s", self.name, self.overlay.mode, len(peers),
                         ", ".join(report.added) or "nothing", ", ".join(report.removed) or "nothing",
                     )
-            if report is not None and report.paths and not self._forwarding:
+            if report is not None and report.paths:
                 # Only once there is a path to another machine: a lone host (a laptop's
-                # local environment) never has its forwarding switched on.
-                await self._in_thread(namespaces.set_ip_forwarding, self.netns)
-                self._forwarding = True
-                log.info("%s: IP forwarding on, for containers on other machines", self.name)
+                # local environment) never has its forwarding switched on. Checked on
+                # every pass, since someone may have switched it off.
+                if not await self._in_thread(namespaces.ip_forwarding, self.netns):
+                    await self._in_thread(namespaces.set_ip_forwarding, self.netns)
+                    log.info("%s: IP forwarding on, for containers on other machines", self.name)
             error = "; ".join(problems) or None
             if error != self.machine.data.get("network-error"):
                 if error:
@@ -308,9 +308,7 @@ class MachineAgent(BaseAgent):
             return
         except MalformedState as e:
             # Once per distinct problem, not on every 5 s pass; status shows it all along.
-            if str(e) not in self._reported:
-                self._reported.add(str(e))
-                log.error("%s: %s; leaving it alone", self.name, e)
+            self._report_once(f"{e}; leaving it alone")
             return
         if unit.life == DYING:
             return
@@ -389,7 +387,8 @@ class MachineAgent(BaseAgent):
         if data is None or "malformed" in data:
             opening = None
         else:
-            opening = (data.get("private-address"), list(data.get("open-ports") or []))
+            ports = data.get("open-ports") or []
+            opening = (data.get("private-address"), list(ports) if isinstance(ports, list) else [str(ports)])
         if self._openings.get(name) != opening:
             if opening is None:
                 self._openings.pop(name, None)
@@ -411,12 +410,18 @@ class MachineAgent(BaseAgent):
                     try:
                         parsed.append(parse_port(port))
                     except ValueError:
-                        log.warning("%s: %s published an invalid port %r; ignored", self.name, name, port)
+                        self._report_once(f"{name} published an invalid port {str(port)[:40]!r}; ignored")
                 openings[address] = parsed
             try:
                 await self._in_thread(self.firewall.sync, openings)
             except Exception as e:
-                log.error("%s: firewall: %s", self.name, e)
+                self._report_once(f"firewall: {e}")
+
+    def _report_once(self, message):
+        # Passes repeat every few seconds; the log says each problem once.
+        if message not in self._reported:
+            self._reported.add(message)
+            log.error("%s: %s", self.name, message)
 
     async def stopping(self):
         # Containers keep running: units survive an agent restart or upgrade.
