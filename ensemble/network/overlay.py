@@ -164,19 +164,20 @@ class Overlay:
 
     # -- what the host has -------------------------------------------------------------
 
-    def underlay_mtu(self):
+    def underlay_mtu(self, ipr=None):
         """The MTU of the interface holding this host's address (None if none does)."""
-        with _ipr(self.netns) as ipr:
-            for addr in ipr.get_addr(family=2, address=self.address):
-                return ipr.get_links(addr["index"])[0].get("mtu")
+        if ipr is None:
+            with _ipr(self.netns) as ipr:
+                return self.underlay_mtu(ipr)
+        for addr in ipr.get_addr(family=2, address=self.address):
+            return ipr.get_links(addr["index"])[0].get("mtu")
         return None
 
-    def container_mtu(self):
+    def container_mtu(self, ipr=None):
         """What containers' veths should use: lower under VXLAN so packets fit."""
         if self.mode != VXLAN:
             return None
-        underlay = self.underlay_mtu() or 1500
-        return underlay - VXLAN_OVERHEAD
+        return (self.underlay_mtu(ipr) or 1500) - VXLAN_OVERHEAD
 
     def routes(self):
         """{subnet: (gateway, device index)} of the routes this module owns."""
@@ -219,7 +220,7 @@ class Overlay:
         return report
 
     def _ensure_device(self, ipr, report):
-        mtu = self.container_mtu()
+        mtu = self.container_mtu(ipr)  # on the sync's own netlink socket
         index = _index(ipr, self.device)
         if index is not None:
             link = ipr.get_links(index)[0]
