@@ -284,7 +284,7 @@ async def cmd_machine_agent(reactor, args):
         from ensemble.machine.container.template import Template
 
         template = Template()
-        driver = LXCDriver(os.path.join(home.lxc_dir, f"machine-{machine_id}"), template, reactor=reactor)
+        driver = LXCDriver(os.path.join(home.ensure_storage(), f"machine-{machine_id}"), template, reactor=reactor)
     client = await connection.connect(args.zookeeper)
     args.agent = MachineAgent(
         client, machine_id, reactor, manage_bridge=not args.no_bridge, driver=driver, template=template,

@@ -1,11 +1,20 @@
 """ENSEMBLE_HOME (default ~/.ensemble): a local environment's config, ZooKeeper data,
-agent pid files and logs, and container storage. Two homes are two environments."""
+agent pid files and logs, and (through the link `lxc`) container storage. Two homes
+are two environments."""
 
+import hashlib
 import os
 
 import yaml
 
 from ensemble.errors import MalformedState, NoEnvironment
+
+
+# Container storage lives outside the home: a unit's root is an unprivileged host id,
+# and LXC has it search the whole path to the container directory, which a home under
+# /root (or any 0700 directory) does not allow. One directory per home, named by a
+# hash of the home's path; its file `home` says which home it belongs to.
+STORAGE_ROOT = "/var/lib/ensemble/homes"
 
 
 def default_home():
@@ -36,13 +45,38 @@ class EnsembleHome:
         return os.path.join(self.path, "run")
 
     @property
+    def storage_dir(self):
+        return os.path.join(STORAGE_ROOT, hashlib.sha256(self.path.encode()).hexdigest()[:16])
+
+    @property
     def lxc_dir(self):
+        """The lxc path of each machine agent's containers (machine-N below it)."""
+        return os.path.join(self.storage_dir, "lxc")
+
+    @property
+    def lxc_link(self):
         return os.path.join(self.path, "lxc")
+
+    def ensure_storage(self):
+        """Make the storage directory, searchable by every id, and the link to it."""
+        path = self.lxc_dir
+        os.makedirs(path, exist_ok=True)
+        while path != os.path.dirname(STORAGE_ROOT):
+            os.chmod(path, 0o755)
+            path = os.path.dirname(path)
+        with open(os.path.join(self.storage_dir, "home"), "w") as f:
+            f.write(self.path + "\n")
+        if os.path.realpath(self.lxc_link) != self.lxc_dir:
+            tmp = f"{self.lxc_link}.{os.getpid()}.tmp"
+            os.symlink(self.lxc_dir, tmp)
+            os.replace(tmp, self.lxc_link)
+        return self.lxc_dir
 
     # What destroy-environment removes; anything else a user put here is left alone.
     @property
     def owned_paths(self):
-        return [self.config_path, self.zookeeper_dir, self.logs_dir, self.run_dir, self.lxc_dir]
+        return [self.config_path, self.zookeeper_dir, self.logs_dir, self.run_dir, self.lxc_link,
+                self.storage_dir]
 
     def agent_pid_path(self, name):
         return os.path.join(self.run_dir, f"{name}.pid")

@@ -19,6 +19,7 @@ Blocking API (subprocesses and netlink); call it from plain test code or a threa
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ import netaddr
 from pyroute2 import IPRoute, netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ensemble.home import EnsembleHome
 from ensemble.network.ipam import SubnetPlan
 from ensemble.network.netns import host_argv, inside, netns_path, set_ip_forwarding
 from ensemble.zookeeper import ZooKeeperServer
@@ -210,11 +212,13 @@ class Lab:
         for i in list(self.agents):
             self.stop_agent(i)
         for i, name in enumerate(self.network.hosts):
-            if os.path.isdir(os.path.join(self.home(i), "lxc")):
+            storage = EnsembleHome(self.home(i)).storage_dir
+            if os.path.isdir(storage):
                 subprocess.run(
                     host_argv(name, [sys.executable, "-m", "ensemble.lab", "destroy-containers", self.home(i)]),
                     capture_output=True, timeout=300,
                 )
+                shutil.rmtree(storage, ignore_errors=True)
         if self.zookeeper is not None:
             self.zookeeper.stop()
         self.network.remove()
@@ -231,7 +235,7 @@ class Lab:
         return os.path.join(self.directory, f"host{i}")
 
     def lxc_path(self, i):
-        return os.path.join(self.home(i), "lxc", f"machine-{i}")
+        return os.path.join(EnsembleHome(self.home(i)).lxc_dir, f"machine-{i}")
 
     def agent_log(self, i):
         return os.path.join(self.home(i), "agent.log")
@@ -339,7 +343,6 @@ def _react(work):
 
 def _destroy_containers(home):
     from ensemble import local
-    from ensemble.home import EnsembleHome
 
     _react(lambda reactor: local.destroy_containers(reactor, EnsembleHome(home)))
 

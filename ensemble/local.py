@@ -253,7 +253,7 @@ def _destroy_files_and_processes(home, server, environment_name=None):
         bridge.remove_bridge(bridge.bridge_name(environment_name))
         _remove_firewall(environment_name)
     for path in home.owned_paths:
-        if os.path.isdir(path):
+        if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.exists(path):
             os.unlink(path)

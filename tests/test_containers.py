@@ -9,6 +9,7 @@ tests of failed, interrupted and concurrent builds use a cache of their own.
 import os
 import re
 import time
+import uuid
 
 import pytest
 import pytest_twisted
@@ -18,6 +19,7 @@ from twisted.internet import defer, reactor, task
 import ensemble
 from ensemble.errors import InvalidName, InvalidValue
 from ensemble.machine.container import config as lxc_config
+from ensemble.machine.container import driver as driver_module
 from ensemble.machine.container.driver import (
     ContainerError,
     ContainerExists,
@@ -95,6 +97,23 @@ async def driver(template, lab, tmp_path):
                 await d.destroy(name, timeout=2)
         finally:
             await d.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def unprivileged_driver(template, lab):
+    """A driver for user-namespaced containers (units' kind). Its lxc path is where
+    the containers' root, an unprivileged host id, can search it: not under tmp_path."""
+    path = f"/var/lib/ensemble/test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    d = LXCDriver(path, template, netns=lab.netns)
+    try:
+        yield d
+    finally:
+        try:
+            for name in set(lab.names) | set(await d.list()):
+                await d.destroy(name, timeout=2)
+        finally:
+            await d.close()
+            remove_tree(path)
 
 
 async def sh(driver, name, script, **kw):
@@ -605,3 +624,46 @@ async def test_interrupted_build_leaves_nothing_then_concurrent_builds_build_onc
 
     await first.remove()
     assert not first.exists() and os.listdir(first.lxc_path) == []
+
+
+# -- unprivileged containers: what they need of the host --------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_unprivileged_container_refuses_an_lxc_path_its_root_cannot_search(driver, lab):
+    # driver's lxc path is under tmp_path, whose parents are 0700.
+    spec = lab.spec("web/0", idmap=(100000, 65536))
+    with pytest.raises(ContainerError, match="cannot be searched by host id 100000"):
+        await driver.create(spec)
+    assert await driver.list() == [] and not os.path.exists(driver.container_dir(spec.name))
+
+
+def test_unprivileged_ids_must_be_granted_to_root(tmp_path):
+    subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
+    subuid.write_text("alice:100000:65536\nroot:200000:65536\n")
+    subgid.write_text("root:100000:65536\n")
+    with pytest.raises(ContainerError, match=r"subuid does not grant root host ids 100000-165535.*root:100000:65536"):
+        driver_module._require_granted(100000, 65536, (str(subuid), str(subgid)))
+    subuid.write_text("root:100000:131072\n")
+    driver_module._require_granted(100000, 65536, (str(subuid), str(subgid)))
+    with pytest.raises(ContainerError, match="subgid"):
+        driver_module._require_granted(165536, 65536, (str(subuid), str(subgid)))
+
+
+@pytest_twisted.ensureDeferred
+async def test_unprivileged_start_binds_paths_only_for_itself(unprivileged_driver, lab):
+    driver = unprivileged_driver
+    spec = lab.spec("web/0", idmap=(100000, 65536))
+    await driver.create(spec)
+    await driver.start(spec.name)
+    config = open(driver.config_path(spec.name)).read()
+    # The config names the stage mountpoints, not the template or the venv's real paths ...
+    assert f"overlay:{lxc_config.STAGE_DIR}/lower:{lxc_config.STAGE_DIR}/container/overlay/delta" in config
+    assert "lxc.idmap = u 0 100000 65536" in config and "lxc.idmap = g 0 100000 65536" in config
+    for host_path, container_path, _ in spec.mounts:
+        assert f"{host_path} {container_path.lstrip('/')} " not in config
+    # ... the container runs, and the binds are in its own mount namespace, not the host's.
+    assert await driver.state(spec.name) == "RUNNING"
+    assert (await sh(driver, spec.name, f"test -x {agent_python()} && echo ok")).strip() == "ok"
+    with open("/proc/self/mountinfo") as f:
+        assert lxc_config.STAGE_DIR not in f.read()

@@ -16,6 +16,7 @@ from twisted.internet import reactor, task
 
 from ensemble import process
 from ensemble.machine.container.driver import LXCDriver
+from ensemble.machine.deploy import UNIT_IDS
 from ensemble.machine.container.template import Template
 from ensemble.state.client import ZKClient
 from ensemble.state.network import ZooKeeperAddressStore
@@ -129,6 +130,15 @@ async def test_two_services_on_one_machine_are_started_connected_and_isolated(en
         assert code != 0, "web sees db's unix socket"
         code, out, _ = await sh(driver, web["container"], "hostname")
         assert out.strip() == "web-0"
+        # Each unit's root is host id 100000, not host root: its processes, and the
+        # logs it writes to its directory the host shares, belong to that id.
+        for unit in (db, web):
+            init = await driver.init_pid(unit["container"])
+            assert os.stat(f"/proc/{init}").st_uid == UNIT_IDS[0]
+        logs = env.home / "logs" / "units"
+        for unit_dir in ("db-0", "web-0"):
+            files = list((logs / unit_dir).iterdir())
+            assert files and all(f.stat().st_uid == UNIT_IDS[0] for f in files), files
     finally:
         await driver.close()
 

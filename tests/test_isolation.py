@@ -1,6 +1,7 @@
 """Isolation between two real containers on one bridge, in a network namespace the
 test creates: processes, files, unix sockets, hostnames, TCP between their addresses,
-and a memory limit that kills inside one container only."""
+a memory limit that kills inside one container only, and root inside that is not root
+on the host. The containers are user-namespaced, as units are."""
 
 import os
 import socket
@@ -9,9 +10,12 @@ import pytest
 import pytest_twisted
 
 from ensemble.machine.container import config as lxc_config
+from ensemble.machine.container.driver import ensemble_mounts
+from ensemble.machine.deploy import UNIT_IDS
+from ensemble.machine.container.template import shift_owners
 
 from conftest import eventually
-from test_containers import driver, lab, sh, template  # noqa: F401 (fixtures)
+from test_containers import lab, sh, template, unprivileged_driver  # noqa: F401 (fixtures)
 
 PYTHON = "/usr/bin/python3"  # the rootfs's own python3: no host code needed for these
 
@@ -70,10 +74,21 @@ print("allocated", len(chunks), "MiB")
 """
 
 
+@pytest.fixture
+def shared(tmp_path):
+    """Storage the host shares with container a (as it shares a unit's log directory):
+    under tmp_path, whose 0700 parents the containers' root cannot search."""
+    path = tmp_path / "shared"
+    path.mkdir()
+    shift_owners(str(path), *UNIT_IDS)  # as the deployer gives a unit its log directory
+    return path
+
+
 @pytest_twisted.async_yield_fixture
-async def pair(driver, lab):
-    a = lab.spec("web/0")
-    b = lab.spec("db/0", memory="64M")
+async def pair(unprivileged_driver, lab, shared):
+    driver = unprivileged_driver
+    a = lab.spec("web/0", idmap=UNIT_IDS, mounts=[*ensemble_mounts(), (str(shared), "/shared", False)])
+    b = lab.spec("db/0", memory="64M", idmap=UNIT_IDS)
     for spec in (a, b):
         await driver.create(spec)
         await driver.start(spec.name)
@@ -212,8 +227,59 @@ async def test_memory_limit_kills_inside_that_container_only(pair):
 
 
 @pytest_twisted.ensureDeferred
+async def test_root_inside_is_an_unprivileged_id_on_the_host(pair, shared):
+    driver, a, _ = pair
+    first, count = UNIT_IDS
+    assert (await sh(driver, a.name, "id -u")).strip() == "0"
+    assert (await sh(driver, a.name, "cat /proc/self/uid_map")).split() == ["0", str(first), str(count)]
+    assert (await sh(driver, a.name, "cat /proc/self/gid_map")).split() == ["0", str(first), str(count)]
+    # Its processes belong to that id on the host ...
+    assert os.stat(f"/proc/{await driver.init_pid(a.name)}").st_uid == first
+    # ... and so do the files it makes on storage shared with the host.
+    await sh(driver, a.name, "echo from-a > /shared/made-inside && mkdir /shared/d")
+    for made in ("made-inside", "d"):
+        st = os.stat(shared / made)
+        assert (st.st_uid, st.st_gid) == (first, first), made
+    # Host root's own file there is not root's inside: owner and mode hold.
+    secret = shared / "host-secret"
+    secret.write_text("host only\n")
+    os.chmod(secret, 0o600)
+    code, _, err = await driver.exec(a.name, ["cat", "/shared/host-secret"])
+    assert code != 0 and b"Permission denied" in err
+    code, _, err = await driver.exec(a.name, ["/bin/sh", "-c", "echo x >> /shared/host-secret"])
+    assert code != 0 and secret.read_text() == "host only\n"
+
+
+MODULE_LOAD = r"""
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open("/dev/null", os.O_RDONLY)
+libc.syscall(313, fd, b"", 0)  # finit_module(2) on x86_64
+print(errno.errorcode[ctypes.get_errno()])
+"""
+
+
+@pytest_twisted.ensureDeferred
 async def test_root_inside_cannot_reach_the_host_kernel(pair):
     driver, a, _ = pair
+    # Loading a module needs CAP_SYS_MODULE in the host's user namespace, which no
+    # process in the container's has; a kernel built without modules says ENOSYS to all.
+    await driver.exec(a.name, ["/bin/sh", "-c", "cat > /tmp/module.py"], input=MODULE_LOAD.encode())
+    answer = (await sh(driver, a.name, f"{PYTHON} /tmp/module.py")).strip()
+    assert answer in ("EPERM", "ENOSYS")
+    init = await driver.init_pid(a.name)
+    assert os.readlink(f"/proc/{init}/ns/user") != os.readlink("/proc/self/ns/user")
+    # No device node can be made (the host's root disk, say), nor the host's disk mounted.
+    root_dev = os.stat("/").st_dev
+    code, _, err = await driver.exec(
+        a.name, ["mknod", "/tmp/disk", "b", str(os.major(root_dev)), str(os.minor(root_dev))])
+    assert code != 0 and b"Operation not permitted" in err
+    code, _, err = await driver.exec(a.name, ["/bin/sh", "-c", "mkdir -p /mnt/h && mount --bind / /mnt/h"])
+    assert code != 0 and b"permission denied" in err.lower()
+    # /dev holds only the harmless nodes.
+    assert set((await sh(driver, a.name, "ls /dev")).split()) <= {
+        "console", "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout",
+        "tty", "urandom", "zero", "mqueue", "hugepages"}
     status = await sh(driver, a.name, "grep CapBnd /proc/1/status")
     bounding = int(status.split()[1], 16)
     assert not bounding & (1 << 21)  # CAP_SYS_ADMIN
@@ -226,6 +292,3 @@ async def test_root_inside_cannot_reach_the_host_kernel(pair):
     assert code != 0
     with open("/proc/sys/kernel/core_pattern") as f:
         assert f.read() == core_pattern
-    # Block devices are out of reach even with mknod.
-    code, _, _ = await driver.exec(a.name, ["/bin/sh", "-c", "mknod /tmp/disk b 254 0 && head -c1 /tmp/disk"])
-    assert code != 0

@@ -11,12 +11,16 @@ from twisted.internet import task
 
 from ensemble.machine.container.driver import ContainerSpec, agent_python, ensemble_mounts
 from ensemble.machine.container.names import container_name
+from ensemble.machine.container.template import shift_owners
 from ensemble.names import unit_key
 from ensemble.state.unit import UnitStateManager
 
 log = logging.getLogger("ensemble.machine")
 
 STOP_HOOK_TIMEOUT = 60.0
+# Root in every unit is host id 100000 (ids 0-65535 inside map to 100000-165535): a
+# user namespace. scripts/install grants root this range in /etc/subuid and /etc/subgid.
+UNIT_IDS = (100000, 65536)
 # Inside containers: expire quickly, so a dead unit agent shows as down in seconds.
 UNIT_SESSION_TIMEOUT = "4"
 
@@ -52,6 +56,8 @@ class UnitDeployer:
             # Each unit its own directory: a shared one would let units read each other's logs.
             log_dir = unit_log_path(self.unit_log_dir, unit.name)
             os.makedirs(log_dir, exist_ok=True)
+            # Written by the unit's root, which is not host root.
+            shift_owners(log_dir, *UNIT_IDS)
             mounts.append((log_dir, "/var/log/ensemble", False))
         return ContainerSpec(
             name=name,
@@ -64,6 +70,7 @@ class UnitDeployer:
             cpu_weight=service_limits.get("cpu-weight"),
             pids=service_limits.get("pids"),
             mtu=self.mtu,
+            idmap=UNIT_IDS,
             mounts=mounts,
             agent_command=[agent_python(), "-m", "ensemble", "unit-agent", "--unit", unit.name],
             agent_environment={

@@ -9,6 +9,7 @@ Layout of one container under its lxc path:
     <lxc_path>/<name>/ensemble/service/agent/   runsv's service directory (the unit agent),
                                           seen inside as /etc/ensemble/service/agent
     <lxc_path>/<name>/lxc.log             LXC's log for this container
+    <lxc_path>/<name>/stage.json          what a user-namespaced start binds (below)
 """
 
 import logging
@@ -26,6 +27,12 @@ SERVICE_MOUNT = "etc/ensemble"       # where it is seen inside (relative to the 
 AGENT_LOG = "/var/log/ensemble/agent.log"
 INIT_CMD = "/usr/bin/tini -- /usr/bin/runsv /etc/ensemble/service/agent"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Under a user namespace LXC mounts the rootfs and the bind mounts as the container's
+# root: an unprivileged host id, which cannot search 0700 directories such as /root or
+# pytest's tmp. So the start binds each such path onto a fixed mountpoint here, in a
+# mount namespace of its own (nothing shows on the host), and the config names those.
+# Every container uses the same mountpoints; each sees only its own binds.
+STAGE_DIR = "/run/ensemble/stage"
 
 # What a container may touch in /dev (LXC's own common.conf list): null, zero, full,
 # random, urandom, tty, console, ptmx, pts, fuse; mknod of anything, use of nothing else.
@@ -171,12 +178,15 @@ def _check_path(path, what):
     return os.path.normpath(path)
 
 
-def mount_entry(host_path, container_path, read_only):
+def mount_entry(host_path, container_path, read_only, source=None):
+    """The entry that binds `host_path`, which LXC reaches as `source` (default: the
+    same path; a stage mountpoint under a user namespace)."""
     host_path = _check_path(host_path, "a mount's host path")
     container_path = _check_path(container_path, "a mount's container path")
     if container_path == "/":
         raise ValueError("cannot mount over the container's root")
     create = "create=file" if os.path.isfile(host_path) else "create=dir"
+    host_path = source or host_path
     options = ",".join(["bind", "ro"] if read_only else ["bind"]) + "," + create
     return f"lxc.mount.entry = {_fstab_path(host_path)} {_fstab_path(container_path.lstrip('/'))} none {options} 0 0"
 
@@ -224,16 +234,37 @@ def runtime_lines(init_cmd):
     ]
 
 
+def _by_depth(mounts):
+    return sorted(mounts, key=lambda m: os.path.normpath(m[1]).count("/"))
+
+
+def stage_binds(spec, container_dir, template_rootfs):
+    """[(host path, stage mountpoint)] a start binds first: every path LXC resolves as
+    the container's root (none without a user namespace; see STAGE_DIR)."""
+    if not spec.idmap:
+        return []
+    binds = [(template_rootfs, f"{STAGE_DIR}/lower"), (container_dir, f"{STAGE_DIR}/container")]
+    for i, (host_path, _, _) in enumerate(_by_depth(spec.mounts)):
+        host_path = _check_path(host_path, "a mount's host path")
+        kind = "file" if os.path.isfile(host_path) else "dir"
+        binds.append((host_path, f"{STAGE_DIR}/{kind}-{i}"))
+    return binds
+
+
 def render(spec, container_dir, template_rootfs, veth, cgroups=None):
     """The LXC config for `spec` (see driver.ContainerSpec) as text."""
     cgroups = cgroups or host_cgroups()
+    binds = stage_binds(spec, container_dir, template_rootfs)
+    seen = dict(binds[:2])  # how LXC reaches the template and the container directory
+    template_rootfs = seen.get(template_rootfs, template_rootfs)
+    staged_dir = seen.get(container_dir, container_dir)
     name = spec.name
     network = netaddr.IPNetwork(f"{spec.address}/{spec.prefixlen}")
     limits, warnings = limit_lines(spec.memory, spec.cpu_weight, spec.pids, cgroups)
     for warning in warnings:
         log.warning("container %s: %s", name, warning)
     key = "lxc.cgroup2" if cgroups.version == 2 else "lxc.cgroup"
-    delta = os.path.join(container_dir, "overlay", "delta")
+    delta = os.path.join(staged_dir, "overlay", "delta")
     lines = [
         MARKER,
         f"# {name}: rendered by ensemble; edits are lost when the unit is redeployed.",
@@ -249,6 +280,12 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None):
         f"lxc.net.0.ipv4.address = {spec.address}/{spec.prefixlen} {network.broadcast or network.network}",
         f"lxc.net.0.ipv4.gateway = {spec.gateway}",
         *([f"lxc.net.0.mtu = {spec.mtu}"] if spec.mtu else []),
+        *([
+            "",
+            "# user namespace: root inside is an unprivileged id range on the host",
+            f"lxc.idmap = u 0 {spec.idmap[0]} {spec.idmap[1]}",
+            f"lxc.idmap = g 0 {spec.idmap[0]} {spec.idmap[1]}",
+        ] if spec.idmap else []),
         "",
         "# cgroups: under the agent's own cgroup, one directory per container",
         "lxc.cgroup.relative = 1",
@@ -268,10 +305,11 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None):
     lines += [
         "",
         "# mounts",
-        f"lxc.mount.entry = {_fstab_path(os.path.join(container_dir, SERVICE_DIR))} {SERVICE_MOUNT} none bind,create=dir 0 0",
+        f"lxc.mount.entry = {_fstab_path(os.path.join(staged_dir, SERVICE_DIR))} {SERVICE_MOUNT} none bind,create=dir 0 0",
     ]
-    for host_path, container_path, read_only in sorted(spec.mounts, key=lambda m: os.path.normpath(m[1]).count("/")):
-        lines.append(mount_entry(host_path, container_path, read_only))
+    sources = [target for _, target in binds[2:]]
+    for i, (host_path, container_path, read_only) in enumerate(_by_depth(spec.mounts)):
+        lines.append(mount_entry(host_path, container_path, read_only, sources[i] if sources else None))
     lines += [
         "",
         f"lxc.log.file = {os.path.join(container_dir, 'lxc.log')}",

@@ -14,11 +14,13 @@ pair (`close()` ends it; it also dies with the driver's process).
 
 import dataclasses
 import errno
+import json
 import logging
 import math
 import os
 import re
 import signal
+import stat
 import sys
 import time
 from typing import Optional, Sequence
@@ -31,7 +33,7 @@ from ensemble import limits
 from ensemble.errors import EnsembleError, InvalidName, InvalidValue
 from ensemble.machine.container import config as lxc_config
 from ensemble.machine.container.names import validate_container_name, validate_hostname, veth_name
-from ensemble.machine.container.template import remove_tree
+from ensemble.machine.container.template import remove_tree, shift_owners
 from ensemble.network.netns import host_argv, validate_netns_name
 
 log = logging.getLogger("ensemble.container")
@@ -72,6 +74,80 @@ def ensemble_mounts():
     return mounts
 
 
+STAGE_FILE = "stage.json"
+# Binds each (source, mountpoint) pair given before "--" in a mount namespace of its
+# own, then runs the rest; LXC's monitor stays in that namespace (see STAGE_DIR).
+_STAGE_SCRIPT = (
+    "set -e; "
+    "while [ \"$1\" != -- ]; do "
+    "if [ -d \"$1\" ]; then mkdir -p \"$2\"; elif [ ! -e \"$2\" ]; then : > \"$2\"; fi; "
+    "mount --bind \"$1\" \"$2\"; shift 2; done; shift; exec \"$@\""
+)
+
+
+def staged_argv(binds, argv):
+    """`argv` run with `binds` mounted, seen by it and its children only."""
+    pairs = [path for bind in binds for path in bind]
+    return ["unshare", "--mount", "--propagation", "slave", "--",
+            "sh", "-c", _STAGE_SCRIPT, "ensemble-stage", *pairs, "--", *argv]
+
+
+def _stage_binds(container):
+    try:
+        with open(os.path.join(container, STAGE_FILE)) as f:
+            binds = json.load(f)
+    except FileNotFoundError:
+        return []
+    for source, target in binds:
+        # Only under the stage directory: the file is ours, but a mount is a mount.
+        if not os.path.normpath(target).startswith(lxc_config.STAGE_DIR + "/"):
+            raise ContainerError(f"{container}/{STAGE_FILE}: bind target {target!r} is outside {lxc_config.STAGE_DIR}")
+    _ensure_searchable_dir(lxc_config.STAGE_DIR)
+    return binds
+
+
+def _require_granted(first, count, files=("/etc/subuid", "/etc/subgid")):
+    """LXC maps ids with newuidmap/newgidmap, which allow only the ranges these files
+    grant root."""
+    for path in files:
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            lines = []
+        granted = False
+        for line in lines:
+            user, _, rest = line.partition(":")
+            start, _, length = rest.partition(":")
+            if user in ("root", "0") and start.isdigit() and length.isdigit():
+                granted |= int(start) <= first and first + count <= int(start) + int(length)
+        if not granted:
+            raise ContainerError(
+                f"{path} does not grant root host ids {first}-{first + count - 1}, the ids of "
+                f"unprivileged containers: add the line 'root:{first}:{count}' (scripts/install does)"
+            )
+
+
+def _require_searchable(path, uid):
+    """LXC checks that a user-namespaced container's root can search its lxc path."""
+    while path != "/":
+        st = os.stat(path)
+        if not st.st_mode & (0o100 if st.st_uid == uid else 0o001):
+            raise ContainerError(
+                f"{path} (mode {stat.S_IMODE(st.st_mode):04o}) cannot be searched by host id {uid}, "
+                "the root of unprivileged containers: keep the lxc path outside such directories"
+            )
+        path = os.path.dirname(path)
+
+
+def _ensure_searchable_dir(path):
+    """Make `path` and its parents up to /run (ours, not the host's) mode 0755."""
+    os.makedirs(path, exist_ok=True)
+    while path not in ("/", "/run"):
+        os.chmod(path, 0o755)
+        path = os.path.dirname(path)
+
+
 def agent_python():
     """The venv's python: works inside a container given ensemble_mounts(). (Outside
     a venv, the rootfs's own python3, which does not have ensemble's dependencies.)"""
@@ -95,6 +171,9 @@ class ContainerSpec:
     agent_command: Optional[Sequence[str]] = None
     agent_environment: Optional[dict] = None
     mtu: Optional[int] = None          # the veth's; None: the kernel's default
+    # (first host id, count): root inside is that host id (a user namespace); None:
+    # root inside is host root, confined by capabilities and seccomp only.
+    idmap: Optional[tuple] = None
 
     def __post_init__(self):
         validate_container_name(self.name)
@@ -112,6 +191,11 @@ class ContainerSpec:
         self.address, self.gateway = str(network.ip), str(gateway)
         if not isinstance(self.bridge, str) or not _IFNAME_RE.match(self.bridge):
             raise InvalidName(f"invalid bridge name {str(self.bridge)[:20]!r}")
+        if self.idmap is not None:
+            first, count = (int(v) for v in self.idmap)
+            if first < 65536 or not 1 <= count <= 65536:
+                raise InvalidValue(f"invalid id map {self.idmap!r}: host ids from 65536 up, at most 65536 of them")
+            self.idmap = (first, count)
         if self.mtu is not None and not (isinstance(self.mtu, int) and 576 <= self.mtu <= 65535):
             raise InvalidValue(f"invalid MTU {self.mtu!r} for container {self.name}: use 576 to 65535")
         if self.memory is not None:
@@ -267,7 +351,9 @@ class _NetnsHelper(protocol.ProcessProtocol):
 
 class LXCDriver:
     def __init__(self, lxc_path, template, netns=None, reactor=None):
-        self.lxc_path = os.path.abspath(lxc_path)
+        # Resolved: LXC names a container's command socket after the path it was given,
+        # so every command must name the same one (ENSEMBLE_HOME/lxc is a link).
+        self.lxc_path = os.path.realpath(lxc_path)
         self.template = template
         self.netns = None if netns is None else validate_netns_name(netns)
         if reactor is None:
@@ -441,7 +527,20 @@ class LXCDriver:
             _write(os.path.join(etc, "hosts"),
                    f"127.0.0.1\tlocalhost\n{spec.address}\t{spec.hostname}\n"
                    "::1\tlocalhost ip6-localhost ip6-loopback\n", 0o644)
-            text = lxc_config.render(spec, container, self.template.rootfs, veth_name(name))
+            lower = self.template.rootfs
+            if spec.idmap:
+                _require_searchable(self.lxc_path, spec.idmap[0])
+                _require_granted(*spec.idmap)
+                lower = await self.template.ensure_shifted(spec.idmap[0], spec.idmap[1])
+                # Root inside is spec.idmap[0] on the host: its writable layer and the
+                # service directory must be its own, and the path to them open to it.
+                shift_owners(os.path.join(container, "overlay"), spec.idmap[0], spec.idmap[1])
+                shift_owners(service, spec.idmap[0], spec.idmap[1])
+                os.chmod(container, 0o755)
+            binds = lxc_config.stage_binds(spec, container, lower)
+            if binds:
+                _write(os.path.join(container, STAGE_FILE), json.dumps(binds), 0o640)
+            text = lxc_config.render(spec, container, lower, veth_name(name))
             _write(os.path.join(container, "config.tmp"), text, 0o640)
             os.rename(os.path.join(container, "config.tmp"), os.path.join(container, "config"))
         except BaseException:
@@ -458,7 +557,11 @@ class LXCDriver:
             log_offset = os.path.getsize(log_path)
         except OSError:
             log_offset = 0
-        code, _, err, timed_out = await self._run(self._lxc("lxc-start", name, "-d"), timeout=timeout)
+        argv = self._lxc("lxc-start", name, "-d")
+        binds = _stage_binds(self.container_dir(name))
+        if binds:
+            argv = staged_argv(binds, argv)
+        code, _, err, timed_out = await self._run(argv, timeout=timeout)
         if timed_out:
             raise ContainerError(f"container {name} did not start within {timeout:g}s (log: {log_path})")
         if code != 0:
