@@ -19,7 +19,8 @@ from twisted.internet import defer, task
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from ensemble.state.client import ZKClient  # noqa: E402
+from ensemble import local  # noqa: E402
+from ensemble.home import EnsembleHome  # noqa: E402
 from ensemble.state.service import ServiceStateManager  # noqa: E402
 from ensemble.state.unit import UnitStateManager  # noqa: E402
 
@@ -81,7 +82,7 @@ def monitor_rss(container):
 
 
 async def benchmark(reactor, args, env, config):
-    client = await ZKClient(config["zookeeper"], config["root"]).connect()
+    client = await local.admin_client(EnsembleHome(env["ENSEMBLE_HOME"]))
     services = ServiceStateManager(client)
     try:
         # Sequential: one unit at a time.

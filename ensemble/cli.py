@@ -20,6 +20,7 @@ from ensemble.errors import EnsembleError, InvalidValue
 from ensemble.home import EnsembleHome
 from ensemble.limits import parse_cpu_weight, parse_memory, parse_pids
 from ensemble.names import parse_machine_id, parse_unit_name, validate_service_name
+from ensemble.state import auth
 from ensemble.state.environment import DEFAULT_NETWORK, get_environment
 from ensemble.state.machine import MachineStateManager
 from ensemble.state.service import ServiceStateManager
@@ -81,12 +82,27 @@ async def cmd_create_environment(reactor, args):
         units_zookeeper, _ = connection.parse_zookeeper(args.units_zookeeper)
     if args.zookeeper is None and not os.environ.get("ENSEMBLE_ZOOKEEPER"):
         raise InvalidValue("create-environment needs --zookeeper HOST:PORT[/ROOT] (or $ENSEMBLE_ZOOKEEPER)")
-    client = await connection.connect(args.zookeeper, create_root=True)
+    admin = connection.session_credential(args.zookeeper) or auth.new_admin()
+    if admin.user != auth.ADMIN_USER:
+        raise InvalidValue(f"create-environment needs the admin's credential in ${connection.AUTH_VARIABLE}, not {admin.user}'s")
+    client = await connection.connect(args.zookeeper, create_root=True, credential=admin)
     try:
         await initialize(client, name, network, units_zookeeper=units_zookeeper)
     finally:
         await client.close()
     print(f"created environment {name} at {client.servers}{client.root} ({cidr}, {args.network_mode})")
+    if not os.environ.get(connection.AUTH_VARIABLE):
+        print(f"admin credential (keep it secret; commands need it): {connection.AUTH_VARIABLE}={admin}")
+
+
+async def cmd_machine_credential(reactor, args):
+    machine_id = parse_machine_id(args.machine_id)
+    admin = connection.session_credential(args.zookeeper)
+    if admin is None or admin.user != auth.ADMIN_USER:
+        raise InvalidValue(f"machine-credential needs the admin's credential (${connection.AUTH_VARIABLE} or ENSEMBLE_HOME)")
+    async with _environment(args) as client:
+        await MachineStateManager(client).get_machine(machine_id)  # it must exist
+    print(auth.machine_credential(admin, machine_id))
 
 
 async def cmd_add_machine(reactor, args):
@@ -285,7 +301,12 @@ async def cmd_machine_agent(reactor, args):
 
         template = Template()
         driver = LXCDriver(os.path.join(home.ensure_storage(), f"machine-{machine_id}"), template, reactor=reactor)
-    client = await connection.connect(args.zookeeper)
+    credential = connection.session_credential(args.zookeeper)
+    if credential is not None and credential.user == auth.ADMIN_USER:
+        credential = auth.machine_credential(credential, machine_id)  # never more than it needs
+    if credential is not None and credential.user != f"machine-{machine_id}":
+        raise InvalidValue(f"${connection.AUTH_VARIABLE} is {credential.user}'s credential, not machine-{machine_id}'s")
+    client = await connection.connect(args.zookeeper, credential=credential)
     args.agent = MachineAgent(
         client, machine_id, reactor, manage_bridge=not args.no_bridge, driver=driver, template=template,
         unit_log_dir=os.path.join(home.logs_dir, "units"), overlay=not (args.no_bridge or args.no_overlay),
@@ -378,6 +399,10 @@ def build_parser():
 
     sub = command("add-machine", cmd_add_machine, "register a machine that will run its own agent")
     sub.add_argument("--address", metavar="IP", help="the machine's address")
+
+    sub = command("machine-credential", cmd_machine_credential,
+                  "print the ZooKeeper credential machine MACHINE's agent runs with (as $ENSEMBLE_AUTH)")
+    sub.add_argument("machine_id", metavar="MACHINE")
 
     sub = command("remove-machine", cmd_remove_machine, "deregister a machine without units; frees its subnet")
     sub.add_argument("machine_id", metavar="MACHINE")
@@ -479,10 +504,15 @@ def _crash_log(exc):
 
 
 def _report(exc):
-    from ensemble.state.client import ConnectionLost, SessionExpired
+    from ensemble.state.client import ConnectionLost, NoAuth, SessionExpired
 
     if isinstance(exc, EnsembleError):
         message = str(exc)
+    elif isinstance(exc, NoAuth):
+        message = (
+            "ZooKeeper refused: this credential may not do that (the admin's comes from ENSEMBLE_HOME "
+            f"or ${connection.AUTH_VARIABLE})"
+        )
     elif isinstance(exc, (ConnectionLost, SessionExpired)):
         message = (
             "lost the connection to ZooKeeper before it answered; the command may or may not have "

@@ -2,6 +2,10 @@
 
 Order: --zookeeper, then $ENSEMBLE_ZOOKEEPER (set for agents inside containers), then
 the environment in ENSEMBLE_HOME. The form is HOST:PORT[,HOST:PORT...][/ROOT].
+
+Who the session is: $ENSEMBLE_AUTH (USER:SECRET; agents get theirs this way), else
+the admin of the environment in ENSEMBLE_HOME when that is the one talked to, else
+nobody (an anonymous session may only read what everyone may).
 """
 
 import os
@@ -10,7 +14,11 @@ import netaddr
 
 from ensemble.errors import InvalidValue
 from ensemble.home import EnsembleHome
-from ensemble.state.client import DEFAULT_ROOT, ZKClient
+from ensemble.state import auth
+from ensemble.state.client import DEFAULT_ROOT, NoNode, ZKClient
+
+AUTH_VARIABLE = "ENSEMBLE_AUTH"
+_UNSET = object()
 
 
 
@@ -59,9 +67,42 @@ def resolve(zookeeper=None, home=None):
     return config["zookeeper"], config.get("root", DEFAULT_ROOT)
 
 
-async def connect(zookeeper=None, home=None, timeout=None, session_timeout=None, create_root=False):
+def session_credential(zookeeper=None, home=None):
+    """This process's ZooKeeper credential, or None (see the module's doc)."""
+    text = os.environ.get(AUTH_VARIABLE)
+    if text:
+        return auth.Credential.parse(text)
+    if zookeeper or os.environ.get("ENSEMBLE_ZOOKEEPER"):
+        return None
+    secret = (home or EnsembleHome()).load().get("admin-secret")
+    return auth.Credential(auth.ADMIN_USER, secret) if secret else None
+
+
+async def connect(zookeeper=None, home=None, timeout=None, session_timeout=None, create_root=False,
+                  credential=_UNSET):
     servers, root = resolve(zookeeper, home)
-    client = ZKClient(servers, root, session_timeout=session_timeout or _seconds("ENSEMBLE_SESSION_TIMEOUT", "10"))
-    return await client.connect(
+    if credential is _UNSET:
+        credential = session_credential(zookeeper, home)
+    client = ZKClient(servers, root, session_timeout=session_timeout or _seconds("ENSEMBLE_SESSION_TIMEOUT", "10"),
+                      credential=credential)
+    if credential is not None and credential.user == auth.ADMIN_USER:
+        client.default_acl = auth.default_acl(credential, credential.id)
+    await client.connect(
         timeout if timeout is not None else _seconds("ENSEMBLE_CONNECT_TIMEOUT", "5"), create_root=create_root
     )
+    if credential is not None and client.default_acl is None:
+        await use_environment_acl(client)
+    return client
+
+
+async def use_environment_acl(client):
+    """Give the nodes `client` creates the environment's admin and its own credential
+    (an environment made before credentials has no admin: its nodes stay open)."""
+    from ensemble.state import nodes
+
+    try:
+        settings, _ = await nodes.read(client, nodes.ENVIRONMENT)
+    except NoNode:
+        return
+    if settings.get("admin-id"):
+        client.default_acl = auth.default_acl(client.credential, settings["admin-id"])

@@ -67,6 +67,7 @@ class EnsembleHome:
         with open(os.path.join(self.storage_dir, "home"), "w") as f:
             f.write(self.path + "\n")
         if os.path.realpath(self.lxc_link) != self.lxc_dir:
+            os.makedirs(self.path, exist_ok=True)
             tmp = f"{self.lxc_link}.{os.getpid()}.tmp"
             os.symlink(self.lxc_dir, tmp)
             os.replace(tmp, self.lxc_link)
@@ -102,6 +103,8 @@ class EnsembleHome:
     def save(self, config):
         os.makedirs(self.path, exist_ok=True)
         tmp = self.config_path + ".tmp"
-        with open(tmp, "w") as f:
+        # 0600: it holds the environment's admin credential.
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             yaml.safe_dump(config, f, default_flow_style=False)
+        os.chmod(tmp, 0o600)
         os.replace(tmp, self.config_path)

@@ -31,6 +31,7 @@ import netaddr
 from pyroute2 import IPRoute, netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ensemble.connection import AUTH_VARIABLE
 from ensemble.home import EnsembleHome
 from ensemble.network.ipam import SubnetPlan
 from ensemble.network.netns import host_argv, inside, netns_path, set_ip_forwarding
@@ -159,6 +160,7 @@ class Lab:
         self.tick_time = tick_time
         self.zookeeper = None
         self.agents = {}
+        self.admin_auth = None  # from create-environment
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -183,10 +185,12 @@ class Lab:
             )
             self.zookeeper.start()
             gateway = str(netaddr.IPNetwork(next(SubnetPlan(self.cidr, 24).subnets())).network + 1)
-            self.ensemble(
+            created = self.ensemble(
                 "create-environment", "--name", self.environment, "--network", self.cidr,
                 "--network-mode", self.mode, "--units-zookeeper", f"{gateway}:{self.zookeeper.port}",
             )
+            # The admin's credential, printed once; every later command runs with it.
+            self.admin_auth = created.stdout.rpartition(f"{AUTH_VARIABLE}=")[2].strip()
             for i in range(self.initial_hosts):
                 self.ensemble("add-machine", "--address", self.network.addresses[i])
                 self.start_agent(i)
@@ -246,8 +250,10 @@ class Lab:
 
     def start_agent(self, i):
         os.makedirs(self.home(i), exist_ok=True)
+        credential = self.ensemble("machine-credential", str(i)).stdout.strip()
         env = dict(os.environ, ENSEMBLE_HOME=self.home(i), ENSEMBLE_SESSION_TIMEOUT="4")
         env.pop("ENSEMBLE_ZOOKEEPER", None)
+        env[AUTH_VARIABLE] = credential
         argv = [sys.executable, "-m", "ensemble", "machine-agent", "--machine-id", str(i),
                 "--zookeeper", self.zookeeper_address]
         with open(self.agent_log(i), "ab") as log, open(os.devnull, "rb") as null:
@@ -273,6 +279,9 @@ class Lab:
     def ensemble(self, *args, check=True, timeout=60):
         """Run an `ensemble` command from the lab namespace against the lab's environment."""
         env = dict(os.environ, ENSEMBLE_ZOOKEEPER=self.zookeeper_address)
+        env.pop(AUTH_VARIABLE, None)
+        if self.admin_auth:
+            env[AUTH_VARIABLE] = self.admin_auth
         result = subprocess.run(
             ["nsenter", f"--net={netns_path(self.network.lab)}", "--", sys.executable, "-m", "ensemble", *args],
             capture_output=True, text=True, env=env, timeout=timeout,

@@ -13,6 +13,8 @@ from twisted.internet import task, threads
 
 from ensemble.errors import EnsembleError, EnvironmentExists, InvalidValue, NoEnvironment
 from ensemble.names import validate_environment_name
+from ensemble.connection import AUTH_VARIABLE
+from ensemble.state import auth
 from ensemble.state.client import ZKClient
 from ensemble.state.environment import DEFAULT_NETWORK, initialize
 from ensemble.state.machine import MachineStateManager
@@ -95,12 +97,15 @@ def agent_pid(home, name):
     return None
 
 
-def spawn_agent(home, name, arguments):
+def spawn_agent(home, name, arguments, credential=None):
     """Start `ensemble ARGUMENTS` detached, logging to logs/NAME.log; returns its pid."""
     os.makedirs(home.run_dir, exist_ok=True)
     os.makedirs(home.logs_dir, exist_ok=True)
     env = dict(os.environ, ENSEMBLE_HOME=home.path)
     env.pop("ENSEMBLE_ZOOKEEPER", None)
+    env.pop(AUTH_VARIABLE, None)
+    if credential is not None:
+        env[AUTH_VARIABLE] = str(credential)
     with open(home.agent_log_path(name), "ab") as log_file, open(os.devnull, "rb") as null:
         agent = subprocess.Popen(
             [sys.executable, "-m", "ensemble", *arguments],
@@ -144,7 +149,9 @@ def _log_tail(path, lines=5):
 async def _start_machine_agent(reactor, home, client, machine_id=0):
     name = f"machine-{machine_id}"
     if agent_pid(home, name) is None:
-        pid = spawn_agent(home, name, ["machine-agent", "--machine-id", str(machine_id)])
+        # Its own credential, not the admin's: it may change only its machine and units.
+        credential = client.credential and auth.machine_credential(client.credential, machine_id)
+        pid = spawn_agent(home, name, ["machine-agent", "--machine-id", str(machine_id)], credential)
     else:
         pid = agent_pid(home, name)
     machine = await MachineStateManager(client).get_machine(machine_id)
@@ -199,7 +206,9 @@ async def bootstrap(
             config["zookeeper-ports"] = [list(p) for p in server.ports]
             config["zookeeper-tick"] = tick_time
         await _run_blocking(reactor, server.start)
-        client = await ZKClient(server.address, config["root"]).connect(create_root=True)
+        admin = auth.new_admin()
+        config["admin-secret"] = admin.secret
+        client = await _admin_client(server.address, config["root"], admin, create_root=True)
         await initialize(client, name, {"cidr": cidr, "host-prefix": host_prefix, "mode": mode})
         await MachineStateManager(client).add_machine(address=address)
         home.save(config)
@@ -211,6 +220,20 @@ async def bootstrap(
         raise
     await client.close()
     return config, False
+
+
+async def _admin_client(servers, root, admin, create_root=False):
+    client = ZKClient(servers, root, credential=admin)
+    if admin is not None:
+        client.default_acl = auth.default_acl(admin, admin.id)
+    return await client.connect(create_root=create_root)
+
+
+async def admin_client(home):
+    """A session as the admin of the local environment in `home`."""
+    config = home.load()
+    admin = auth.Credential(auth.ADMIN_USER, config["admin-secret"]) if config.get("admin-secret") else None
+    return await _admin_client(config["zookeeper"], config.get("root", "/ensemble"), admin)
 
 
 async def _resume(reactor, home, network=None, name=None):
@@ -236,7 +259,8 @@ async def _resume(reactor, home, network=None, name=None):
             # After a reboot the bridge is gone, and ZooKeeper listens on its address.
             await _run_blocking(reactor, bridge.ensure_bridge, bridge.bridge_name(config["name"]), config["subnet"])
         await _run_blocking(reactor, server.start)
-    client = await ZKClient(server.address, config.get("root", "/ensemble")).connect()
+    admin = auth.Credential(auth.ADMIN_USER, config["admin-secret"]) if config.get("admin-secret") else None
+    client = await _admin_client(server.address, config.get("root", "/ensemble"), admin)
     try:
         await _start_machine_agent(reactor, home, client, machine_id)
     finally:

@@ -6,6 +6,7 @@ import yaml
 from twisted.internet import defer
 
 from ensemble.limits import format_memory
+from ensemble.state.client import NoAuth
 from ensemble.state.environment import get_environment
 from ensemble.state.machine import MachineStateManager
 from ensemble.state.service import ServiceStateManager
@@ -49,11 +50,12 @@ async def collect(client):
         if "malformed" in service.data:
             entry["error"] = service.data["malformed"]
         else:
-            entry.update(
-                charm=service.charm_id,
-                config=service.config,
-                limits=_limits(service.limits),
-            )
+            entry["charm"] = service.charm_id
+            try:
+                entry["config"] = await service.get_config()
+            except NoAuth:
+                pass  # not the admin: config may hold secrets, so only its own units read it
+            entry["limits"] = _limits(service.limits)
             if service.life == DYING:
                 entry["life"] = DYING
         entry["units"] = {}

@@ -234,3 +234,30 @@ async def test_create_environment_records_mode_and_units_zookeeper(client, cli):
 def test_create_environment_needs_a_zookeeper(tmp_path):
     result = run_ensemble("create-environment", "--name", "x", env=ensemble_env(tmp_path))
     assert "needs --zookeeper" in one_line_error(result)
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_environment_makes_an_admin_whose_credential_the_commands_need(tmp_path, zk_spec, client):
+    anonymous = ensemble_env(tmp_path / "home", zk_spec)
+    result = run_ensemble("create-environment", "--name", "guarded", env=anonymous)
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("admin credential") and "ENSEMBLE_AUTH=admin:" in line
+    admin = dict(anonymous, ENSEMBLE_AUTH=line.rpartition("ENSEMBLE_AUTH=")[2])
+    # Without it: a one-line refusal, and nothing changed.
+    assert "ZooKeeper refused" in one_line_error(run_ensemble("add-machine", env=anonymous))
+    assert await client.get_children("/machines") == []
+    # With it: the machine is added, and its agent's credential can be printed.
+    assert run_ensemble("add-machine", env=admin).stdout.strip() == "0"
+    printed = run_ensemble("machine-credential", "0", env=admin).stdout.strip()
+    assert printed.startswith("machine-0:") and len(printed) > 30
+    assert printed == run_ensemble("machine-credential", "0", env=admin).stdout.strip()  # derived, stable
+    assert "machine 1 not found" in one_line_error(run_ensemble("machine-credential", "1", env=admin)).lower()
+    assert "needs the admin's credential" in one_line_error(
+        run_ensemble("machine-credential", "0", env=dict(anonymous, ENSEMBLE_AUTH=printed)))
+    # An agent started with another machine's credential refuses to run.
+    result = run_ensemble("machine-agent", "--machine-id", "1", "--no-containers", "--no-bridge",
+                          env=dict(anonymous, ENSEMBLE_AUTH=printed))
+    assert "is machine-0's credential, not machine-1's" in one_line_error(result)
+    # Anyone may still read the environment's status, but not a service's config.
+    assert status(lambda *a: run_ensemble(*a, env=anonymous))["machines"]["0"]["agent"] == "down"

@@ -14,11 +14,11 @@ import pytest_twisted
 import yaml
 from twisted.internet import reactor, task
 
-from ensemble import process
-from ensemble.machine.container.driver import LXCDriver
+from ensemble import local, process
+from ensemble.home import EnsembleHome
+from ensemble.machine.container.driver import LXCDriver, agent_python
 from ensemble.machine.deploy import UNIT_IDS
 from ensemble.machine.container.template import Template
-from ensemble.state.client import ZKClient
 from ensemble.state.network import ZooKeeperAddressStore
 
 from conftest import ensemble_env, make_charm, run_ensemble
@@ -56,7 +56,7 @@ class Environment:
         return LXCDriver(str(self.home / "lxc" / "machine-0"), Template())
 
     async def client(self):
-        return await ZKClient(self.config["zookeeper"], self.config["root"]).connect()
+        return await local.admin_client(EnsembleHome(str(self.home)))
 
     def agent_pid(self):
         return int((self.home / "run" / "machine-0.pid").read_text())
@@ -97,6 +97,21 @@ async def sh(driver, container, script):
     return code, out.decode(), err.decode()
 
 
+# Inside a unit: try to write a field into a unit node with $ENSEMBLE_AUTH's credential.
+ZK_WRITE = (
+    "import sys; from twisted.internet import defer, task; from ensemble import connection; "
+    "from ensemble.state import nodes; from ensemble.state.client import NoAuth\n"
+    "async def main(reactor):\n"
+    "    client = await connection.connect()\n"
+    "    try:\n"
+    "        await nodes.update(client, sys.argv[1], nodes.merge({'touched': True})); print('changed')\n"
+    "    except NoAuth:\n"
+    "        print('NoAuth')\n"
+    "    await client.close()\n"
+    "task.react(lambda r: defer.ensureDeferred(main(r)))"
+)
+
+
 @pytest_twisted.ensureDeferred
 async def test_two_services_on_one_machine_are_started_connected_and_isolated(environment):
     env = environment
@@ -135,6 +150,15 @@ async def test_two_services_on_one_machine_are_started_connected_and_isolated(en
         for unit in (db, web):
             init = await driver.init_pid(unit["container"])
             assert os.stat(f"/proc/{init}").st_uid == UNIT_IDS[0]
+        # web's agent's own ZooKeeper credential, used from inside web, may change web's
+        # node but not db's.
+        for target, expected in (("web-0", "changed"), ("db-0", "NoAuth")):
+            code, out, err = await sh(driver, web["container"], (
+                "export $(grep -o 'ENSEMBLE_[A-Z_]*=[^ ]*' /etc/ensemble/service/agent/run); "
+                f"{agent_python()} -c \"{ZK_WRITE}\" /units/{target}"
+            ))
+            assert code == 0 and out.strip() == expected, (target, out, err)
+        assert "touched" not in env.units()["db/0"]
         logs = env.home / "logs" / "units"
         for unit_dir in ("db-0", "web-0"):
             files = list((logs / unit_dir).iterdir())

@@ -87,7 +87,8 @@ async def test_deploy_creates_service_units_and_assignments_together(env_client)
     assert (unit.machine_id, unit.state, unit.life) == (0, "pending", "alive")
     stored = await ServiceStateManager(env_client).get_service("db")
     assert stored.limits == {"memory": 2**30}
-    assert stored.config == {"port": 7070}
+    assert await stored.get_config() == {"port": 7070}
+    assert "config" not in stored.data  # in its own node, readable by fewer
     assert (await stored.charm_bundle()) == Charm.load(DB).bundle()
 
 
@@ -238,7 +239,7 @@ async def test_redeploy_while_old_units_linger_is_a_clear_error(env_client):
     assert await services.destroy_service("db") == ["db/0", "db/1"]
     assert (await services.get_service("db")).life == DYING
     await env_client.delete("/units/db-0")
-    await env_client.delete("/services/db")  # as if removed by hand, leaving db/1 behind
+    await env_client.delete_tree("/services/db")  # as if removed by hand, leaving db/1 behind
     with pytest.raises(ServiceDying):
         await deploy(env_client)
 

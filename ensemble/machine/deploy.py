@@ -13,6 +13,8 @@ from ensemble.machine.container.driver import ContainerSpec, agent_python, ensem
 from ensemble.machine.container.names import container_name
 from ensemble.machine.container.template import shift_owners
 from ensemble.names import unit_key
+from ensemble.connection import AUTH_VARIABLE
+from ensemble.state.auth import unit_credential
 from ensemble.state.unit import UnitStateManager
 
 log = logging.getLogger("ensemble.machine")
@@ -77,6 +79,10 @@ class UnitDeployer:
                 "ENSEMBLE_ZOOKEEPER": self.zookeeper,
                 "ENSEMBLE_SESSION_TIMEOUT": UNIT_SESSION_TIMEOUT,
                 "ENSEMBLE_CONNECT_TIMEOUT": "30",
+                # Its own credential, derived from this machine's: it may change only its
+                # own unit node. (Readable in the container only, by the unit's root.)
+                **({AUTH_VARIABLE: str(unit_credential(self.client.credential, unit.name))}
+                   if self.client.credential else {}),
             },
         )
 

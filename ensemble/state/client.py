@@ -11,6 +11,7 @@ from kazoo import exceptions as kz
 from kazoo.client import KazooClient, KazooState
 from kazoo.protocol.states import EventType
 from kazoo.retry import KazooRetry
+from kazoo.security import ACL, Id
 from twisted.internet import defer, task, threads
 from twisted.python.failure import Failure
 
@@ -116,8 +117,8 @@ class Transaction:
         self._client = client
         self._tx = client._kazoo.transaction()
 
-    def create(self, path, data=b"", ephemeral=False):
-        self._tx.create(path, data, ephemeral=ephemeral)
+    def create(self, path, data=b"", ephemeral=False, acl=None):
+        self._tx.create(path, data, acl=self._client._acl(acl), ephemeral=ephemeral)
         return self
 
     def delete(self, path, version=-1):
@@ -158,10 +159,14 @@ class ZKClient:
     `servers` is "host:port[,host:port...]"; all paths are relative to `root`.
     """
 
-    def __init__(self, servers, root=DEFAULT_ROOT, session_timeout=10.0, reactor=None):
+    def __init__(self, servers, root=DEFAULT_ROOT, session_timeout=10.0, reactor=None, credential=None):
         if reactor is None:
             from twisted.internet import reactor
         self.servers = servers
+        # Who this session is (an auth.Credential; None: anonymous), and the grants
+        # (auth triples) of the nodes it creates without naming others.
+        self.credential = credential
+        self.default_acl = None
         self.root = root.rstrip("/") or ""
         self.session_timeout = session_timeout
         self._reactor = reactor
@@ -186,6 +191,8 @@ class ZKClient:
             # Agents must ride out server restarts and failovers: retry for ever.
             connection_retry=KazooRetry(max_tries=-1, max_delay=2.0),
             logger=logging.getLogger("ensemble.kazoo"),
+            # Sent again on every reconnection, so the session keeps its identity.
+            auth_data=self._auth_data(),
         )
         self._kazoo.add_listener(self._on_kazoo_state)
         if self.root and create_root:
@@ -211,12 +218,13 @@ class ZKClient:
     async def _ensure_root(self, timeout):
         # kazoo's chroot must exist before the chrooted session can use it.
         plain = KazooClient(
-            hosts=self.servers, timeout=self.session_timeout, logger=logging.getLogger("ensemble.kazoo")
+            hosts=self.servers, timeout=self.session_timeout, logger=logging.getLogger("ensemble.kazoo"),
+            auth_data=self._auth_data(),
         )
         try:
             if not await self._started(plain, timeout):
                 raise ZooKeeperUnreachable(self.servers, timeout)
-            await self._bridge(plain.ensure_path_async(self.root))
+            await self._bridge(plain.ensure_path_async(self.root, acl=self._acl(None)))
         except BaseException:
             await self._stop_kazoo()
             raise
@@ -310,10 +318,36 @@ class ZKClient:
             raise ConnectionLost("not connected")
         return self._kazoo
 
-    def create(self, path, data=b"", ephemeral=False, sequence=False, makepath=False):
+    def _auth_data(self):
+        return [("digest", str(self.credential))] if self.credential else None
+
+    def _acl(self, grants):
+        grants = grants if grants is not None else self.default_acl
+        if grants is None:
+            return None  # kazoo's default: open to all
+        return [ACL(perms, Id(scheme, identity)) for perms, scheme, identity in grants]
+
+    def create(self, path, data=b"", ephemeral=False, sequence=False, makepath=False, acl=None):
+        """`acl`: auth grants; default: this client's default_acl."""
         return self._bridge(
-            self._kz().create_async(path, data, ephemeral=ephemeral, sequence=sequence, makepath=makepath)
+            self._kz().create_async(
+                path, data, acl=self._acl(acl), ephemeral=ephemeral, sequence=sequence, makepath=makepath
+            )
         )
+
+    def get_acl(self, path):
+        """Fires with ([(perms, scheme, id)], acl version)."""
+
+        def issue():
+            d = self._bridge(self._kz().get_acls_async(path))
+            d.addCallback(lambda r: ([(a.perms, a.id.scheme, a.id.id) for a in r[0]], r[1].aversion))
+            return d
+
+        return self._retried(issue)
+
+    def set_acl(self, path, grants, version=-1):
+        """Replace `path`'s ACL; `version` is the ACL's version (BadVersion if it moved)."""
+        return self._retried(lambda: self._bridge(self._kz().set_acls_async(path, self._acl(grants), version)))
 
     def _retried(self, issue):
         """Run `issue()` (a Deferred-returning call), and again after a reconnection if
@@ -393,7 +427,7 @@ class ZKClient:
         return self._retried(lambda: self._bridge(self._kz().get_children_async(path, watch=self._watcher(watch))))
 
     def ensure_path(self, path):
-        return self._bridge(self._kz().ensure_path_async(path))
+        return self._bridge(self._kz().ensure_path_async(path, acl=self._acl(None)))
 
     def transaction(self):
         return Transaction(self)

@@ -13,6 +13,9 @@ async def initialize(client, name, network=None, units_zookeeper=None):
     settings = {"name": name, "network": dict(DEFAULT_NETWORK, **(network or {}))}
     if units_zookeeper:
         settings["units-zookeeper"] = units_zookeeper
+    if client.credential is not None:
+        # Agents name the admin in the ACLs of the nodes they create.
+        settings["admin-id"] = client.credential.id
     tx = client.transaction()
     tx.create(nodes.ENVIRONMENT, nodes.dump(settings))
     for path in nodes.TREE:

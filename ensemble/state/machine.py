@@ -6,7 +6,7 @@ from twisted.internet import defer
 
 from ensemble.errors import MachineBusy, MachineNotFound, MalformedState
 from ensemble.names import machine_id_from_key, machine_key, unit_name_from_key
-from ensemble.state import nodes, presence
+from ensemble.state import auth, nodes, presence
 from ensemble.state.client import BadVersion, NoNode, NotEmpty
 from ensemble.state.watch import ChildrenWatch
 
@@ -99,10 +99,19 @@ class MachineStateManager:
             counter, version = await nodes.read(self.client, nodes.MACHINES)
             machine_id = int(counter.get("next-id", 0))
             machine = MachineState(self.client, machine_id, data)
+            policy = auth.admin_policy(self.client)
+            if policy is not None:
+                # Before the machine exists, so its agent never meets a parent it may
+                # not use. A lost race grants the same id, which the winner then has.
+                for path, perms in auth.MACHINE_PARENT_GRANTS.items():
+                    await auth.change_grants(self.client, path, add=[auth.digest(perms, policy.machine(machine_id))])
             tx = self.client.transaction()
             tx.set(nodes.MACHINES, nodes.dump({**counter, "next-id": machine_id + 1}), version)
-            tx.create(machine.path, nodes.dump(data))
+            tx.create(machine.path, nodes.dump(data), acl=policy and policy.machine_node(machine_id))
             tx.create(machine.units_path, b"")
+            if policy is not None:
+                # Its address reservations: made here so no other machine can make them.
+                tx.create(f"{nodes.ADDRESSES}/{machine_key(machine_id)}", b"", acl=policy.machine_node(machine_id))
             try:
                 await tx.commit()
             except BadVersion:
@@ -137,6 +146,10 @@ class MachineStateManager:
             await tx.commit()
         except (NoNode, NotEmpty, BadVersion):
             raise MachineBusy(f"machine {machine_id} changed while being removed; try again")
+        policy = auth.admin_policy(self.client)
+        if policy is not None:
+            for path in auth.MACHINE_PARENT_GRANTS:
+                await auth.change_grants(self.client, path, remove_ids={policy.machine(machine_id).id})
 
     async def get_machine(self, machine_id):
         path = f"{nodes.MACHINES}/{machine_key(machine_id)}"

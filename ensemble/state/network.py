@@ -36,15 +36,24 @@ class ZooKeeperAddressStore:
         self.path = f"{nodes.ADDRESSES}/{machine_key(machine_id)}"
 
     async def ensure(self, subnet):
-        tx = self.client.transaction()
-        tx.create(self.path, nodes.dump({"subnet": subnet}))
-        tx.create(f"{self.path}/ips", b"")
-        tx.create(f"{self.path}/units", b"")
-        tx.create(f"{self.path}/tickets", b"")
-        try:
-            await tx.commit()
-        except NodeExists:
-            pass
+        # Where the environment has ACLs, add-machine made the (empty) top node and this
+        # machine may not create it (ZooKeeper checks that before whether it exists).
+        if await self.client.exists(self.path) is None:
+            tx = self.client.transaction()
+            tx.create(self.path, nodes.dump({"subnet": subnet}))
+            for child in ("ips", "units", "tickets"):
+                tx.create(f"{self.path}/{child}", b"")
+            try:
+                await tx.commit()
+                return
+            except NodeExists:
+                pass
+        for child in ("ips", "units", "tickets"):
+            try:
+                await self.client.create(f"{self.path}/{child}", b"")
+            except NodeExists:
+                pass
+        await nodes.update(self.client, self.path, lambda d: d if d.get("subnet") == subnet else {**d, "subnet": subnet})
 
     async def reservation(self, unit):
         try:
@@ -111,11 +120,12 @@ class ZooKeeperAddressStore:
         """Add deletes of this machine's whole address tree to `tx`."""
         if await self.client.exists(self.path) is None:
             return
-        for sub in ("ips", "units"):
-            for child in await self.client.get_children(f"{self.path}/{sub}"):
-                tx.delete(f"{self.path}/{sub}/{child}")
+        # Only the top node exists if the machine's agent never got as far as ensure().
+        for sub in await self.client.get_children(self.path):
+            if sub in ("ips", "units"):
+                for child in await self.client.get_children(f"{self.path}/{sub}"):
+                    tx.delete(f"{self.path}/{sub}/{child}")
             tx.delete(f"{self.path}/{sub}")
-        tx.delete(f"{self.path}/tickets")
         tx.delete(self.path)
 
 

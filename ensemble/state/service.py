@@ -1,5 +1,6 @@
-"""Services: /services/<name> holds the charm id, config, limits, life and the unit
-counter. Adding units creates the unit nodes and their machine assignments in the same
+"""Services: /services/<name> holds the charm id, limits, life and the unit counter;
+its child `config` the config, which only the service's machines and units may read.
+Adding units creates the unit nodes and their machine assignments in the same
 transaction as the counter bump, so a unit is never half-made or half-assigned."""
 
 from twisted.internet import defer
@@ -13,7 +14,7 @@ from ensemble.errors import (
     ServiceNotFound,
 )
 from ensemble.names import unit_name
-from ensemble.state import nodes
+from ensemble.state import auth, nodes
 from ensemble.state.client import BadVersion, NodeExists, NoNode
 from ensemble.state.machine import MachineStateManager
 from ensemble.state.unit import ALIVE, DYING, PENDING, UnitStateManager, assignment_path, unit_path
@@ -21,6 +22,10 @@ from ensemble.state.unit import ALIVE, DYING, PENDING, UnitStateManager, assignm
 
 def service_path(name):
     return f"{nodes.SERVICES}/{name}"
+
+
+def config_path(name):
+    return f"{service_path(name)}/config"
 
 
 def charm_path(charm_id):
@@ -44,9 +49,12 @@ class ServiceState:
     def charm_id(self):
         return self.data.get("charm")
 
-    @property
-    def config(self):
-        return self.data.get("config") or {}
+    async def get_config(self):
+        try:
+            data, _ = await nodes.read(self.client, config_path(self.name))
+        except NoNode:
+            return self.data.get("config") or {}  # stored before config had its own node
+        return data.get("config") or {}
 
     @property
     def limits(self):
@@ -85,11 +93,26 @@ def _unit_data(service, machine_id):
     return {"service": service, "machine": machine_id, "life": ALIVE, "state": PENDING}
 
 
-def _add_unit_ops(tx, service, first_number, machines):
+def _placements(service, first_number, machines):
+    """{unit name: machine id} of the units about to be added."""
+    return {unit_name(service, first_number + i): m for i, m in enumerate(machines)}
+
+
+async def _grant_service(client, policy, name, placements):
+    """Let the new units and their machines read the config (before they exist)."""
+    await auth.change_grants(client, service_path(name), add=policy.service_node(placements))
+    try:
+        await auth.change_grants(client, config_path(name), add=policy.service_config(placements))
+    except NoNode:
+        pass  # a service stored before config had its own node
+
+
+def _add_unit_ops(tx, service, first_number, machines, policy=None):
     names = []
     for offset, machine_id in enumerate(machines):
         name = unit_name(service, first_number + offset)
-        tx.create(unit_path(name), nodes.dump(_unit_data(service, machine_id)))
+        tx.create(unit_path(name), nodes.dump(_unit_data(service, machine_id)),
+                  acl=policy and policy.unit_node(machine_id, name))
         tx.create(assignment_path(machine_id, name), b"")
         names.append(name)
     return names
@@ -113,16 +136,18 @@ class ServiceStateManager:
             raise ServiceDying(name)
         data = {
             "charm": charm_bundle_id,
-            "config": config,
             "limits": limits,
             "life": ALIVE,
             "unit-sequence": n,
         }
+        policy = auth.admin_policy(self.client)
+        placements = _placements(name, 0, machines)
         tx = self.client.transaction()
         if await self.client.exists(charm_path(charm_bundle_id)) is None:
             tx.create(charm_path(charm_bundle_id), bundle)
-        tx.create(service_path(name), nodes.dump(data))
-        names = _add_unit_ops(tx, name, 0, machines)
+        tx.create(service_path(name), nodes.dump(data), acl=policy and policy.service_node(placements))
+        tx.create(config_path(name), nodes.dump({"config": config}), acl=policy and policy.service_config(placements))
+        names = _add_unit_ops(tx, name, 0, machines, policy)
         try:
             await tx.commit()
         except NodeExists:
@@ -152,9 +177,13 @@ class ServiceStateManager:
             if data.get("life") == DYING:
                 raise ServiceDying(name)
             first = int(data.get("unit-sequence", 0))
+            policy = auth.admin_policy(self.client)
+            if policy is not None:
+                await _grant_service(self.client, policy, name, _placements(name, first, machines))
+                # The grant moved the ACL version, not the data version: `version` holds.
             tx = self.client.transaction()
             tx.set(service_path(name), nodes.dump({**data, "unit-sequence": first + n}), version)
-            names = _add_unit_ops(tx, name, first, machines)
+            names = _add_unit_ops(tx, name, first, machines, policy)
             try:
                 await tx.commit()
                 return names
@@ -217,6 +246,8 @@ class ServiceStateManager:
             if units:
                 tx.set(service_path(name), nodes.dump({**data, "life": DYING}), version)
             else:
+                if await self.client.exists(config_path(name)) is not None:
+                    tx.delete(config_path(name))
                 tx.delete(service_path(name), version)
             try:
                 await tx.commit()
@@ -234,10 +265,7 @@ class ServiceStateManager:
             return True
         if service.life != DYING or await service.unit_names():
             return False
-        try:
-            await self.client.delete(service.path)
-        except NoNode:
-            pass
+        await self.client.delete_tree(service.path)  # with its config
         await self._remove_charm_if_unused(service.charm_id)
         return True
 

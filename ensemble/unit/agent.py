@@ -171,10 +171,11 @@ class UnitAgent(BaseAgent):
             self.unit.data.get("private-address"),
             self.charm_dir,
             self.unit_dir,
-            service.config,
+            await service.get_config(),
             self.zookeeper,
             # Where `ensemble` itself is, so hooks can call `ensemble service-addresses`.
             os.path.dirname(sys.executable),
+            str(self.client.credential) if self.client.credential else None,
         )
 
     async def _ensure_charm(self, service):

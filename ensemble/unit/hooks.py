@@ -22,9 +22,11 @@ class HookFailed(EnsembleError):
         self.status = status
 
 
-def hook_environment(unit_name, private_address, charm_dir, unit_dir, config, zookeeper, path_prefix):
-    """Exactly what a hook may rely on (docs/charms.md)."""
+def hook_environment(unit_name, private_address, charm_dir, unit_dir, config, zookeeper, path_prefix, auth=None):
+    """Exactly what a hook may rely on (docs/charms.md). `auth`: the unit's ZooKeeper
+    credential, for the `ensemble` commands hooks run."""
     return {
+        **({"ENSEMBLE_AUTH": auth} if auth else {}),
         "PATH": f"{path_prefix}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": unit_dir,
         "LANG": "C.UTF-8",

@@ -342,7 +342,8 @@ def agent_run_script(argv, environment=None):
 def service_files(spec):
     """{relative path under <container>/ensemble: (content, mode)} for the spec."""
     if spec.agent_command:
-        return {"service/agent/run": (agent_run_script(spec.agent_command, spec.agent_environment), 0o755)}
+        # 0700: it holds the unit's ZooKeeper credential.
+        return {"service/agent/run": (agent_run_script(spec.agent_command, spec.agent_environment), 0o700)}
     # Nothing to supervise: runsv keeps the container up with the service down.
     return {
         "service/agent/run": ("#!/bin/sh\nexec sleep infinity\n", 0o755),
