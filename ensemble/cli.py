@@ -65,6 +65,7 @@ async def cmd_bootstrap(reactor, args):
     print(f"{verb} environment {config['name']} in {home.path}")
     print(f"zookeeper: {config['zookeeper']}")
     print(f"machine 0 agent log: {home.agent_log_path('machine-0')}")
+    print(f"machine 0 containers (lxc path): {os.path.join(home.lxc_dir, 'machine-0')}")
 
 
 async def cmd_create_environment(reactor, args):
@@ -300,13 +301,21 @@ async def cmd_machine_agent(reactor, args):
         from ensemble.machine.container.template import Template
 
         template = Template()
-        driver = LXCDriver(os.path.join(home.ensure_storage(), f"machine-{machine_id}"), template, reactor=reactor)
+        driver = LXCDriver(os.path.join(home.lxc_dir, f"machine-{machine_id}"), template, reactor=reactor)
     credential = connection.session_credential(args.zookeeper)
     if credential is not None and credential.user == auth.ADMIN_USER:
         credential = auth.machine_credential(credential, machine_id)  # never more than it needs
     if credential is not None and credential.user != f"machine-{machine_id}":
         raise InvalidValue(f"${connection.AUTH_VARIABLE} is {credential.user}'s credential, not machine-{machine_id}'s")
     client = await connection.connect(args.zookeeper, credential=credential)
+    if driver is not None:
+        try:
+            await MachineStateManager(client).get_machine(machine_id)  # before making storage for it
+        except BaseException:
+            await client.close()
+            raise
+        home.ensure_storage()
+        logging.getLogger("ensemble.machine").info("machine-%s: containers in %s", machine_id, driver.lxc_path)
     args.agent = MachineAgent(
         client, machine_id, reactor, manage_bridge=not args.no_bridge, driver=driver, template=template,
         unit_log_dir=os.path.join(home.logs_dir, "units"), overlay=not (args.no_bridge or args.no_overlay),
@@ -509,10 +518,14 @@ def _report(exc):
     if isinstance(exc, EnsembleError):
         message = str(exc)
     elif isinstance(exc, NoAuth):
-        message = (
-            "ZooKeeper refused: this credential may not do that (the admin's comes from ENSEMBLE_HOME "
-            f"or ${connection.AUTH_VARIABLE})"
-        )
+        user = os.environ.get(connection.AUTH_VARIABLE, "").partition(":")[0]
+        need = f"changes need the admin's credential (from ENSEMBLE_HOME, or ${connection.AUTH_VARIABLE})"
+        if user == auth.ADMIN_USER:
+            message = f"ZooKeeper refused: the admin credential in ${connection.AUTH_VARIABLE} is not this environment's"
+        elif user:
+            message = f"ZooKeeper refused: {user} may not do that; {need}"
+        else:
+            message = f"ZooKeeper refused: this session has no credential, or not this environment's; {need}"
     elif isinstance(exc, (ConnectionLost, SessionExpired)):
         message = (
             "lost the connection to ZooKeeper before it answered; the command may or may not have "

@@ -1,6 +1,6 @@
 """ENSEMBLE_HOME (default ~/.ensemble): a local environment's config, ZooKeeper data,
-agent pid files and logs, and (through the link `lxc`) container storage. Two homes
-are two environments."""
+agent pid files and logs. Container storage is elsewhere (STORAGE_ROOT). Two homes are
+two environments."""
 
 import hashlib
 import os
@@ -13,7 +13,9 @@ from ensemble.errors import MalformedState, NoEnvironment
 # Container storage lives outside the home: a unit's root is an unprivileged host id,
 # and LXC has it search the whole path to the container directory, which a home under
 # /root (or any 0700 directory) does not allow. One directory per home, named by a
-# hash of the home's path; its file `home` says which home it belongs to.
+# hash of the home's path; its file `home` says which home it belongs to. (No link to it
+# from the home: LXC names a container's command socket after the lxc path as given, so
+# tools pointed through a link would not find running containers.)
 STORAGE_ROOT = "/var/lib/ensemble/homes"
 
 
@@ -53,12 +55,8 @@ class EnsembleHome:
         """The lxc path of each machine agent's containers (machine-N below it)."""
         return os.path.join(self.storage_dir, "lxc")
 
-    @property
-    def lxc_link(self):
-        return os.path.join(self.path, "lxc")
-
     def ensure_storage(self):
-        """Make the storage directory, searchable by every id, and the link to it."""
+        """Make the storage directory, searchable by every id."""
         path = self.lxc_dir
         os.makedirs(path, exist_ok=True)
         while path != os.path.dirname(STORAGE_ROOT):
@@ -66,18 +64,12 @@ class EnsembleHome:
             path = os.path.dirname(path)
         with open(os.path.join(self.storage_dir, "home"), "w") as f:
             f.write(self.path + "\n")
-        if os.path.realpath(self.lxc_link) != self.lxc_dir:
-            os.makedirs(self.path, exist_ok=True)
-            tmp = f"{self.lxc_link}.{os.getpid()}.tmp"
-            os.symlink(self.lxc_dir, tmp)
-            os.replace(tmp, self.lxc_link)
         return self.lxc_dir
 
     # What destroy-environment removes; anything else a user put here is left alone.
     @property
     def owned_paths(self):
-        return [self.config_path, self.zookeeper_dir, self.logs_dir, self.run_dir, self.lxc_link,
-                self.storage_dir]
+        return [self.config_path, self.zookeeper_dir, self.logs_dir, self.run_dir, self.storage_dir]
 
     def agent_pid_path(self, name):
         return os.path.join(self.run_dir, f"{name}.pid")

@@ -10,6 +10,7 @@ import pytest_twisted
 from twisted.internet import reactor, task
 
 from ensemble.charm import Charm, bundle_id
+from ensemble.home import EnsembleHome
 from ensemble.machine.agent import MachineAgent
 from ensemble.state import nodes
 from ensemble.state.client import NoNode, ZKClient, expire_session
@@ -202,3 +203,5 @@ async def test_agents_for_unknown_machine_or_unit_fail_clearly(env_client, zk_sp
         assert result.returncode == 1
         assert result.stderr.strip().splitlines()[-1].startswith(message)
         assert "Traceback" not in result.stderr
+    # Nothing was made on the host for the machine that does not exist.
+    assert not os.path.exists(EnsembleHome(str(tmp_path / "home")).storage_dir)

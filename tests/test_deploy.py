@@ -53,7 +53,7 @@ class Environment:
         return yaml.safe_load((self.home / "environment.yaml").read_text())
 
     def driver(self):
-        return LXCDriver(str(self.home / "lxc" / "machine-0"), Template())
+        return LXCDriver(os.path.join(EnsembleHome(str(self.home)).lxc_dir, "machine-0"), Template())
 
     async def client(self):
         return await local.admin_client(EnsembleHome(str(self.home)))

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 
+from ensemble.home import EnsembleHome
 from ensemble.process import alive as process_alive
 
 from conftest import ensemble_env, run_ensemble
@@ -39,6 +40,11 @@ def test_bootstrap_status_destroy_leaves_nothing(tmp_path):
         result = run_ensemble("bootstrap", "--network", "10.88.0.0/16", env=env)
         assert result.returncode == 0, result.stderr
         assert "bootstrapped environment local-" in result.stdout
+        storage = EnsembleHome(str(home)).storage_dir
+        assert f"containers (lxc path): {storage}/lxc/machine-0" in result.stdout
+        # The admin credential is in the config: readable by its owner only.
+        assert (home / "environment.yaml").stat().st_mode & 0o777 == 0o600
+        assert "admin-secret" in (home / "environment.yaml").read_text()
         status = json.loads(run_ensemble("status", "--format", "json", env=env).stdout)
         assert status["machines"]["0"]["agent"] == "alive"
         assert status["network"]["cidr"] == "10.88.0.0/16"
@@ -55,6 +61,7 @@ def test_bootstrap_status_destroy_leaves_nothing(tmp_path):
     assert "destroyed environment" in result.stdout
     assert processes_of(home) == []
     assert not home.exists()
+    assert not os.path.exists(storage)
     message = one_line_error(run_ensemble("status", env=env))
     assert message.startswith(f"no environment in {home}")
     assert one_line_error(run_ensemble("deploy", DB, env=env)).startswith("no environment")

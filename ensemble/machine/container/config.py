@@ -302,6 +302,12 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None):
     ]
     if os.path.exists(SECCOMP):
         lines.append(f"lxc.seccomp.profile = {SECCOMP}")
+    if binds:
+        lines += [
+            "",
+            f"# {STAGE_DIR}/*: what stage.json names, bound by ensemble when it starts this",
+            "# container, seen by LXC only (not on the host): start it with ensemble, not lxc-start.",
+        ]
     lines += [
         "",
         "# mounts",
