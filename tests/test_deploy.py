@@ -5,6 +5,7 @@ the bridge address): the mission's flow, end to end."""
 import itertools
 import json
 import os
+import shlex
 import signal
 import time
 import urllib.request
@@ -97,19 +98,30 @@ async def sh(driver, container, script):
     return code, out.decode(), err.decode()
 
 
-# Inside a unit: try to write a field into a unit node with $ENSEMBLE_AUTH's credential.
+# Inside a unit: set fields (JSON) of a unit node with $ENSEMBLE_AUTH's credential.
 ZK_WRITE = (
-    "import sys; from twisted.internet import defer, task; from ensemble import connection; "
+    "import json, sys; from twisted.internet import defer, task; from ensemble import connection; "
     "from ensemble.state import nodes; from ensemble.state.client import NoAuth\n"
     "async def main(reactor):\n"
     "    client = await connection.connect()\n"
     "    try:\n"
-    "        await nodes.update(client, sys.argv[1], nodes.merge({'touched': True})); print('changed')\n"
+    "        await nodes.update(client, sys.argv[1], nodes.merge(json.loads(sys.argv[2]))); print('changed')\n"
     "    except NoAuth:\n"
     "        print('NoAuth')\n"
     "    await client.close()\n"
     "task.react(lambda r: defer.ensureDeferred(main(r)))"
 )
+
+
+async def write_as_unit(driver, container, path, fields):
+    """'changed' or 'NoAuth': what the unit's own agent credential, used from inside
+    its container, could do to `path`."""
+    code, out, err = await sh(driver, container, (
+        "export $(grep -o 'ENSEMBLE_[A-Z_]*=[^ ]*' /etc/ensemble/service/agent/run); "
+        f"{agent_python()} -c {shlex.quote(ZK_WRITE)} {path} {shlex.quote(json.dumps(fields))}"
+    ))
+    assert code == 0, err
+    return out.strip()
 
 
 @pytest_twisted.ensureDeferred
@@ -152,12 +164,8 @@ async def test_two_services_on_one_machine_are_started_connected_and_isolated(en
             assert os.stat(f"/proc/{init}").st_uid == UNIT_IDS[0]
         # web's agent's own ZooKeeper credential, used from inside web, may change web's
         # node but not db's.
-        for target, expected in (("web-0", "changed"), ("db-0", "NoAuth")):
-            code, out, err = await sh(driver, web["container"], (
-                "export $(grep -o 'ENSEMBLE_[A-Z_]*=[^ ]*' /etc/ensemble/service/agent/run); "
-                f"{agent_python()} -c \"{ZK_WRITE}\" /units/{target}"
-            ))
-            assert code == 0 and out.strip() == expected, (target, out, err)
+        assert await write_as_unit(driver, web["container"], "/units/web-0", {"touched": True}) == "changed"
+        assert await write_as_unit(driver, web["container"], "/units/db-0", {"touched": True}) == "NoAuth"
         assert "touched" not in env.units()["db/0"]
         logs = env.home / "logs" / "units"
         for unit_dir in ("db-0", "web-0"):

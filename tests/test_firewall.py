@@ -9,6 +9,7 @@ import uuid
 import pytest
 import pytest_twisted
 from pyroute2 import IPRoute, netns as pyroute2_netns
+from twisted.internet import reactor, task
 
 from ensemble.network import bridge
 from ensemble.network.firewall import Firewall, parse_port
@@ -98,7 +99,7 @@ def test_ports_parse():
 
 
 def test_units_reach_only_opened_ports_and_only_zookeeper_on_the_host(host):
-    firewall = Firewall("fw", BRIDGE, GATEWAY, [ZOOKEEPER_PORT], netns=host["host"])
+    firewall = Firewall("fw", BRIDGE, GATEWAY, [ZOOKEEPER_PORT], netns=host["host"], subnet="10.93.0.0/24")
     with listening(host["db"], DB, [7070, 7071]), listening(host["web"], WEB, [8080]), \
             listening(host["host"], GATEWAY, [ZOOKEEPER_PORT, 2222]):
         # Without the firewall everything is open (what the test's setup proves).
@@ -138,7 +139,7 @@ def test_units_reach_only_opened_ports_and_only_zookeeper_on_the_host(host):
 
 @pytest_twisted.ensureDeferred
 async def test_web_reaches_only_what_db_opened_and_nothing_else_on_the_host(tmp_path):
-    from test_deploy import DB, WEB, Environment, all_started, sh
+    from test_deploy import DB, WEB, Environment, all_started, sh, write_as_unit
 
     env = Environment(tmp_path / "home")
     env.cli("bootstrap", "--network", env.network)
@@ -182,6 +183,15 @@ async def test_web_reaches_only_what_db_opened_and_nothing_else_on_the_host(tmp_
             }, (results, err)
             # The operator on the host still reaches the unit's other ports.
             socket.create_connection((db["private-address"], 7071), timeout=2).close()
+            # A compromised web may write its own node only: claiming db's address there
+            # and opening 7071 opens nothing on db, since the firewall takes addresses
+            # from the machine's reservations. (Waits past the agent's 5 s resync.)
+            forged = {"private-address": db["private-address"], "open-ports": ["7071/tcp"]}
+            assert await write_as_unit(driver, web["container"], "/units/web-0", forged) == "changed"
+            await task.deferLater(reactor, 7, lambda: None)
+            code, out, err = await driver.exec(web["container"], ["/usr/bin/python3", "-c", probe, targets[1]],
+                                               timeout=30)
+            assert out.decode().split() == [targets[1], "TimeoutError"], (out, err)
         finally:
             host_service.close()
     finally:
@@ -190,3 +200,20 @@ async def test_web_reaches_only_what_db_opened_and_nothing_else_on_the_host(tmp_
     assert result.returncode == 0, result.stderr
     # destroy-environment takes the firewall's tables with it.
     assert Firewall(name, "unused", None).present() == []
+
+
+def test_another_environments_firewall_leaves_this_bridge_alone(host):
+    # Two environments on one host: the bridge family's forward hook sees both
+    # bridges, so each firewall must act on its own bridge only.
+    bridge.ensure_bridge("fw-other", "10.94.0.0/24", host["host"])
+    other = Firewall("other", "fw-other", "10.94.0.1", [ZOOKEEPER_PORT], netns=host["host"], subnet="10.94.0.0/24")
+    ours = Firewall("fw", BRIDGE, GATEWAY, [ZOOKEEPER_PORT], netns=host["host"], subnet="10.93.0.0/24")
+    with listening(host["db"], DB, [7070, 7071]):
+        other.sync({"10.94.0.5": [(80, "tcp")]})
+        assert talk(host["web"], DB, 7071) == "hi"  # ours has no firewall: all open
+        ours.sync({DB: [(7070, "tcp")]})
+        assert talk(host["web"], DB, 7070) == "hi"
+        assert talk(host["web"], DB, 7071) == "TimeoutError"
+        other.remove()
+        assert talk(host["web"], DB, 7070) == "hi"
+        ours.remove()

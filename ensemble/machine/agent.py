@@ -59,7 +59,7 @@ class MachineAgent(BaseAgent):
         self._audited = None
         self.manage_firewall = firewall
         self.firewall = None
-        self._openings = {}       # unit -> (address, ["7070/tcp", ...])
+        self._openings = {}       # unit -> ["7070/tcp", ...] it published
         self._unit_watches = {}   # unit -> its node's watch (for its opened ports)
         self._firewall_lock = defer.DeferredLock()
         self._reported = set()
@@ -155,6 +155,7 @@ class MachineAgent(BaseAgent):
             self.firewall = Firewall(
                 environment["name"], self.bridge, bridge.gateway_of(self.subnet),
                 zookeeper_ports(self.unit_zookeeper, bridge.gateway_of(self.subnet)), self.netns,
+                subnet=self.subnet,
             )
             # Closed from the start: until a unit's ports are known, nothing is open.
             await self.sync_firewall()
@@ -387,8 +388,10 @@ class MachineAgent(BaseAgent):
         if data is None or "malformed" in data:
             opening = None
         else:
+            # Only the ports: a unit may write its own node, private-address included,
+            # so the address comes from this machine's reservations (sync_firewall).
             ports = data.get("open-ports") or []
-            opening = (data.get("private-address"), list(ports) if isinstance(ports, list) else [str(ports)])
+            opening = list(ports) if isinstance(ports, list) else [str(ports)]
         if self._openings.get(name) != opening:
             if opening is None:
                 self._openings.pop(name, None)
@@ -402,7 +405,9 @@ class MachineAgent(BaseAgent):
             return
         async with self._firewall_lock:
             openings = {}
-            for name, (address, ports) in sorted(self._openings.items()):
+            reserved = await self.allocator.reserved() if self.allocator is not None else {}
+            for name, ports in sorted(self._openings.items()):
+                address = reserved.get(name)
                 if not address:
                     continue
                 parsed = []

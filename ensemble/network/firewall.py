@@ -85,10 +85,13 @@ def _pair(direction, proto):
 
 
 class Firewall:
-    def __init__(self, environment, bridge, gateway, zookeeper_ports=(), netns=None):
+    def __init__(self, environment, bridge, gateway, zookeeper_ports=(), netns=None, subnet=None):
+        """`subnet`: this host's unit subnet (CIDR), so that the bridged rules leave
+        other environments' units on this host alone; None: all bridged units."""
         self.table = f"ens-{environment}"
         self.bridge = bridge
         self.gateway = gateway
+        self.subnet = str(subnet) if subnet is not None else None
         self.zookeeper_ports = sorted(set(zookeeper_ports))
         self.netns = netns
 
@@ -133,6 +136,17 @@ class Firewall:
         rule("bridge", "forward", _match(_meta("iifname"), VETH_GLOB), _match(_meta("oifname"), VETH_GLOB),
              {"jump": {"target": "between_units"}})
         rule("bridge", "between_units", _match(_payload("ether", "type"), "arp"), {"accept": None})
+        if self.subnet is not None:
+            # The bridge family's forward hook sees every bridge on the host, and this
+            # kernel cannot match a port's bridge (no meta ibrname). So IPv4 to other
+            # subnets is left to the environment whose subnet it is: a frame here with
+            # such an address is not for any of our units. (Every environment drops
+            # what is neither ARP nor IPv4, so sharing that rule is harmless.)
+            rule("bridge", "between_units", _match(_payload("ether", "type"), "ip", "!="), {"drop": None})
+            network, _, length = self.subnet.partition("/")
+            rule("bridge", "between_units",
+                 _match(_payload("ip", "daddr"), {"prefix": {"addr": network, "len": int(length)}}, "!="),
+                 {"return": None})
         for proto in ("tcp", "udp"):
             rule("bridge", "between_units", _match(_pair("to", proto), f"@{proto}_open"), {"accept": None})
         rule("bridge", "between_units", _match(_pair("from", "tcp"), "@tcp_open"),
