@@ -2,7 +2,10 @@
 (create, start, stop, destroy), side by side with plain `lxc-copy -s` + `lxc-start` of
 the same template. Prints one JSON object on stdout; progress goes to stderr.
 
-    .venv/bin/python bench/containers.py [--clones 50] [--warm]
+    .venv/bin/python bench/containers.py [--clones 50] [--warm] [--unprivileged]
+
+--unprivileged gives the driver's containers a user namespace, as units get (the plain
+LXC side stays privileged: plain lxc-copy cannot clone a template for one).
 
 The cold build uses a temporary cache directory (the shared cache stays warm);
 --warm skips it and clones the shared template instead. Everything runs in a network
@@ -32,6 +35,7 @@ from twisted.internet import defer, task
 
 from ensemble.machine.container import config as lxc_config
 from ensemble.machine.container.driver import ContainerSpec, LXCDriver, ensemble_mounts
+from ensemble.machine.deploy import UNIT_IDS
 from ensemble.machine.container.names import container_name, hostname
 from ensemble.machine.container.template import Template
 from ensemble.network.bridge import ensure_bridge
@@ -159,7 +163,19 @@ async def run(reactor, args):
 
         pyroute2_netns.create(netns)
         gateway = ensure_bridge(BRIDGE, f"{SUBNET_PREFIX}.0.0/16", netns)
-        driver = LXCDriver(os.path.join(work, "lxc"), template, netns=netns)
+        idmap = None
+        if args.unprivileged:
+            # As units run: user-namespaced, from a template copy with shifted owners
+            # (made once; timed here), in storage their root can search.
+            idmap = UNIT_IDS
+            started = time.perf_counter()
+            await template.ensure_shifted(*idmap)
+            result["shifted_template_copy_s"] = round(time.perf_counter() - started, 1)
+            storage = os.path.join("/var/lib/ensemble", f"bench-{os.getpid()}")
+            driver = LXCDriver(os.path.join(storage, "lxc"), template, netns=netns)
+        else:
+            driver = LXCDriver(os.path.join(work, "lxc"), template, netns=netns)
+        result["unprivileged"] = bool(idmap)
         prefix = await driver.command_prefix()
         plain = Plain(template, os.path.join(work, "plain"), prefix, gateway)
         mounts = ensemble_mounts()
@@ -167,7 +183,7 @@ async def run(reactor, args):
         def spec(i):
             unit = f"bench/{i}"
             return ContainerSpec(container_name("bench", unit), hostname(unit), f"{SUBNET_PREFIX}.0.{10 + i}", 16,
-                                 gateway, BRIDGE, mounts=mounts, **LIMITS)
+                                 gateway, BRIDGE, mounts=mounts, idmap=idmap, **LIMITS)
 
         # Warm up both paths once (page cache, the driver's namespace helper).
         warm = spec(199)
@@ -242,6 +258,8 @@ async def run(reactor, args):
         if template is not None and not args.warm:
             await template.remove()
         shutil.rmtree(work, ignore_errors=True)
+        if args.unprivileged:
+            shutil.rmtree(os.path.join("/var/lib/ensemble", f"bench-{os.getpid()}"), ignore_errors=True)
     return result
 
 
@@ -256,6 +274,8 @@ def main():
     parser = argparse.ArgumentParser(description="containers benchmark (JSON on stdout)")
     parser.add_argument("--clones", type=int, default=50)
     parser.add_argument("--warm", action="store_true", help="clone the shared template; no cold build")
+    parser.add_argument("--unprivileged", action="store_true",
+                        help="user-namespaced containers, as units get (plain LXC stays privileged)")
     args = parser.parse_args()
 
     async def go(reactor):

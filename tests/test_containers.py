@@ -86,17 +86,22 @@ def lab():
         yield Lab(ns, gateway)
 
 
+async def _destroy_all(d, lab):
+    """Every container the test made or the driver holds, then the driver itself."""
+    try:
+        for name in set(lab.names) | set(await d.list()):
+            await d.destroy(name, timeout=2)
+    finally:
+        await d.close()
+
+
 @pytest_twisted.async_yield_fixture
 async def driver(template, lab, tmp_path):
     d = LXCDriver(str(tmp_path / "lxc"), template, netns=lab.netns)
     try:
         yield d
     finally:
-        try:
-            for name in set(lab.names) | set(await d.list()):
-                await d.destroy(name, timeout=2)
-        finally:
-            await d.close()
+        await _destroy_all(d, lab)
 
 
 @pytest_twisted.async_yield_fixture
@@ -109,10 +114,8 @@ async def unprivileged_driver(template, lab):
         yield d
     finally:
         try:
-            for name in set(lab.names) | set(await d.list()):
-                await d.destroy(name, timeout=2)
+            await _destroy_all(d, lab)
         finally:
-            await d.close()
             remove_tree(path)
 
 

@@ -98,7 +98,7 @@ def environment_acl(admin_id):
 
 
 def private_acl(admin_id, *readers):
-    """Nodes with secrets in them (services' config, charms): the admin and `readers`."""
+    """Nodes with secrets in them (a service's config): the admin and `readers`."""
     return [digest(ALL, admin_id), *(digest(READ, r) for r in readers)]
 
 

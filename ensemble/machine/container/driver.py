@@ -351,8 +351,8 @@ class _NetnsHelper(protocol.ProcessProtocol):
 
 class LXCDriver:
     def __init__(self, lxc_path, template, netns=None, reactor=None):
-        # Resolved: LXC names a container's command socket after the path it was given,
-        # so every command must name the same one (ENSEMBLE_HOME/lxc is a link).
+        # Resolved: LXC names a container's command socket after the lxc path as given,
+        # so every command must name the same one, whatever link the caller went through.
         self.lxc_path = os.path.realpath(lxc_path)
         self.template = template
         self.netns = None if netns is None else validate_netns_name(netns)
