@@ -654,19 +654,27 @@ def test_unprivileged_ids_must_be_granted_to_root(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_unprivileged_start_binds_paths_only_for_itself(unprivileged_driver, lab):
+async def test_unprivileged_start_binds_what_its_root_cannot_reach_for_itself_only(unprivileged_driver, lab,
+                                                                                   tmp_path):
     driver = unprivileged_driver
-    spec = lab.spec("web/0", idmap=(100000, 65536))
+    hidden = tmp_path / "hidden"  # under pytest's 0700 tmp: the container's root cannot reach it
+    hidden.mkdir()
+    (hidden / "note").write_text("from the host\n")
+    spec = lab.spec("web/0", idmap=(100000, 65536), mounts=[*ensemble_mounts(), (str(hidden), "/hidden", True)])
     await driver.create(spec)
     await driver.start(spec.name)
     config = open(driver.config_path(spec.name)).read()
-    # The config names the stage mountpoints, not the template or the venv's real paths ...
-    assert f"overlay:{lxc_config.STAGE_DIR}/lower:{lxc_config.STAGE_DIR}/container/overlay/delta" in config
     assert "lxc.idmap = u 0 100000 65536" in config and "lxc.idmap = g 0 100000 65536" in config
-    for host_path, container_path, _ in spec.mounts:
-        assert f"{host_path} {container_path.lstrip('/')} " not in config
-    # ... the container runs, and the binds are in its own mount namespace, not the host's.
+    # The unreachable mount goes through a stage mountpoint; what its root can reach
+    # (the shifted template, the container directory, the venv) is named directly.
+    staged = [line for line in config.splitlines() if line.startswith("lxc.mount.entry") and "hidden" in line]
+    assert len(staged) == 1 and re.fullmatch(
+        rf"lxc.mount.entry = {lxc_config.STAGE_DIR}/dir-\d+ hidden none bind,ro,create=dir 0 0", staged[0]), staged
+    assert f"overlay:{driver.template.shifted_rootfs(100000)}:{driver.container_dir(spec.name)}/overlay/delta" in config
+    for host_path, container_path, _ in ensemble_mounts():
+        assert f"lxc.mount.entry = {host_path} {container_path.lstrip('/')} " in config
+    # It runs, sees the file, and the bind exists in its own mount namespace only.
     assert await driver.state(spec.name) == "RUNNING"
-    assert (await sh(driver, spec.name, f"test -x {agent_python()} && echo ok")).strip() == "ok"
+    assert (await sh(driver, spec.name, "cat /hidden/note")) == "from the host\n"
     with open("/proc/self/mountinfo") as f:
         assert lxc_config.STAGE_DIR not in f.read()

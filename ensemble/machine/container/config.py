@@ -238,24 +238,37 @@ def _by_depth(mounts):
     return sorted(mounts, key=lambda m: os.path.normpath(m[1]).count("/"))
 
 
+def unsearchable(path, uid):
+    """The first directory on the way to `path` (itself included, if a directory) that
+    host id `uid`, owning none of them but its own, may not search; None if none."""
+    current = path if os.path.isdir(path) else os.path.dirname(path)
+    while True:
+        st = os.stat(current)
+        if not st.st_mode & (0o100 if st.st_uid == uid else 0o001):
+            return current
+        if current == "/":
+            return None
+        current = os.path.dirname(current)
+
+
 def stage_binds(spec, container_dir, template_rootfs):
-    """[(host path, stage mountpoint)] a start binds first: every path LXC resolves as
-    the container's root (none without a user namespace; see STAGE_DIR)."""
+    """[(host path, stage mountpoint)] a start binds first: each path LXC resolves as the
+    container's root that this root could not reach (none without a user namespace;
+    see STAGE_DIR). Each bind costs a few ms of every start, so only those."""
     if not spec.idmap:
         return []
-    binds = [(template_rootfs, f"{STAGE_DIR}/lower"), (container_dir, f"{STAGE_DIR}/container")]
+    candidates = [(template_rootfs, "lower"), (container_dir, "container")]
     for i, (host_path, _, _) in enumerate(_by_depth(spec.mounts)):
         host_path = _check_path(host_path, "a mount's host path")
-        kind = "file" if os.path.isfile(host_path) else "dir"
-        binds.append((host_path, f"{STAGE_DIR}/{kind}-{i}"))
-    return binds
+        candidates.append((host_path, f"{'file' if os.path.isfile(host_path) else 'dir'}-{i}"))
+    return [(path, f"{STAGE_DIR}/{name}") for path, name in candidates if unsearchable(path, spec.idmap[0])]
 
 
 def render(spec, container_dir, template_rootfs, veth, cgroups=None):
     """The LXC config for `spec` (see driver.ContainerSpec) as text."""
     cgroups = cgroups or host_cgroups()
     binds = stage_binds(spec, container_dir, template_rootfs)
-    seen = dict(binds[:2])  # how LXC reaches the template and the container directory
+    seen = dict(binds)  # host path -> where LXC reaches it
     template_rootfs = seen.get(template_rootfs, template_rootfs)
     staged_dir = seen.get(container_dir, container_dir)
     name = spec.name
@@ -313,9 +326,9 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None):
         "# mounts",
         f"lxc.mount.entry = {_fstab_path(os.path.join(staged_dir, SERVICE_DIR))} {SERVICE_MOUNT} none bind,create=dir 0 0",
     ]
-    sources = [target for _, target in binds[2:]]
-    for i, (host_path, container_path, read_only) in enumerate(_by_depth(spec.mounts)):
-        lines.append(mount_entry(host_path, container_path, read_only, sources[i] if sources else None))
+    for host_path, container_path, read_only in _by_depth(spec.mounts):
+        source = seen.get(_check_path(host_path, "a mount's host path"))
+        lines.append(mount_entry(host_path, container_path, read_only, source))
     lines += [
         "",
         f"lxc.log.file = {os.path.join(container_dir, 'lxc.log')}",

@@ -130,14 +130,12 @@ def _require_granted(first, count, files=("/etc/subuid", "/etc/subgid")):
 
 def _require_searchable(path, uid):
     """LXC checks that a user-namespaced container's root can search its lxc path."""
-    while path != "/":
-        st = os.stat(path)
-        if not st.st_mode & (0o100 if st.st_uid == uid else 0o001):
-            raise ContainerError(
-                f"{path} (mode {stat.S_IMODE(st.st_mode):04o}) cannot be searched by host id {uid}, "
-                "the root of unprivileged containers: keep the lxc path outside such directories"
-            )
-        path = os.path.dirname(path)
+    blocked = lxc_config.unsearchable(path, uid)
+    if blocked is not None:
+        raise ContainerError(
+            f"{blocked} (mode {stat.S_IMODE(os.stat(blocked).st_mode):04o}) cannot be searched by host id "
+            f"{uid}, the root of unprivileged containers: keep the lxc path outside such directories"
+        )
 
 
 def _ensure_searchable_dir(path):
