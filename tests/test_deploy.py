@@ -166,6 +166,11 @@ async def test_two_services_on_one_machine_are_started_connected_and_isolated(en
         # node but not db's.
         assert await write_as_unit(driver, web["container"], "/units/web-0", {"touched": True}) == "changed"
         assert await write_as_unit(driver, web["container"], "/units/db-0", {"touched": True}) == "NoAuth"
+        # The charms' servers, the part exposed to the network, do not hold it at all.
+        for unit in (db, web):
+            code, out, err = await sh(driver, unit["container"], (
+                "for p in $(pgrep -f charm/server.py); do tr '\\0' '\\n' < /proc/$p/environ; done"))
+            assert code == 0 and "ENSEMBLE_UNIT_NAME=" in out and "ENSEMBLE_AUTH=" not in out, (out, err)
         assert "touched" not in env.units()["db/0"]
         logs = env.home / "logs" / "units"
         for unit_dir in ("db-0", "web-0"):

@@ -107,6 +107,9 @@ class Daemon:
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(
                 argv,
+                # The server needs no ZooKeeper credential: a hook's is for `ensemble`
+                # commands, and a compromised server should not inherit it.
+                env={k: v for k, v in os.environ.items() if k != "ENSEMBLE_AUTH"},
                 cwd=self.directory,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
