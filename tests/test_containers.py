@@ -641,7 +641,7 @@ async def test_unprivileged_container_refuses_an_lxc_path_its_root_cannot_search
     assert await driver.list() == [] and not os.path.exists(driver.container_dir(spec.name))
 
 
-def test_unprivileged_ids_must_be_granted_to_root(tmp_path):
+def test_unprivileged_ids_must_be_granted_to_root(tmp_path, monkeypatch):
     subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
     subuid.write_text("alice:100000:65536\nroot:200000:65536\n")
     subgid.write_text("root:100000:65536\n")
@@ -651,6 +651,10 @@ def test_unprivileged_ids_must_be_granted_to_root(tmp_path):
     driver_module._require_granted(100000, 65536, (str(subuid), str(subgid)))
     with pytest.raises(ContainerError, match="subgid"):
         driver_module._require_granted(165536, 65536, (str(subuid), str(subgid)))
+    # And the tools that apply the grant must be there.
+    monkeypatch.setattr(driver_module, "PATH", str(tmp_path))
+    with pytest.raises(ContainerError, match="newuidmap is missing: install the 'uidmap' package"):
+        driver_module._require_granted(100000, 65536, (str(subuid), str(subgid)))
 
 
 @pytest_twisted.ensureDeferred

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import stat
 import sys
@@ -109,6 +110,9 @@ def _stage_binds(container):
 def _require_granted(first, count, files=("/etc/subuid", "/etc/subgid")):
     """LXC maps ids with newuidmap/newgidmap, which allow only the ranges these files
     grant root."""
+    for tool in ("newuidmap", "newgidmap"):
+        if shutil.which(tool, path=PATH) is None:
+            raise ContainerError(f"{tool} is missing: install the 'uidmap' package (scripts/install does)")
     for path in files:
         try:
             with open(path) as f:
