@@ -152,6 +152,15 @@ async def test_a_machine_changes_only_its_own_machine_and_units(secured):
     await _refused(m0.set("/services/db", b""))
     await _refused((await ServiceStateManager(m0).get_service("web")).get_config())
     await _refused(m0.set_acl("/machines/machine-0000000001", [auth.WORLD_READ]))
+    # It may delete under /units, /services and /charms (ZooKeeper checks the parent),
+    # but not what belongs to services it does not run: their guards stop it.
+    web_charm = (await ServiceStateManager(m0).get_service("web")).charm_id
+    for path in ("/units/web-0", "/services/web", f"/charms/{web_charm}"):
+        await _refused(m0.delete_tree(path))
+        assert await m0.exists(path) is not None, path
+    # Its own unit it may remove, guard and all (as it does when the unit is done).
+    await m0.delete_tree("/units/db-0")
+    assert await m0.exists("/units/db-0") is None
 
 
 @pytest_twisted.ensureDeferred

@@ -129,7 +129,8 @@ class AdminPolicy:
         return [*self.public(), digest(OWN, self.machine(machine_id)), digest(OWN, self.unit(machine_id, unit_name))]
 
     def service_node(self, placements):
-        # DELETE: the agent that removes a dying service's last unit removes the config.
+        """Also a charm's. DELETE: the agent that removes a dying service's last unit
+        removes the service (its config first) and perhaps its charm (its guard first)."""
         return [*self.public(), *(digest(DELETE, self.machine(m)) for m in sorted(set(placements.values())))]
 
     def service_config(self, placements):
@@ -150,6 +151,11 @@ def admin_policy(client):
 # What a machine may do on the tree's shared parents: remove the units, services and
 # charms it finishes (ZooKeeper checks a delete against the parent), lease a subnet.
 MACHINE_PARENT_GRANTS = {"/units": DELETE, "/services": DELETE, "/charms": DELETE, "/network/subnets": CREATE}
+# That parent grant would let any machine delete any childless unit or charm. So each
+# gets a child only the admin may make: deleting it, and so the node, takes DELETE on
+# the node itself, which only the machines that run (or ran) it have. Services already
+# have one (`config`).
+GUARD = "guard"
 
 
 async def change_grants(client, path, add=(), remove_ids=()):

@@ -98,9 +98,14 @@ def _placements(service, first_number, machines):
     return {unit_name(service, first_number + i): m for i, m in enumerate(machines)}
 
 
-async def _grant_service(client, policy, name, placements):
-    """Let the new units and their machines read the config (before they exist)."""
+async def _grant_service(client, policy, name, charm_id, placements):
+    """Let the new units and their machines read the config, and the machines remove
+    the service and its charm when done (before the units exist)."""
     await auth.change_grants(client, service_path(name), add=policy.service_node(placements))
+    try:
+        await auth.change_grants(client, charm_path(charm_id), add=policy.service_node(placements))
+    except NoNode:
+        pass  # a new charm: created with these grants
     try:
         await auth.change_grants(client, config_path(name), add=policy.service_config(placements))
     except NoNode:
@@ -113,6 +118,8 @@ def _add_unit_ops(tx, service, first_number, machines, policy=None):
         name = unit_name(service, first_number + offset)
         tx.create(unit_path(name), nodes.dump(_unit_data(service, machine_id)),
                   acl=policy and policy.unit_node(machine_id, name))
+        if policy is not None:
+            tx.create(f"{unit_path(name)}/{auth.GUARD}", b"", acl=policy.public())
         tx.create(assignment_path(machine_id, name), b"")
         names.append(name)
     return names
@@ -144,7 +151,11 @@ class ServiceStateManager:
         placements = _placements(name, 0, machines)
         tx = self.client.transaction()
         if await self.client.exists(charm_path(charm_bundle_id)) is None:
-            tx.create(charm_path(charm_bundle_id), bundle)
+            tx.create(charm_path(charm_bundle_id), bundle, acl=policy and policy.service_node(placements))
+            if policy is not None:
+                tx.create(f"{charm_path(charm_bundle_id)}/{auth.GUARD}", b"", acl=policy.public())
+        elif policy is not None:
+            await auth.change_grants(self.client, charm_path(charm_bundle_id), add=policy.service_node(placements))
         tx.create(service_path(name), nodes.dump(data), acl=policy and policy.service_node(placements))
         tx.create(config_path(name), nodes.dump({"config": config}), acl=policy and policy.service_config(placements))
         names = _add_unit_ops(tx, name, 0, machines, policy)
@@ -179,7 +190,7 @@ class ServiceStateManager:
             first = int(data.get("unit-sequence", 0))
             policy = auth.admin_policy(self.client)
             if policy is not None:
-                await _grant_service(self.client, policy, name, _placements(name, first, machines))
+                await _grant_service(self.client, policy, name, data.get("charm"), _placements(name, first, machines))
                 # The grant moved the ACL version, not the data version: `version` holds.
             tx = self.client.transaction()
             tx.set(service_path(name), nodes.dump({**data, "unit-sequence": first + n}), version)
@@ -275,7 +286,4 @@ class ServiceStateManager:
         for other in await self.get_all_services():
             if other.charm_id == charm_id:
                 return
-        try:
-            await self.client.delete(charm_path(charm_id))
-        except NoNode:
-            pass
+        await self.client.delete_tree(charm_path(charm_id))  # with its guard
