@@ -308,6 +308,12 @@ async def cmd_machine_agent(reactor, args):
     if credential is not None and credential.user != f"machine-{machine_id}":
         raise InvalidValue(f"${connection.AUTH_VARIABLE} is {credential.user}'s credential, not machine-{machine_id}'s")
     client = await connection.connect(args.zookeeper, credential=credential)
+    if credential is None and (await _environment_settings(client)).get("admin-id"):
+        await client.close()
+        raise InvalidValue(
+            f"this environment has credentials: run the agent with ${connection.AUTH_VARIABLE} set to "
+            f"what 'ensemble machine-credential {machine_id}' prints"
+        )
     if driver is not None:
         try:
             await MachineStateManager(client).get_machine(machine_id)  # before making storage for it
@@ -322,6 +328,13 @@ async def cmd_machine_agent(reactor, args):
         firewall=not (args.no_bridge or args.no_firewall),
     )
     await _run_agent(reactor, args.agent)
+
+
+async def _environment_settings(client):
+    try:
+        return await get_environment(client)
+    except EnsembleError:
+        return {}  # no environment there: the agent says so itself
 
 
 async def cmd_unit_agent(reactor, args):

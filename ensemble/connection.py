@@ -74,8 +74,7 @@ def session_credential(zookeeper=None, home=None):
         return auth.Credential.parse(text)
     if zookeeper or os.environ.get("ENSEMBLE_ZOOKEEPER"):
         return None
-    secret = (home or EnsembleHome()).load().get("admin-secret")
-    return auth.Credential(auth.ADMIN_USER, secret) if secret else None
+    return auth.admin_of((home or EnsembleHome()).load())
 
 
 async def connect(zookeeper=None, home=None, timeout=None, session_timeout=None, create_root=False,

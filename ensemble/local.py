@@ -232,8 +232,7 @@ async def _admin_client(servers, root, admin, create_root=False):
 async def admin_client(home):
     """A session as the admin of the local environment in `home`."""
     config = home.load()
-    admin = auth.Credential(auth.ADMIN_USER, config["admin-secret"]) if config.get("admin-secret") else None
-    return await _admin_client(config["zookeeper"], config.get("root", "/ensemble"), admin)
+    return await _admin_client(config["zookeeper"], config.get("root", "/ensemble"), auth.admin_of(config))
 
 
 async def _resume(reactor, home, network=None, name=None):
@@ -259,8 +258,7 @@ async def _resume(reactor, home, network=None, name=None):
             # After a reboot the bridge is gone, and ZooKeeper listens on its address.
             await _run_blocking(reactor, bridge.ensure_bridge, bridge.bridge_name(config["name"]), config["subnet"])
         await _run_blocking(reactor, server.start)
-    admin = auth.Credential(auth.ADMIN_USER, config["admin-secret"]) if config.get("admin-secret") else None
-    client = await _admin_client(server.address, config.get("root", "/ensemble"), admin)
+    client = await _admin_client(server.address, config.get("root", "/ensemble"), auth.admin_of(config))
     try:
         await _start_machine_agent(reactor, home, client, machine_id)
     finally:
@@ -277,7 +275,7 @@ def _destroy_files_and_processes(home, server, environment_name=None):
         bridge.remove_bridge(bridge.bridge_name(environment_name))
         _remove_firewall(environment_name)
     for path in home.owned_paths:
-        if os.path.isdir(path) and not os.path.islink(path):
+        if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.exists(path):
             os.unlink(path)

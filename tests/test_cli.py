@@ -259,5 +259,11 @@ async def test_create_environment_makes_an_admin_whose_credential_the_commands_n
     result = run_ensemble("machine-agent", "--machine-id", "1", "--no-containers", "--no-bridge",
                           env=dict(anonymous, ENSEMBLE_AUTH=printed))
     assert "is machine-0's credential, not machine-1's" in one_line_error(result)
+    # And one with no credential at all is told where to get one.
+    result = run_ensemble("machine-agent", "--machine-id", "0", "--no-containers", "--no-bridge", env=anonymous)
+    assert result.returncode == 1 and "Traceback" not in result.stderr  # (agents log to stderr too)
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: this environment has credentials: run the agent with $ENSEMBLE_AUTH set to what "
+        "'ensemble machine-credential 0' prints")
     # Anyone may still read the environment's status, but not a service's config.
     assert status(lambda *a: run_ensemble(*a, env=anonymous))["machines"]["0"]["agent"] == "down"

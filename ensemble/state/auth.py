@@ -67,6 +67,12 @@ def new_admin():
     return Credential(ADMIN_USER, secrets.token_urlsafe(24))
 
 
+def admin_of(config):
+    """The admin credential kept in a local environment's config, or None."""
+    secret = config.get("admin-secret")
+    return Credential(ADMIN_USER, secret) if secret else None
+
+
 def machine_credential(admin, machine_id):
     return admin.derive(f"machine-{int(machine_id)}")
 
