@@ -8,6 +8,7 @@ import os
 import yaml
 
 from ensemble.errors import MalformedState, NoEnvironment
+from ensemble.searchable import make_searchable
 
 
 # Container storage lives outside the home: a unit's root is an unprivileged host id,
@@ -57,11 +58,7 @@ class EnsembleHome:
 
     def ensure_storage(self):
         """Make the storage directory, searchable by every id."""
-        path = self.lxc_dir
-        os.makedirs(path, exist_ok=True)
-        while path != os.path.dirname(STORAGE_ROOT):
-            os.chmod(path, 0o755)
-            path = os.path.dirname(path)
+        make_searchable(self.lxc_dir, "/var/lib")
         with open(os.path.join(self.storage_dir, "home"), "w") as f:
             f.write(self.path + "\n")
         return self.lxc_dir

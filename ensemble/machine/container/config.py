@@ -18,6 +18,8 @@ import shlex
 
 import netaddr
 
+from ensemble.searchable import unsearchable
+
 log = logging.getLogger("ensemble.container")
 
 # The first line of every config we write: what `list()` and `destroy()` recognise.
@@ -236,19 +238,6 @@ def runtime_lines(init_cmd):
 
 def _by_depth(mounts):
     return sorted(mounts, key=lambda m: os.path.normpath(m[1]).count("/"))
-
-
-def unsearchable(path, uid):
-    """The first directory on the way to `path` (itself included, if a directory) that
-    host id `uid`, owning none of them but its own, may not search; None if none."""
-    current = path if os.path.isdir(path) else os.path.dirname(path)
-    while True:
-        st = os.stat(current)
-        if not st.st_mode & (0o100 if st.st_uid == uid else 0o001):
-            return current
-        if current == "/":
-            return None
-        current = os.path.dirname(current)
 
 
 def stage_binds(spec, container_dir, template_rootfs):

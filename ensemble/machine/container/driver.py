@@ -36,6 +36,7 @@ from ensemble.machine.container import config as lxc_config
 from ensemble.machine.container.names import validate_container_name, validate_hostname, veth_name
 from ensemble.machine.container.template import remove_tree, shift_owners
 from ensemble.network.netns import host_argv, validate_netns_name
+from ensemble.searchable import make_searchable, unsearchable
 
 log = logging.getLogger("ensemble.container")
 
@@ -103,7 +104,7 @@ def _stage_binds(container):
         # Only under the stage directory: the file is ours, but a mount is a mount.
         if not os.path.normpath(target).startswith(lxc_config.STAGE_DIR + "/"):
             raise ContainerError(f"{container}/{STAGE_FILE}: bind target {target!r} is outside {lxc_config.STAGE_DIR}")
-    _ensure_searchable_dir(lxc_config.STAGE_DIR)
+    make_searchable(lxc_config.STAGE_DIR, "/run")
     return binds
 
 
@@ -134,20 +135,12 @@ def _require_granted(first, count, files=("/etc/subuid", "/etc/subgid")):
 
 def _require_searchable(path, uid):
     """LXC checks that a user-namespaced container's root can search its lxc path."""
-    blocked = lxc_config.unsearchable(path, uid)
+    blocked = unsearchable(path, uid)
     if blocked is not None:
         raise ContainerError(
             f"{blocked} (mode {stat.S_IMODE(os.stat(blocked).st_mode):04o}) cannot be searched by host id "
             f"{uid}, the root of unprivileged containers: keep the lxc path outside such directories"
         )
-
-
-def _ensure_searchable_dir(path):
-    """Make `path` and its parents up to /run (ours, not the host's) mode 0755."""
-    os.makedirs(path, exist_ok=True)
-    while path not in ("/", "/run"):
-        os.chmod(path, 0o755)
-        path = os.path.dirname(path)
 
 
 def agent_python():
