@@ -6,6 +6,7 @@ from pyroute2 import IPRoute
 from ensemble.network.bridge import (
     BridgeError,
     attached_veths,
+    bridge_mac,
     bridge_name,
     bridge_state,
     ensure_bridge,
@@ -61,3 +62,23 @@ def test_stale_veths_are_removed_and_others_kept():
         assert remove_stale_veths("ens-t", {"ve-live"}, ns) == ["ve-dead"]
         assert attached_veths("ens-t", ns) == ["other0", "ve-live"]
         assert remove_stale_veths("ens-t", {"ve-live"}, ns) == []
+
+
+def test_the_bridge_mac_stays_put_as_ports_come_and_go():
+    # A bridge left to itself takes its lowest port MAC; units' cached gateway MAC
+    # would then go stale whenever that port's unit is removed.
+    with temporary_netns() as ns:
+        ensure_bridge("ens-t", "10.50.6.0/24", ns)
+        fixed = bridge_mac("ens-t", "10.50.6.0/24")
+        assert bridge_state("ens-t", ns)["mac"] == fixed
+        assert int(fixed.split(":")[0], 16) & 0x02  # locally administered
+        with IPRoute(netns=ns, flags=0) as ipr:
+            bridge = ipr.link_lookup(ifname="ens-t")[0]
+            for i, mac in enumerate(("00:00:00:00:00:01", "00:00:00:00:00:02")):
+                ipr.link("add", ifname=f"ve-m{i}", kind="veth", peer=f"p-m{i}")
+                index = ipr.link_lookup(ifname=f"ve-m{i}")[0]
+                ipr.link("set", index=index, address=mac, master=bridge, state="up")
+            assert bridge_state("ens-t", ns)["mac"] == fixed
+            ipr.link("del", index=ipr.link_lookup(ifname="ve-m0")[0])
+        assert bridge_state("ens-t", ns)["mac"] == fixed
+        assert bridge_mac("ens-t", "10.50.7.0/24") != fixed  # another host's gateway

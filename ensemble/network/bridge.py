@@ -57,9 +57,18 @@ def gateway_of(subnet):
     return str(netaddr.IPNetwork(subnet).network + 1)
 
 
+def bridge_mac(name, subnet):
+    """A fixed, locally administered MAC for the bridge. Without one a Linux bridge
+    takes the lowest MAC of its ports: removing that unit's veth would change the
+    gateway's MAC under every other unit, cutting them off until their ARP entries
+    expire (long enough for their ZooKeeper sessions to)."""
+    digest = hashlib.sha256(f"{name}/{netaddr.IPNetwork(subnet).cidr}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02,) + tuple(digest[:5]))
+
+
 def ensure_bridge(name, subnet, netns=None, mtu=None):
-    """Make bridge `name` exist, up, holding the subnet's gateway (.1). Idempotent;
-    returns the gateway address."""
+    """Make bridge `name` exist, up, with a fixed MAC (`bridge_mac`), holding the
+    subnet's gateway (.1). Idempotent; returns the gateway address."""
     if len(name) > IFNAME_MAX:
         raise BridgeError(f"interface name {name!r} is longer than {IFNAME_MAX} characters")
     network = netaddr.IPNetwork(subnet)
@@ -85,6 +94,9 @@ def ensure_bridge(name, subnet, netns=None, mtu=None):
                 if e.code != EEXIST:
                     raise BridgeError(f"cannot give {name} the address {gateway}/{network.prefixlen}: {e}")
         settings = {"state": "up"}
+        mac = bridge_mac(name, subnet)
+        if ipr.get_links(index)[0].get_attr("IFLA_ADDRESS") != mac:
+            settings["address"] = mac
         if mtu:
             settings["mtu"] = mtu
         ipr.link("set", index=index, **settings)
@@ -103,6 +115,7 @@ def bridge_state(name, netns=None):
         ]
         return {
             "kind": _kind(link),
+            "mac": link.get_attr("IFLA_ADDRESS"),
             "addresses": sorted(addresses),
             "up": bool(link["flags"] & 1),
             "mtu": link.get("mtu"),
