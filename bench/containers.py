@@ -34,7 +34,8 @@ from pyroute2 import netns as pyroute2_netns
 from twisted.internet import defer, task
 
 from ensemble.machine.container import config as lxc_config
-from ensemble.machine.container.driver import ContainerSpec, LXCDriver, ensemble_mounts
+from ensemble.machine.container.driver import ContainerSpec, LXCDriver
+from ensemble.machine.content import ensemble_mounts
 from ensemble.machine.deploy import UNIT_IDS
 from ensemble.machine.container.names import container_name, hostname
 from ensemble.machine.container.template import Template

@@ -26,11 +26,11 @@ from ensemble.machine.container.driver import (
     ContainerNotFound,
     ContainerSpec,
     LXCDriver,
-    agent_python,
-    ensemble_mounts,
 )
+from ensemble.machine.content import agent_python, ensemble_mounts
 from ensemble.machine.container.names import container_name, hostname, validate_container_name, veth_name
 from ensemble.machine.container.template import (
+    LOCK_FD,
     MARKER,
     Template,
     TemplateError,
@@ -592,7 +592,7 @@ async def test_interrupted_build_leaves_nothing_then_concurrent_builds_build_onc
         # debootstrap holds the lock itself: were this process killed, nobody could
         # clean up under it until it has exited.
         holders = [pid for pid in builders
-                   if os.path.realpath(f"/proc/{pid}/fd/3") == os.path.join(cache, "template.lock")]
+                   if os.path.realpath(f"/proc/{pid}/fd/{LOCK_FD}") == os.path.join(cache, "template.lock")]
         assert holders, builders
     finally:
         building.cancel()
@@ -682,3 +682,32 @@ async def test_unprivileged_start_binds_what_its_root_cannot_reach_for_itself_on
     assert (await sh(driver, spec.name, "cat /hidden/note")) == "from the host\n"
     with open("/proc/self/mountinfo") as f:
         assert lxc_config.STAGE_DIR not in f.read()
+
+
+def test_debootstraps_progress_reads_as_stage_and_packages_out_of_total():
+    from ensemble.machine.container.template import _Build
+
+    lines = []
+    build = _Build(lines.append)
+    coded = (
+        "P: 0 100 DOWNREL\nPF: Downloading Release file\n"
+        "P: 125 125 SIZEDEBS\nPF: Finding package sizes\n"
+        "P: 0 45600000 DOWNDEBS\nPF: Downloading packages\n"
+        "I: RETRIEVING\nIA: adduser\nIA: 3.134\nIF: Retrieving %s %s\n"
+        "P: 3 37 CONFBASE\nPF: Configuring base system\n"
+        "E: COULDNT_DL\nEA: apt\nEF: Couldn't download package %s\n"
+    ).encode()
+    for chunk in (coded[:50], coded[50:51], coded[51:]):  # lines split across reads
+        build.childDataReceived(3, chunk)
+    build.childDataReceived(1, b"the full log goes to the tail only\n")
+    assert lines == [
+        "stage 1 of 8: checking the release",
+        "stage 3 of 8: resolving packages: 125 of 125 packages",
+        "stage 4 of 8: downloading packages: 0 of 125 packages (45.6 MB)",
+        "I: Retrieving adduser 3.134",
+        "stage 4 of 8: downloading packages: 1 of 125 packages (45.6 MB)",
+        "stage 8 of 8: configuring the base system: 3 of 37 packages",
+        "E: Couldn't download package apt",
+    ]
+    assert build.errors == ["Couldn't download package apt"]
+    assert build.tail == ["the full log goes to the tail only"]

@@ -17,7 +17,8 @@ from twisted.internet import reactor, task
 
 from ensemble import local, process
 from ensemble.home import EnsembleHome
-from ensemble.machine.container.driver import LXCDriver, agent_python
+from ensemble.machine.container.driver import LXCDriver
+from ensemble.machine.content import agent_python
 from ensemble.machine.deploy import UNIT_IDS
 from ensemble.machine.container.template import Template
 from ensemble.state.network import ZooKeeperAddressStore

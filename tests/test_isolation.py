@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 
 from ensemble.machine.container import config as lxc_config
-from ensemble.machine.container.driver import ensemble_mounts
+from ensemble.machine.content import ensemble_mounts
 from ensemble.machine.deploy import UNIT_IDS
 from ensemble.machine.container.template import shift_owners
 

@@ -188,6 +188,8 @@ async def test_assignment_to_a_missing_unit_does_not_stop_the_others(env_client,
 class _FailingTemplate:
     """A template whose build fails the first time, as with no mirror reachable."""
 
+    rootfs = "/"  # the host's own: what the agent checks the installation against
+
     def __init__(self):
         self.calls = 0
 

@@ -9,8 +9,10 @@ import os
 import netaddr
 from twisted.internet import task
 
-from ensemble.machine.container.driver import ContainerSpec, agent_python, ensemble_mounts
-from ensemble.machine.container.names import container_name
+from ensemble.machine.container.config import AGENT_LOG
+from ensemble.machine.container.driver import ContainerSpec
+from ensemble.machine.container.names import container_name, hostname
+from ensemble.machine.content import agent_python, ensemble_mounts, unit_files
 from ensemble.machine.container.template import shift_owners
 from ensemble.names import unit_key
 from ensemble.connection import AUTH_VARIABLE
@@ -20,6 +22,7 @@ from ensemble.state.unit import UnitStateManager
 log = logging.getLogger("ensemble.machine")
 
 STOP_HOOK_TIMEOUT = 60.0
+AGENT_LOG_TAIL = 3
 # Root in every unit is host id 100000 (ids 0-65535 inside map to 100000-165535): a
 # user namespace. scripts/install grants root this range in /etc/subuid and /etc/subgid.
 UNIT_IDS = (100000, 65536)
@@ -37,6 +40,10 @@ class UnitDeployer:
 
     def __init__(self, client, driver, environment, bridge, subnet, zookeeper, reactor, unit_log_dir=None, mtu=None):
         self.client = client
+        # What the host offers its units, once it does: its name server's search
+        # domain (None: no name server) and apt's proxy configuration (None: no cache).
+        self.name_domain = None
+        self.apt_proxy = None
         self.driver = driver
         self.environment = environment
         self.bridge = bridge
@@ -61,12 +68,15 @@ class UnitDeployer:
             # Written by the unit's root, which is not host root.
             shift_owners(log_dir, *UNIT_IDS)
             mounts.append((log_dir, "/var/log/ensemble", False))
+        gateway = str(self.network.network + 1)
+        name_server = gateway if self.name_domain is not None else None
         return ContainerSpec(
             name=name,
-            hostname=unit.name.replace("/", "-"),
+            hostname=hostname(unit.name),
             address=address,
             prefixlen=self.network.prefixlen,
-            gateway=str(self.network.network + 1),
+            gateway=gateway,
+            files=unit_files(hostname(unit.name), address, name_server, self.name_domain, self.apt_proxy),
             bridge=self.bridge,
             memory=service_limits.get("memory"),
             cpu_weight=service_limits.get("cpu-weight"),
@@ -88,7 +98,8 @@ class UnitDeployer:
 
     async def deploy(self, unit, address, limits, running=None):
         """Make the unit's container exist and run; publish its name. Idempotent.
-        `running`: the names known to be running now, if the caller asked already."""
+        `running`: the names known to be running now, if the caller asked already.
+        True if the container was (re)started now."""
         name = self.container_for(unit.name)
         if running is not None and name in running:
             state = "RUNNING"
@@ -98,11 +109,28 @@ class UnitDeployer:
             await self.driver.create(self.spec(unit, address, limits))
             log.info("created %s for %s at %s", name, unit.name, address)
             state = "STOPPED"
-        if state != "RUNNING":
+        started = state != "RUNNING"
+        if started:
             await self.driver.start(name)
             log.info("started %s", name)
         if unit.data.get("container") != name:
             await unit.update(container=name)
+        return started
+
+    def agent_log_tail(self, unit_name, lines=AGENT_LOG_TAIL):
+        """The last lines of the unit agent's log, on one line, as the host sees it."""
+        if not self.unit_log_dir:
+            return "its log is not kept on this host"
+        path = os.path.join(unit_log_path(self.unit_log_dir, unit_name), os.path.basename(AGENT_LOG))
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 8192))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return f"no log at {path}"
+        tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+        return " | ".join(tail) if tail else f"{path} is empty"
 
     async def teardown(self, unit_name):
         """Give the unit's stop hook a chance, then destroy its container. Idempotent."""

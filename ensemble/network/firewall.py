@@ -4,7 +4,8 @@ API (Debian's python3-nftables), never through rule strings.
 - A unit accepts connections only on the ports it opened (`open-port`), from other
   units on this host (bridged: a `bridge` table) and from anywhere routed to it (an
   `inet` table); everything else addressed to it is dropped.
-- From its host, a unit reaches only ZooKeeper (when ZooKeeper runs on this host).
+- From its host, a unit reaches only the services the host offers its units: ZooKeeper
+  (when it runs on this host), the name server and the package cache.
 
 Units on one bridge talk at L2, so their traffic is filtered in the bridge family.
 Kernels without nf_conntrack_bridge (like this project's machines) have no connection
@@ -57,7 +58,7 @@ def parse_port(text):
 
 def zookeeper_ports(servers, gateway):
     """The ports of the ZooKeeper servers in 'h:p,h:p[/root]' that listen on `gateway`
-    (this host's bridge address): the only host service units may reach."""
+    (this host's bridge address), which its units may reach."""
     ports = []
     for server in servers.split("/", 1)[0].split(","):
         host, _, port = server.strip().rpartition(":")
@@ -85,14 +86,15 @@ def _pair(direction, proto):
 
 
 class Firewall:
-    def __init__(self, environment, bridge, gateway, zookeeper_ports=(), netns=None, subnet=None):
-        """`subnet`: this host's unit subnet (CIDR), so that the bridged rules leave
+    def __init__(self, environment, bridge, gateway, host_ports=(), netns=None, subnet=None):
+        """`host_ports`: what units may reach at `gateway` (ports: TCP; or 'PORT/udp').
+        `subnet`: this host's unit subnet (CIDR), so that the bridged rules leave
         other environments' units on this host alone; None: all bridged units."""
         self.table = f"ens-{environment}"
         self.bridge = bridge
         self.gateway = gateway
         self.subnet = str(subnet) if subnet is not None else None
-        self.zookeeper_ports = sorted(set(zookeeper_ports))
+        self.host_ports = sorted({parse_port(p) for p in host_ports})
         self.netns = netns
 
     def _run(self, commands):
@@ -168,9 +170,11 @@ class Firewall:
         chain("inet", "from_units")
         rule("inet", "input", _match(_meta("iifname"), self.bridge), {"jump": {"target": "from_units"}})
         rule("inet", "from_units", established, {"accept": None})
-        if self.zookeeper_ports:
-            rule("inet", "from_units", _match(_payload("ip", "daddr"), self.gateway),
-                 _match(_payload("tcp", "dport"), {"set": self.zookeeper_ports}), {"accept": None})
+        for proto in ("tcp", "udp"):
+            ports = [port for port, p in self.host_ports if p == proto]
+            if ports:
+                rule("inet", "from_units", _match(_payload("ip", "daddr"), self.gateway),
+                     _match(_payload(proto, "dport"), {"set": ports}), {"accept": None})
         rule("inet", "from_units", {"drop": None})
         return objects
 

@@ -13,6 +13,8 @@ The policy lives here; where reservations are kept is a store's business
   one machine aim at different addresses instead of colliding.
 """
 
+from typing import Optional, Protocol
+
 import netaddr
 from twisted.internet import defer
 
@@ -41,6 +43,31 @@ class UnitHasAddress(Exception):
     def __init__(self, address):
         super().__init__(address)
         self.address = address
+
+
+class AddressStore(Protocol):
+    """Where one machine's reservations are kept (ZooKeeper in ensemble/state/network.py;
+    memory in tests). Every change is atomic: both directions of a reservation, and
+    the round-robin position handed out with it."""
+
+    async def reservation(self, unit: str) -> Optional[str]:
+        """The unit's address, or None."""
+
+    async def reservations(self) -> dict:
+        """{unit: address} of every reservation."""
+
+    async def taken(self) -> list:
+        """Every reserved address."""
+
+    async def ticket(self) -> int:
+        """A round-robin position no other caller gets."""
+
+    async def take(self, unit: str, address: str) -> int:
+        """Reserve `address` for `unit`; the next position. AddressTaken if the address
+        is someone's; UnitHasAddress if the unit has one."""
+
+    async def free(self, unit: str) -> Optional[str]:
+        """Drop the unit's reservation; its address, or None if it had none."""
 
 
 class SubnetPlan:
@@ -103,7 +130,7 @@ class AddressRange:
 
 
 class Allocator:
-    """Addresses for the units of one machine, reserved in `store`.
+    """Addresses for the units of one machine, reserved in `store` (an AddressStore).
 
     Safe with several allocators on one store (agents restarting, processes racing):
     the store's take is atomic, and a lost race just tries again with a new ticket.

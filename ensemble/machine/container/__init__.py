@@ -7,8 +7,6 @@ from ensemble.machine.container.driver import (  # noqa: F401
     ContainerNotFound,
     ContainerSpec,
     LXCDriver,
-    agent_python,
-    ensemble_mounts,
 )
 from ensemble.machine.container.names import container_name, hostname, veth_name  # noqa: F401
 from ensemble.machine.container.template import Template, TemplateError  # noqa: F401

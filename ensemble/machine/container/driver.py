@@ -22,14 +22,12 @@ import re
 import shutil
 import signal
 import stat
-import sys
 import time
 from typing import Optional, Sequence
 
 import netaddr
 from twisted.internet import defer, error, protocol, task, threads
 
-import ensemble
 from ensemble import limits
 from ensemble.errors import EnsembleError, InvalidName, InvalidValue
 from ensemble.machine.container import config as lxc_config
@@ -58,22 +56,6 @@ class ContainerNotFound(ContainerError):
 class ContainerExists(ContainerError):
     def __init__(self, name):
         super().__init__(f"container {name} already exists")
-
-
-# -- what runs in a container ---------------------------------------------------------
-
-def ensemble_mounts():
-    """Read-only mounts that make this host's ensemble importable inside a container
-    at the same paths: the venv (sys.prefix) and the `ensemble` package directory
-    (an editable install's finder, or a .pth path entry, points at it)."""
-    mounts = []
-    prefix = sys.prefix
-    if prefix != sys.base_prefix:
-        mounts.append((os.path.realpath(prefix), prefix, True))
-    package = os.path.dirname(os.path.abspath(ensemble.__file__))
-    if not (package + "/").startswith(prefix.rstrip("/") + "/") or prefix == sys.base_prefix:
-        mounts.append((os.path.realpath(package), package, True))
-    return mounts
 
 
 STAGE_FILE = "stage.json"
@@ -143,14 +125,6 @@ def _require_searchable(path, uid):
         )
 
 
-def agent_python():
-    """The venv's python: works inside a container given ensemble_mounts(). (Outside
-    a venv, the rootfs's own python3, which does not have ensemble's dependencies.)"""
-    if sys.prefix == sys.base_prefix:
-        return "/usr/bin/python3"
-    return os.path.join(sys.prefix, "bin", "python")
-
-
 @dataclasses.dataclass
 class ContainerSpec:
     name: str
@@ -169,6 +143,9 @@ class ContainerSpec:
     # (first host id, count): root inside is that host id (a user namespace); None:
     # root inside is host root, confined by capabilities and seccomp only.
     idmap: Optional[tuple] = None
+    # {absolute path inside: (text, mode)}: files the container starts with, over the
+    # template's (its owners those of root inside).
+    files: Optional[dict] = None
 
     def __post_init__(self):
         validate_container_name(self.name)
@@ -205,6 +182,10 @@ class ContainerSpec:
             lxc_config.mount_entry(host_path, container_path, read_only)  # validates
             mounts.append((host_path, container_path, bool(read_only)))
         self.mounts = tuple(mounts)
+        files = {}
+        for path, (content, mode) in (self.files or {}).items():
+            files[_inside_path(path)] = (str(content), int(mode) & 0o7777)
+        self.files = files
         if self.agent_command is not None:
             if isinstance(self.agent_command, str) or not self.agent_command:
                 raise InvalidValue("the agent command must be a non-empty list of arguments")
@@ -518,10 +499,12 @@ class LXCDriver:
             etc = os.path.join(container, "overlay", "delta", "etc")
             os.makedirs(etc, 0o755)
             os.chmod(os.path.dirname(etc), 0o755)
+            # What LXC's own templates do: the file agrees with lxc.uts.name.
             _write(os.path.join(etc, "hostname"), f"{spec.hostname}\n", 0o644)
-            _write(os.path.join(etc, "hosts"),
-                   f"127.0.0.1\tlocalhost\n{spec.address}\t{spec.hostname}\n"
-                   "::1\tlocalhost ip6-localhost ip6-loopback\n", 0o644)
+            for path, (content, mode) in spec.files.items():
+                target = os.path.join(container, "overlay", "delta", path.lstrip("/"))
+                _make_dirs(os.path.dirname(target), os.path.join(container, "overlay", "delta"))
+                _write(target, content, mode)
             lower = self.template.rootfs
             if spec.idmap:
                 _require_searchable(self.lxc_path, spec.idmap[0])
@@ -706,6 +689,25 @@ class LXCDriver:
             if "init pid" in reason or "not running" in reason:
                 raise ContainerError(f"cannot run {argv[0]} in container {name}: it is not running")
         return code, out, err
+
+
+_INSIDE_RE = re.compile(r"/[A-Za-z0-9_.+@/-]+\Z")
+
+
+def _inside_path(path):
+    """A file path inside a container, checked before it becomes a host path."""
+    normal = os.path.normpath(str(path))
+    if not _INSIDE_RE.match(normal) or normal != path or "/../" in f"{normal}/" or normal == "/":
+        raise InvalidValue(f"invalid path inside a container: {str(path)[:60]!r}")
+    return normal
+
+
+def _make_dirs(path, top):
+    """mkdir -p below `top` with mode 0755 (what the template's directories have)."""
+    if os.path.isdir(path) or path == top:
+        return
+    _make_dirs(os.path.dirname(path), top)
+    os.mkdir(path, 0o755)
 
 
 def _write(path, content, mode):

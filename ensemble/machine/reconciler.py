@@ -1,0 +1,75 @@
+"""The shape every concern of a machine agent has: started once, synced whenever
+ZooKeeper or the agent's resync tick says so, stopped once.
+
+A sync converges what is on the host to what ZooKeeper says, and is safe to repeat.
+Syncs of one reconciler never overlap: one asked for while another runs is folded
+into a single pass after it, so a burst of watch events costs at most two passes.
+"""
+
+import logging
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+log = logging.getLogger("ensemble.machine")
+
+
+class Reconciler:
+    name = "reconciler"
+
+    def __init__(self, host):
+        self.host = host
+        self.stopping = False
+        self._running = None      # the pass in progress
+        self._waiting = []        # callers waiting for the pass after it
+
+    async def start(self):
+        """Set up watches and make the first pass."""
+        await self.sync()
+
+    async def converge(self):
+        """One pass: make the host match ZooKeeper. Subclasses implement it."""
+        raise NotImplementedError
+
+    def sync(self):
+        """A Deferred that fires once a pass that began after this call has finished
+        (with that pass's failure, if it failed)."""
+        if self.stopping:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        if self._running is None:
+            self._run([waiter])
+        else:
+            self._waiting.append(waiter)
+        return waiter
+
+    def _run(self, waiters):
+        self._running = defer.ensureDeferred(self.converge())
+        self._running.addBoth(self._finished, waiters)
+
+    def _finished(self, result, waiters):
+        self._running = None
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
+        queued, self._waiting = self._waiting, []
+        if queued:
+            if self.stopping:
+                for waiter in queued:
+                    waiter.callback(None)
+            else:
+                self._run(queued)
+        return None
+
+    def tick(self):
+        """The agent's resync tick: a pass unless one is already running (a busy
+        reconciler is already looking)."""
+        if self.stopping or self._running is not None:
+            return None
+        return self.sync()
+
+    async def stop(self):
+        """Stop watching; what runs on the host stays (units survive an agent restart)."""
+        self.stopping = True

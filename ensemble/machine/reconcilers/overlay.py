@@ -1,0 +1,86 @@
+"""Paths to other machines' subnets: routes or VXLAN entries, by the environment's
+network mode, from the subnet leases in ZooKeeper; and IP forwarding in this
+machine's namespace once there is another machine to reach."""
+
+import logging
+
+from ensemble.machine.reconciler import Reconciler
+from ensemble.network import netns as namespaces
+from ensemble.network.overlay import Overlay, OverlayError, peers_from_leases
+from ensemble.state.network import watch_leases
+
+log = logging.getLogger("ensemble.machine")
+
+
+class OverlayReconciler(Reconciler):
+    name = "overlay"
+
+    def __init__(self, host):
+        super().__init__(host)
+        self.overlay = None
+        self._leases = None
+        self._watch = None
+
+    async def prepare(self):
+        """Make the overlay for this host; returns the containers' MTU (None: the
+        default). A host that cannot have one says why on its machine node."""
+        network = self.host.environment.get("network") or {}
+        try:
+            self.overlay = Overlay(
+                network.get("mode", "host-gw"), self.host.environment["name"], network.get("cidr", "10.77.0.0/16"),
+                self.host.subnet, self.host.machine.address, self.host.netns, network.get("vni"),
+            )
+        except OverlayError as e:
+            log.error("%s: %s; no paths to other machines", self.host.name, e)
+            await self.host.machine.update(**{"network-error": str(e)})
+            return None
+        return await self.host.in_thread(self.overlay.container_mtu)
+
+    async def start(self):
+        if self.overlay is not None:
+            self._watch = await watch_leases(self.host.client, self._leases_changed)
+
+    async def _leases_changed(self, leases):
+        self._leases = leases
+        await self.sync()
+
+    def tick(self):
+        if self._leases is None:
+            return None
+        return super().tick()
+
+    async def converge(self):
+        """Make this host's paths match the leases seen last; report what could not
+        be done on the machine node (`network-error`), and what changed in the log."""
+        host = self.host
+        peers, problems = peers_from_leases(self._leases or {}, host.machine_id, self.overlay.cidr)
+        try:
+            report = await host.in_thread(self.overlay.sync, peers)
+        except Exception as e:
+            log.exception("%s: programming paths to other machines failed", host.name)
+            problems.append(f"overlay: {e}")
+            report = None
+        if report is not None:
+            problems.extend(report.errors)
+            if report.changed:
+                log.info(
+                    "%s: %s paths: %d peers; added %s; removed %s", host.name, self.overlay.mode, len(peers),
+                    ", ".join(report.added) or "nothing", ", ".join(report.removed) or "nothing",
+                )
+        if report is not None and report.paths:
+            # Only once there is a path to another machine: a lone host (a laptop's
+            # local environment) never has its forwarding switched on. Checked on
+            # every pass, since someone may have switched it off.
+            if not await host.in_thread(namespaces.ip_forwarding, host.netns):
+                await host.in_thread(namespaces.set_ip_forwarding, host.netns)
+                log.info("%s: IP forwarding on, for containers on other machines", host.name)
+        error = "; ".join(problems) or None
+        if error != host.machine.data.get("network-error"):
+            if error:
+                log.error("%s: %s", host.name, error)
+            await host.machine.update(**{"network-error": error})
+
+    async def stop(self):
+        await super().stop()
+        if self._watch:
+            self._watch.stop()

@@ -1,0 +1,262 @@
+"""The units assigned to this machine: each has its address reserved and published
+and its container running; units leaving are torn down (container, address, nodes);
+containers nobody owns are destroyed."""
+
+import logging
+
+from twisted.internet import defer, task
+
+from ensemble.errors import EnsembleError, MalformedState, UnitNotFound
+from ensemble.machine.reconciler import Reconciler
+from ensemble.network.ipam import AddressesExhausted
+from ensemble.state.client import NoNode
+from ensemble.state.service import ServiceStateManager
+from ensemble.state.unit import DYING, ERROR, PENDING, UnitStateManager
+
+log = logging.getLogger("ensemble.machine")
+
+ADDRESS_ERROR_PREFIX = "no free address"
+# A unit agent reports within seconds of its container's start; one that has not after
+# this long never will by itself (an interpreter containers lack, say): say so.
+AGENT_REPORT_TIMEOUT = 60.0
+SILENT_AGENT_PREFIX = "unit agent did not report"
+# How often a template build's progress is written to the machine node, at most.
+TEMPLATE_PROGRESS_INTERVAL = 2.0
+
+
+class UnitsReconciler(Reconciler):
+    """With a `deployer` (and so a container driver), every assigned unit gets its own
+    running container; without one, units get addresses only. `listeners` hear
+    `unit_addressed(unit)` and `unit_leaving(name)` (the firewall, say). With a
+    `refusal` (why this host cannot run units), units get it as their error instead."""
+
+    name = "units"
+    # Reservations are re-read from ZooKeeper this often (and at start): between
+    # reads the allocator's own view serves, which misses what others wrote.
+    audit_interval = 30.0
+    max_concurrent_deploys = 8
+
+    def __init__(self, host, deployer=None, listeners=(), refusal=None):
+        super().__init__(host)
+        self.deployer = deployer
+        self.refusal = refusal
+        self.listeners = list(listeners)
+        self.assigned = []
+        self._removed = set()     # unassigned since the last pass
+        self._audited = None
+        self._running_containers = None
+        self._limits = {}
+        self._watch = None
+        self._started_at = {}     # unit -> when this agent saw its container start
+        self._deploys = defer.DeferredSemaphore(self.max_concurrent_deploys)
+
+    async def start(self):
+        await self.finish_orphaned_removals()
+        self._watch = await self.host.machine.watch_assigned_units(self.assignments_changed)
+
+    async def assignments_changed(self, names):
+        if names is None:
+            log.warning("%s: machine removed from the environment", self.host.name)
+            names = []
+        previous = self.assigned
+        added = [n for n in names if n not in previous]
+        removed = [n for n in previous if n not in names]
+        self.assigned = list(names)
+        self._removed.update(removed)
+        log.info(
+            "%s: assigned units: %s (added: %s; removed: %s)", self.host.name,
+            ", ".join(names) or "none", ", ".join(added) or "none", ", ".join(removed) or "none",
+        )
+        await self.sync()
+
+    def tick(self):
+        # Containers stop behind our back (OOM, a host admin, a reboot): look again
+        # regularly, not only when ZooKeeper changes. Without containers there is
+        # nothing on the host to drift.
+        if self.deployer is None:
+            return None
+        return super().tick()
+
+    async def converge(self):
+        now = self.host.reactor.seconds()
+        if self._audited is None or now - self._audited >= self.audit_interval:
+            if self._audited is not None:
+                await self.host.allocator.refresh()
+            self._audited = now
+        assigned, removed, self._removed = list(self.assigned), self._removed, set()
+        wanted = set(assigned)
+        # The allocator's view, read from ZooKeeper once per agent start (so it holds
+        # leaks from before a crash) and kept current by its own takes and releases.
+        leaving = (removed | set(await self.host.allocator.reserved())) - wanted
+        # Removals first: what they free may be what a waiting unit needs.
+        await self._bounded(leaving, self.finish_removal)
+        self._running_containers = None
+        if self.deployer is not None:
+            driver = self.deployer.driver
+            expected = {self.deployer.container_for(u) for u in wanted | leaving}
+            for orphan in sorted(set(await driver.list()) - expected):
+                log.warning("%s: destroying %s, which no unit here owns", self.host.name, orphan)
+                await driver.destroy(orphan)
+            self._running_containers = await driver.running()
+            self._limits = await self._service_limits({u.rpartition("/")[0] for u in wanted})
+        await self._bounded(wanted, self.ensure_unit)
+
+    async def _bounded(self, names, work):
+        await defer.gatherResults(
+            [self._deploys.run(lambda n=n: defer.ensureDeferred(self._guard(n, work(n)))) for n in sorted(names)],
+            consumeErrors=True,
+        )
+
+    async def _guard(self, name, work):
+        # One unit's trouble must never stop the others.
+        try:
+            await work
+        except Exception as e:
+            log.exception("%s: unit %s failed", self.host.name, name)
+            await self._mark_error(name, f"machine agent: {e}")
+
+    async def _mark_error(self, name, reason):
+        try:
+            unit = await UnitStateManager(self.host.client).get_unit(name)
+            await unit.update(state=ERROR, error=reason)
+        except (EnsembleError, NoNode):
+            pass
+
+    async def ensure_unit(self, name):
+        """The unit's address reserved and published, and its container running."""
+        try:
+            unit = await UnitStateManager(self.host.client).get_unit(name)
+        except UnitNotFound:
+            log.warning("%s: assignment of %s, which does not exist; ignored", self.host.name, name)
+            return
+        except MalformedState as e:
+            # Once per distinct problem, not on every 5 s pass; status shows it all along.
+            self.host.report_once(f"{e}; leaving it alone")
+            return
+        if unit.life == DYING:
+            return
+        address = await self.ensure_address(unit)
+        if address is None:
+            return
+        for listener in self.listeners:
+            await listener.unit_addressed(unit)
+        if self.refusal is not None:
+            if unit.data.get("error") != self.refusal:
+                await unit.update(state=ERROR, error=self.refusal)
+            return
+        if self.deployer is not None:
+            started = await self.deployer.deploy(
+                unit, address, self._limits.get(unit.service_name), self._running_containers
+            )
+            now = self.host.reactor.seconds()
+            if started or name not in self._started_at:
+                self._started_at[name] = now
+            if unit.state == PENDING and now - self._started_at[name] >= AGENT_REPORT_TIMEOUT:
+                await self._silent_agent(unit)
+
+    async def _silent_agent(self, unit):
+        if await unit.agent_alive():
+            return
+        tail = self.deployer.agent_log_tail(unit.name)
+        reason = f"{SILENT_AGENT_PREFIX} within {AGENT_REPORT_TIMEOUT:g}s of its container's start: {tail}"
+        log.error("%s: %s: %s", self.host.name, unit.name, reason)
+        await unit.update(state=ERROR, error=reason)
+
+    async def _service_limits(self, names):
+        """{service: limits}, one read per service per pass rather than one per unit."""
+        services = ServiceStateManager(self.host.client)
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(services.get_service(n)) for n in sorted(names)], consumeErrors=True
+        )
+        return {n: value.limits for n, (ok, value) in zip(sorted(names), results) if ok}
+
+    async def ensure_address(self, unit):
+        name = unit.name
+        try:
+            address = await self.host.allocator.allocate(name)
+        except AddressesExhausted as e:
+            log.error("%s: %s: %s", self.host.name, name, e)
+            await unit.update(state=ERROR, error=str(e))
+            return None
+        changes = {}
+        if unit.data.get("private-address") != address:
+            changes["private-address"] = address
+            log.info("%s: %s has address %s", self.host.name, name, address)
+        if unit.state == ERROR and str(unit.data.get("error", "")).startswith(ADDRESS_ERROR_PREFIX):
+            changes.update(state=PENDING, error=None)
+        if changes:
+            await unit.update(**changes)
+        return address
+
+    async def finish_removal(self, name):
+        """The unit is no longer assigned here: destroy its container (after its stop
+        hook), free its address, and if it is dying remove its nodes (and its
+        service's, if that was the last unit). Each step is safe to repeat."""
+        self._started_at.pop(name, None)
+        for listener in self.listeners:
+            await listener.unit_leaving(name)
+        if self.deployer is not None:
+            await self.deployer.teardown(name)
+        address = await self.host.allocator.release(name)
+        if address:
+            log.info("%s: released %s of %s", self.host.name, address, name)
+        try:
+            unit = await UnitStateManager(self.host.client).get_unit(name)
+        except (UnitNotFound, MalformedState):
+            return
+        if unit.life != DYING or unit.machine_id != self.host.machine_id:
+            return
+        await self.host.client.delete_tree(unit.path)
+        log.info("%s: removed %s", self.host.name, name)
+        await ServiceStateManager(self.host.client).remove_service_if_done(unit.service_name)
+
+    async def finish_orphaned_removals(self):
+        """Units of this machine left dying by a crash between their steps."""
+        assigned = set(await self.host.machine.assigned_units())
+        for unit in await UnitStateManager(self.host.client).get_all_units():
+            if unit.machine_id == self.host.machine_id and unit.life == DYING and unit.name not in assigned:
+                await self._guard(unit.name, self.finish_removal(unit.name))
+
+    async def stop(self):
+        await super().stop()
+        if self._watch:
+            self._watch.stop()
+
+
+async def ensure_template(host, template, retry_delay, stopping):
+    """Built once per host (debootstrap from the host's mirror). A failure, such as no
+    network on first use, shows on the machine and is retried, not fatal. While it
+    builds, the machine node's `template` says how far it got (status shows it)."""
+    shown = {"at": None, "writing": None}
+
+    def progress(line):
+        log.info("%s: template: %s", host.name, line)
+        if line.startswith(("I: ", "W: ")):
+            return  # the log's: status shows the stage and the count
+        now = host.reactor.seconds()
+        if shown["writing"] is None and (shown["at"] is None or now - shown["at"] >= TEMPLATE_PROGRESS_INTERVAL):
+            shown["at"] = now
+            shown["writing"] = d = defer.ensureDeferred(
+                host.machine.update(template={"state": "building", "progress": line})
+            )
+            d.addErrback(lambda f: log.warning("%s: template progress: %s", host.name, f.getErrorMessage()))
+            d.addBoth(lambda _: shown.update(writing=None))
+
+    async def written():
+        # A progress write landing after the last one would bring "building" back.
+        if shown["writing"] is not None:
+            await shown["writing"]
+
+    while not stopping():
+        try:
+            await template.ensure(progress=progress)
+        except EnsembleError as e:
+            log.error("%s: container template: %s; retrying in %gs", host.name, e, retry_delay)
+            await written()
+            await host.machine.update(error=f"container template: {e}", template=None)
+            await task.deferLater(host.reactor, retry_delay, lambda: None)
+            continue
+        await written()
+        if host.machine.data.get("error", "").startswith("container template:") or "template" in host.machine.data:
+            await host.machine.update(error=None, template=None)
+        return

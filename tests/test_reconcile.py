@@ -1,0 +1,210 @@
+"""Fast tests of the machine agent's convergence: its reconcilers on an in-memory
+ZooKeeper, a fake container driver and a Clock (tests/fakes.py). The same behaviour on
+real ZooKeeper, LXC and namespaces is in test_deploy.py, test_faults.py and friends."""
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+
+from ensemble.machine.agent import MachineAgent
+from ensemble.machine.container.names import container_name
+from ensemble.machine.reconciler import Reconciler
+from ensemble.machine.reconcilers.units import AGENT_REPORT_TIMEOUT, SILENT_AGENT_PREFIX
+from ensemble.state.environment import initialize
+from ensemble.state.machine import MachineStateManager
+from ensemble.state.unit import ERROR, UnitStateManager
+
+from conftest import deploy_charm, make_charm
+from fakes import FakeContainerDriver, FakeTemplate, FakeZooKeeper
+
+
+class Host:
+    """One machine of an in-memory environment, its agent not yet started."""
+
+    def __init__(self, clock, tmp_path, template_rootfs="/"):
+        self.clock = clock
+        self.zookeeper = FakeZooKeeper(clock)
+        self.admin = self.zookeeper.client()
+        self.driver = FakeContainerDriver(clock=clock)
+        self.template = FakeTemplate()
+        self.template.rootfs = template_rootfs
+        self.log_dir = tmp_path / "unit-logs"
+        self.charm = make_charm(tmp_path / "charm")
+        self.agent = None
+
+    async def setup(self):
+        await initialize(self.admin, "fast")
+        await MachineStateManager(self.admin).add_machine(address="127.0.0.1")
+
+    async def start_agent(self):
+        self.agent = MachineAgent(
+            self.zookeeper.client(), 0, self.clock, manage_bridge=False, driver=self.driver, template=self.template,
+            unit_log_dir=str(self.log_dir),
+        )
+        await self.agent.start()
+        return self.agent
+
+    async def unit(self, name):
+        return await UnitStateManager(self.admin).get_unit(name)
+
+    def container(self, unit):
+        return container_name("fast", unit)
+
+    def tick(self, times=1):
+        for _ in range(times):
+            self.clock.advance(MachineAgent.resync_interval)
+
+
+@pytest.fixture
+def clock():
+    return task.Clock()
+
+
+@pytest_twisted.ensureDeferred
+async def test_assigned_units_get_addresses_and_running_containers(clock, tmp_path):
+    host = Host(clock, tmp_path)
+    await host.setup()
+    await deploy_charm(host.admin, host.charm, "db", n=3)
+    await host.start_agent()
+    for i, unit in enumerate(["db/0", "db/1", "db/2"]):
+        data = (await host.unit(unit)).data
+        assert data["private-address"] == f"10.77.0.{i + 2}"
+        assert data["container"] == host.container(unit)
+        container = host.driver.containers[host.container(unit)]
+        assert container.state == "RUNNING" and container.spec.address == data["private-address"]
+        assert container.spec.files["/etc/hosts"][0].count(f"{data['private-address']}\tdb-{i}") == 1
+    assert host.agent.assigned == ["db/0", "db/1", "db/2"]
+    await host.agent.stop()
+
+
+@pytest.mark.parametrize("drift", ["crash", "orphan", "lost"])
+@pytest_twisted.ensureDeferred
+async def test_the_resync_tick_repairs_what_changed_behind_the_agents_back(clock, tmp_path, drift):
+    host = Host(clock, tmp_path)
+    await host.setup()
+    await deploy_charm(host.admin, host.charm, "db", n=2)
+    await host.start_agent()
+    name = host.container("db/1")
+    if drift == "crash":
+        host.driver.crash(name)
+    elif drift == "orphan":
+        host.driver.containers["ens-fast-ghost-0"] = host.driver.containers[name].__class__(
+            host.driver.containers[name].spec, "RUNNING")
+    else:
+        del host.driver.containers[name]
+    starts = sum(c.starts for c in host.driver.containers.values())
+    host.tick()
+    assert sorted(host.driver.containers) == [host.container("db/0"), name]
+    assert all(c.state == "RUNNING" for c in host.driver.containers.values())
+    if drift != "orphan":
+        assert sum(c.starts for c in host.driver.containers.values()) == starts + 1
+    await host.agent.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removed_unit_loses_its_container_address_and_node(clock, tmp_path):
+    host = Host(clock, tmp_path)
+    await host.setup()
+    await deploy_charm(host.admin, host.charm, "db", n=2)
+    await host.start_agent()
+    await UnitStateManager(host.admin).remove_unit("db/0")
+    # Its agent is not alive (no presence): the stop hook is not waited for.
+    assert sorted(host.driver.containers) == [host.container("db/1")]
+    assert await UnitStateManager(host.admin).unit_names() == ["db/1"]
+    assert await host.agent.units.host.allocator.reserved() == {"db/1": "10.77.0.3"}
+    await host.agent.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_units_failure_is_its_error_and_the_others_go_on(clock, tmp_path):
+    host = Host(clock, tmp_path)
+    await host.setup()
+    host.driver.fail("create", host.container("db/1"), times=1)
+    await deploy_charm(host.admin, host.charm, "db", n=3)
+    await host.start_agent()
+    failed = await host.unit("db/1")
+    assert failed.state == ERROR and "injected failure: create" in failed.data["error"]
+    assert {host.container("db/0"), host.container("db/2")} <= set(host.driver.containers)
+    host.tick()  # the failure was once: the next pass makes it
+    assert host.driver.containers[host.container("db/1")].state == "RUNNING"
+    await host.agent.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_unit_whose_agent_never_reports_shows_error_with_its_log(clock, tmp_path):
+    host = Host(clock, tmp_path)
+    await host.setup()
+    await deploy_charm(host.admin, host.charm, "db", n=2)
+    log = host.log_dir / "db-0" / "agent.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("starting\n/usr/bin/env: '/opt/venv/bin/python': No such file or directory\n")
+    await host.start_agent()
+    # db/1's agent reports in time (its presence node, as a real agent makes it).
+    unit_agent = host.zookeeper.client()
+    await (await UnitStateManager(unit_agent).get_unit("db/1")).register_agent({"pid": 1})
+    host.tick(int(AGENT_REPORT_TIMEOUT / MachineAgent.resync_interval) - 1)
+    assert (await host.unit("db/0")).state == "pending"  # not yet: it may be slow
+    host.tick(2)
+    silent = await host.unit("db/0")
+    assert silent.state == ERROR
+    assert silent.data["error"].startswith(SILENT_AGENT_PREFIX)
+    assert silent.data["error"].endswith("starting | /usr/bin/env: '/opt/venv/bin/python': No such file or directory")
+    assert (await host.unit("db/1")).state == "pending"  # alive: left alone
+    await host.agent.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_installation_containers_cannot_run_is_refused_at_start(clock, tmp_path):
+    empty = tmp_path / "empty-rootfs"
+    empty.mkdir()
+    host = Host(clock, tmp_path, template_rootfs=str(empty))
+    await host.setup()
+    await deploy_charm(host.admin, host.charm, "db", n=1)
+    await host.start_agent()
+    machine = await MachineStateManager(host.admin).get_machine(0)
+    assert machine.data["error"].startswith("units cannot run this installation: its python")
+    unit = await host.unit("db/0")
+    assert unit.state == ERROR and unit.data["error"] == machine.data["error"]
+    assert host.driver.containers == {}
+    await host.agent.stop()
+
+
+class Counting(Reconciler):
+    def __init__(self, clock):
+        super().__init__(host=None)
+        self.clock = clock
+        self.passes = 0
+        self.fail = False
+
+    async def converge(self):
+        self.passes += 1
+        await task.deferLater(self.clock, 1, lambda: None)
+        if self.fail:
+            raise RuntimeError("pass failed")
+
+
+def test_syncs_asked_for_during_a_pass_fold_into_one_more(clock):
+    reconciler = Counting(clock)
+    first = reconciler.sync()
+    waiting = [reconciler.sync() for _ in range(5)]
+    assert reconciler.tick() is None  # a pass is running: the tick leaves it be
+    clock.advance(1)
+    assert first.called and not any(d.called for d in waiting) and reconciler.passes == 2
+    clock.advance(1)
+    assert all(d.called for d in waiting) and reconciler.passes == 2
+
+
+def test_a_failed_pass_reaches_its_callers_and_the_next_pass_still_runs(clock):
+    reconciler = Counting(clock)
+    reconciler.fail = True
+    failed = reconciler.sync()
+    clock.advance(1)
+    errors = []
+    failed.addErrback(errors.append)
+    assert errors and errors[0].check(RuntimeError)
+    reconciler.fail = False
+    done = reconciler.tick()
+    clock.advance(1)
+    assert done.called and reconciler.passes == 2
+    stopped = defer.ensureDeferred(reconciler.stop())
+    assert stopped.called and reconciler.sync().called and reconciler.passes == 2
