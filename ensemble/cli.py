@@ -60,6 +60,7 @@ async def cmd_bootstrap(reactor, args):
     config, resumed = await local.bootstrap(
         reactor, home, network=args.network, name=args.name, address=args.address, host_prefix=args.host_prefix,
         mode=args.network_mode, zookeeper_servers=args.zookeeper_servers,
+        package_cache=_package_cache_settings(args),
     )
     verb = "restarted" if resumed else "bootstrapped"
     print(f"{verb} environment {config['name']} in {home.path}")
@@ -88,7 +89,8 @@ async def cmd_create_environment(reactor, args):
         raise InvalidValue(f"create-environment needs the admin's credential in ${connection.AUTH_VARIABLE}, not {admin.user}'s")
     client = await connection.connect(args.zookeeper, create_root=True, credential=admin)
     try:
-        await initialize(client, name, network, units_zookeeper=units_zookeeper)
+        await initialize(client, name, network, units_zookeeper=units_zookeeper,
+                         package_cache=_package_cache_settings(args))
     finally:
         await client.close()
     print(f"created environment {name} at {client.servers}{client.root} ({cidr}, {args.network_mode})")
@@ -325,7 +327,8 @@ async def cmd_machine_agent(reactor, args):
     args.agent = MachineAgent(
         client, machine_id, reactor, manage_bridge=not args.no_bridge, driver=driver, template=template,
         unit_log_dir=os.path.join(home.logs_dir, "units"), overlay=not (args.no_bridge or args.no_overlay),
-        firewall=not (args.no_bridge or args.no_firewall),
+        firewall=not (args.no_bridge or args.no_firewall), names=not args.no_bridge,
+        package_cache_dir=None if args.no_bridge or driver is None else os.path.join(home.storage_dir, "packages", f"machine-{machine_id}"),
     )
     await _run_agent(reactor, args.agent)
 
@@ -403,6 +406,7 @@ def build_parser():
         "--zookeeper-servers", type=int, default=1, metavar="N",
         help="run an ensemble of N ZooKeeper servers (1, 3, 5 or 7; default 1) that survives losing a minority",
     )
+    _package_cache_arguments(sub)
 
     sub = command(
         "create-environment", cmd_create_environment,
@@ -418,6 +422,7 @@ def build_parser():
         "--units-zookeeper", metavar="HOST:PORT[,HOST:PORT...]",
         help="where units reach ZooKeeper, if not where the agents do (e.g. an address inside the container network)",
     )
+    _package_cache_arguments(sub)
 
     sub = command("add-machine", cmd_add_machine, "register a machine that will run its own agent")
     sub.add_argument("--address", metavar="IP", help="the machine's address")
@@ -485,6 +490,28 @@ def build_parser():
     sub = command("unit-agent", cmd_unit_agent, "run a unit agent in the foreground")
     sub.add_argument("--unit", required=True, metavar="NAME")
     return parser
+
+
+def _package_cache_arguments(sub):
+    sub.add_argument("--package-mirror", metavar="URL",
+                     help="the Debian mirror machines' package caches fetch from (default: each host's own apt "
+                          "sources), e.g. http://mirror.example/debian")
+    sub.add_argument("--package-proxy", metavar="URL",
+                     help="an HTTP proxy the package caches fetch through (default: each host's apt proxy, if any)")
+    sub.add_argument("--no-package-cache", action="store_true",
+                     help="run no package cache: units cannot install packages (they have no route off their host)")
+
+
+def _package_cache_settings(args):
+    from ensemble.machine.package_cache import validate_upstream_url
+
+    if args.no_package_cache and (args.package_mirror or args.package_proxy):
+        raise InvalidValue("--no-package-cache cannot be given with --package-mirror or --package-proxy")
+    return {
+        "enabled": not args.no_package_cache,
+        "mirror": args.package_mirror and validate_upstream_url(args.package_mirror, "--package-mirror"),
+        "proxy": args.package_proxy and validate_upstream_url(args.package_proxy, "--package-proxy"),
+    }
 
 
 def _network_mode_argument(sub):

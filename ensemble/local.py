@@ -176,7 +176,7 @@ async def _start_machine_agent(reactor, home, client, machine_id=0):
 
 async def bootstrap(
     reactor, home, network=None, name=None, address="127.0.0.1", tick_time=2000, host_prefix=24, mode="host-gw",
-    zookeeper_servers=1,
+    zookeeper_servers=1, package_cache=None,
 ):
     """Start a new local environment, or restart a stopped one. Returns (config, resumed)."""
     if home.exists():
@@ -209,7 +209,8 @@ async def bootstrap(
         admin = auth.new_admin()
         config["admin-secret"] = admin.secret
         client = await _admin_client(server.address, config["root"], admin, create_root=True)
-        await initialize(client, name, {"cidr": cidr, "host-prefix": host_prefix, "mode": mode})
+        await initialize(client, name, {"cidr": cidr, "host-prefix": host_prefix, "mode": mode},
+                         package_cache=package_cache)
         await MachineStateManager(client).add_machine(address=address)
         home.save(config)
         await _start_machine_agent(reactor, home, client)

@@ -5,12 +5,19 @@ from ensemble.state import nodes
 from ensemble.state.client import NodeExists, NoNode
 
 DEFAULT_NETWORK = {"cidr": "10.77.0.0/16", "host-prefix": 24, "mode": "host-gw"}
+# Each machine's package cache for its units: on, fetching as the host's own apt does,
+# unless an operator names another mirror or proxy, or turns it off.
+DEFAULT_PACKAGE_CACHE = {"enabled": True, "mirror": None, "proxy": None}
 
 
-async def initialize(client, name, network=None, units_zookeeper=None):
+async def initialize(client, name, network=None, units_zookeeper=None, package_cache=None):
     """Create the environment node and the empty tree in one transaction.
-    `units_zookeeper`: HOST:PORT list units use, when it is not the agents'."""
-    settings = {"name": name, "network": dict(DEFAULT_NETWORK, **(network or {}))}
+    `units_zookeeper`: HOST:PORT list units use, when it is not the agents'.
+    `package_cache`: changes to DEFAULT_PACKAGE_CACHE."""
+    settings = {
+        "name": name, "network": dict(DEFAULT_NETWORK, **(network or {})),
+        "package-cache": dict(DEFAULT_PACKAGE_CACHE, **(package_cache or {})),
+    }
     if units_zookeeper:
         settings["units-zookeeper"] = units_zookeeper
     if client.credential is not None:
@@ -25,6 +32,11 @@ async def initialize(client, name, network=None, units_zookeeper=None):
     except NodeExists:
         raise EnvironmentExists(f"an environment already exists at {client.servers}{client.root}")
     return settings
+
+
+def package_cache_settings(environment):
+    """The environment's package cache settings (an older environment has none: on)."""
+    return dict(DEFAULT_PACKAGE_CACHE, **(environment.get("package-cache") or {}))
 
 
 async def get_environment(client):
