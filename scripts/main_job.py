@@ -1,6 +1,8 @@
 """The main job's steps, after installation (see scripts/main-job)."""
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -8,6 +10,7 @@ import urllib.request
 
 ENSEMBLE = [sys.executable, "-m", "ensemble"]
 START_TIMEOUT = 600  # the first run builds the container template (about a minute)
+PROGRESS_EVERY = 5  # seconds: a line at least this often while waiting, even if nothing changed
 
 
 def ensemble(*args, check=True):
@@ -22,9 +25,53 @@ def status():
     return json.loads(ensemble("status", "--format", "json").stdout)
 
 
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="scripts/main-job",
+        description="Run a local environment on this host (ENSEMBLE_HOME, default ~/.ensemble) with the example "
+                    "db and web services deployed onto machine 0, wait until both units are started, then print "
+                    "the status and the web unit's page.",
+        epilog="--network and --name are passed to 'ensemble bootstrap', which itself reads no environment "
+               "variables for them: this job takes them from ENSEMBLE_NETWORK and ENSEMBLE_NAME when the options "
+               "are not given. They apply when the job bootstraps (or restarts) the environment in ENSEMBLE_HOME; "
+               "a running one is used as it is. A second environment on this host needs its own ENSEMBLE_HOME "
+               "and its own --network.",
+    )
+    parser.add_argument(
+        "--network", metavar="CIDR", default=os.environ.get("ENSEMBLE_NETWORK") or None,
+        help="address range for the containers (default: $ENSEMBLE_NETWORK, else bootstrap's 10.77.0.0/16)",
+    )
+    parser.add_argument(
+        "--name", metavar="NAME", default=os.environ.get("ENSEMBLE_NAME") or None,
+        help="environment name (default: $ENSEMBLE_NAME, else bootstrap's, derived from ENSEMBLE_HOME)",
+    )
+    return parser.parse_args(argv)
+
+
+def bootstrap_args(args):
+    options = []
+    if args.network:
+        options += ["--network", args.network]
+    if args.name:
+        options += ["--name", args.name]
+    return options
+
+
+def progress_line(current, states):
+    """What the wait is on: the template build's stage while it runs, else the units'."""
+    machine = current["machines"].get(0) or current["machines"].get("0") or {}
+    template = machine.get("template") or {}
+    if template.get("progress"):
+        return f"machine 0 building the container template: {template['progress']}"
+    if machine.get("error"):
+        return f"machine 0: {machine['error']}"
+    return "units: " + ", ".join(f"{name} {state}" for name, state in sorted(states.items()))
+
+
 def main():
+    args = parse_args()
     if ensemble("status", check=False).returncode != 0:
-        print(ensemble("bootstrap").stdout, end="")
+        print(ensemble("bootstrap", *bootstrap_args(args)).stdout, end="")
     services = status()["services"]
     if "db" not in services:
         print(ensemble("deploy", "examples/charms/db", "--to", "0").stdout, end="")
@@ -32,10 +79,17 @@ def main():
         print(ensemble("deploy", "examples/charms/web", "--to", "0", "--config", "db=db").stdout, end="")
 
     print("waiting for the units to start (the first run builds the container template)...", flush=True)
-    deadline = time.monotonic() + START_TIMEOUT
+    started = time.monotonic()
+    deadline = started + START_TIMEOUT
+    shown, shown_at = None, 0.0
     while True:
-        units = {name: unit for service in status()["services"].values() for name, unit in service["units"].items()}
+        current = status()
+        units = {name: unit for service in current["services"].values() for name, unit in service["units"].items()}
         states = {name: unit["agent-state"] for name, unit in units.items()}
+        line = progress_line(current, states)
+        if line != shown or time.monotonic() - shown_at >= PROGRESS_EVERY:
+            print(f"  [{time.monotonic() - started:4.0f}s] {line}", flush=True)
+            shown, shown_at = line, time.monotonic()
         if states and all(state == "started" for state in states.values()):
             break
         failed = {name: unit.get("error") for name, unit in units.items() if unit["agent-state"] == "error"}

@@ -13,7 +13,7 @@ release, mirror, packages): change any of them and a new template is built next 
 old one. A build happens in build/ and is renamed into lxc/ only once complete, so an
 interrupted or failed build leaves nothing a clone would use. Python libraries are not
 installed: the host's venv and source tree are bind-mounted into every container
-(driver.ensemble_mounts), so the code inside is exactly the host's.
+(ensemble/machine/content.py), so the code inside is exactly the host's.
 """
 
 import ctypes
@@ -258,9 +258,80 @@ def _rmtree_error(function, path, excinfo):
 
 # -- the build process ----------------------------------------------------------------
 
+# debootstrap --debian-installer reports on fd 3 in a coded form: "X: name", then
+# "XA: argument" lines, then "XF: printf format", for X in I(nfo), W(arning), E(rror)
+# and P(rogress: "P: now end stage"). Its full log goes to stdout and stderr.
+PROGRESS_FD = 3
+LOCK_FD = 9  # debootstrap keeps 3-8 for itself
+# debootstrap's progress stages, in the order they come, and what each is for people.
+STAGES = [
+    (("DOWNREL", "DOWNRELSIG"), "checking the release"),
+    (("DOWNPKGS", "DOWNMAINPKGS"), "downloading package lists"),
+    (("SIZEDEBS",), "resolving packages"),
+    (("DOWNDEBS",), "downloading packages"),
+    (("UNPACKREQ",), "unpacking required packages"),
+    (("CONFREQ",), "configuring required packages"),
+    (("UNPACKBASE",), "unpacking the base system"),
+    (("CONFBASE",), "configuring the base system"),
+]
+
+
+def _printf(fmt, args):
+    """The shell's printf for the %s-only formats debootstrap uses."""
+    args = iter(args)
+    return re.sub(r"%%|%s", lambda m: "%" if m.group() == "%%" else next(args, ""), fmt)
+
+
+class BuildProgress:
+    """debootstrap's progress events and messages as one line a person can follow:
+    the stage out of all, and packages (or megabytes) done out of total."""
+
+    def __init__(self):
+        self.stage = None
+        self.packages = None   # how many debootstrap fetches, once it has said
+        self.retrieved = 0
+        self.bytes = (0, 0)
+
+    def event(self, stage, now, end):
+        self.stage = stage
+        if stage == "SIZEDEBS" and end > 0:
+            self.packages = end
+        if stage in ("DOWNPKGS", "DOWNDEBS"):
+            self.bytes = (now, end)
+        if stage in ("DOWNREL", "DOWNRELSIG", "DOWNMAINPKGS"):
+            return self._line(None)
+        if stage in ("DOWNPKGS",):
+            return self._line(f"{now / 1e6:.1f} of {end / 1e6:.1f} MB")
+        if stage == "DOWNDEBS":
+            return self._downloading()
+        return self._line(f"{now} of {end} packages")
+
+    def retrieving(self):
+        """debootstrap says it fetches one more package."""
+        if self.stage != "DOWNDEBS":
+            return None
+        self.retrieved += 1
+        return self._downloading()
+
+    def _downloading(self):
+        total = f" of {self.packages}" if self.packages else ""
+        done, size = self.bytes
+        megabytes = f" ({size / 1e6:.1f} MB)" if size else ""
+        return self._line(f"{self.retrieved}{total} packages{megabytes}")
+
+    def _line(self, detail):
+        for number, (names, label) in enumerate(STAGES, 1):
+            if self.stage in names:
+                break
+        else:
+            number, label = None, self.stage.lower()
+        where = f"stage {number} of {len(STAGES)}: " if number else ""
+        return f"{where}{label}" + (f": {detail}" if detail else "")
+
+
 class _Build(protocol.ProcessProtocol):
-    """debootstrap, its output line by line to `progress`; `ended` fires with the exit
-    code (or -signal)."""
+    """debootstrap: its messages and a progress line to `progress`, the tail of its
+    log kept for errors; `wait()` fires with the exit code (or -signal)."""
 
     def __init__(self, progress):
         self.progress = progress
@@ -268,7 +339,10 @@ class _Build(protocol.ProcessProtocol):
         self.done = False
         self._waiters = []
         self.tail = []
-        self._partial = {1: b"", 2: b""}
+        self.errors = []
+        self.stages = BuildProgress()
+        self._partial = {1: b"", 2: b"", PROGRESS_FD: b""}
+        self._message = None  # (kind, head, args) being read from PROGRESS_FD
 
     def connectionMade(self):
         self.transport.closeStdin()
@@ -277,22 +351,47 @@ class _Build(protocol.ProcessProtocol):
         buffer = self._partial.get(fd, b"") + data
         *lines, self._partial[fd] = buffer.split(b"\n")
         for line in lines:
-            self._line(line)
+            self._line(fd, line)
 
-    def _line(self, raw):
+    def _line(self, fd, raw):
         line = raw.decode("utf-8", "replace").rstrip()
         if not line:
             return
-        self.tail = (self.tail + [line])[-20:]
+        if fd != PROGRESS_FD:
+            self.tail = (self.tail + [line])[-20:]
+            return
+        kind, _, rest = line.partition(": ")
+        if kind in ("I", "W", "E", "P"):
+            self._message = (kind, rest, [])
+        elif self._message is not None and kind == self._message[0] + "A":
+            self._message[2].append(rest)
+        elif self._message is not None and kind == self._message[0] + "F":
+            kind, head, args = self._message
+            self._message = None
+            text = _printf(rest, args)
+            if kind == "P":
+                now, end, stage = (head.split() + ["", "", ""])[:3]
+                if now.isdigit() and end.isdigit():
+                    self._report(self.stages.event(stage, int(now), int(end)))
+                return
+            if kind == "E":
+                self.errors.append(text)
+            self._report(f"{kind}: {text}")
+            if kind == "I" and head == "RETRIEVING":
+                line = self.stages.retrieving()
+                if line:
+                    self._report(line)
+
+    def _report(self, line):
         try:
             self.progress(line)
         except Exception:
             log.exception("template progress callback failed")
 
     def processEnded(self, reason):
-        for fd in (1, 2):
+        for fd in (1, 2, PROGRESS_FD):
             if self._partial.get(fd):
-                self._line(self._partial[fd])
+                self._line(fd, self._partial[fd])
                 self._partial[fd] = b""
         code = reason.value.exitCode
         self.code = code if code is not None else -(reason.value.signal or 1)
@@ -463,7 +562,7 @@ class Template:
             # Its own session (killed as a group) and mount namespace (the /proc and
             # /sys it mounts in the target vanish with it, even if it is killed).
             "setsid", "unshare", "--mount", "--propagation", "private", "--",
-            "debootstrap", "--variant=minbase", f"--include={','.join(self.packages)}",
+            "debootstrap", "--debian-installer", "--variant=minbase", f"--include={','.join(self.packages)}",
         ]
         if self.keyring:
             argv.append(f"--keyring={self.keyring}")
@@ -490,10 +589,10 @@ class Template:
         build_process = _Build(progress)
         try:
             try:
-                # fd 3 is the lock: debootstrap and its children hold it until the
-                # last of them exits, even if this process dies first.
+                # LOCK_FD is the lock: debootstrap and its children hold it until
+                # the last of them exits, even if this process dies first.
                 self.reactor.spawnProcess(build_process, argv[0], argv, env=env,
-                                          childFDs={0: "w", 1: "r", 2: "r", 3: lock})
+                                          childFDs={0: "w", 1: "r", 2: "r", PROGRESS_FD: "r", LOCK_FD: lock})
             except OSError as e:
                 raise TemplateError(f"cannot run debootstrap: {e}")
             try:
@@ -502,8 +601,7 @@ class Template:
                 if not build_process.done:  # cancelled
                     await self._stop(build_process)
             if code != 0:
-                errors = [l for l in build_process.tail if l.startswith("E:")] or build_process.tail[-1:]
-                reason = errors[-1][2:].strip() if errors and errors[-1].startswith("E:") else (errors[-1] if errors else "")
+                reason = (build_process.errors or build_process.tail[-1:] or [""])[-1]
                 raise TemplateError(
                     f"building template {self.name} failed: debootstrap exited with {code}"
                     + (f": {reason}" if reason else "")
