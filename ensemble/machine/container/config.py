@@ -287,6 +287,10 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None):
             "# user namespace: root inside is an unprivileged id range on the host",
             f"lxc.idmap = u 0 {spec.idmap[0]} {spec.idmap[1]}",
             f"lxc.idmap = g 0 {spec.idmap[0]} {spec.idmap[1]}",
+            # The overlay is mounted in that namespace, where trusted.* xattrs cannot be
+            # set: without user.* ones instead, renaming any directory fails (EXDEV),
+            # and with it dpkg, so every apt-get install.
+            "lxc.rootfs.options = userxattr",
         ] if spec.idmap else []),
         "",
         "# cgroups: under the agent's own cgroup, one directory per container",
