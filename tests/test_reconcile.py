@@ -208,3 +208,18 @@ def test_a_failed_pass_reaches_its_callers_and_the_next_pass_still_runs(clock):
     assert done.called and reconciler.passes == 2
     stopped = defer.ensureDeferred(reconciler.stop())
     assert stopped.called and reconciler.sync().called and reconciler.passes == 2
+
+
+def test_a_pass_a_watch_asked_for_fails_into_the_log_not_the_watch(clock, caplog):
+    reconciler = Counting(clock)
+    reconciler.fail = True
+    watched = defer.ensureDeferred(reconciler.sync_quietly())
+    clock.advance(1)
+    assert watched.called and watched.result is None
+    assert "pass failed (pass failed)" in caplog.text
+    caplog.clear()
+    reconciler.stopping = False
+    stopping = defer.ensureDeferred(reconciler.sync_quietly())
+    reconciler.stopping = True  # the session closes under the pass: nothing to report
+    clock.advance(1)
+    assert stopping.called and "pass failed" not in caplog.text

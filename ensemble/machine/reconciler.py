@@ -63,6 +63,17 @@ class Reconciler:
                 self._run(queued)
         return None
 
+    async def sync_quietly(self):
+        """A sync for a watch's callback: a failed pass is logged, not raised into the
+        watch (the next tick tries again); while stopping (the session closing under
+        a pass), not even logged."""
+        try:
+            await self.sync()
+        except Exception as e:
+            if not self.stopping:
+                log.warning("%s: %s pass failed (%s); the next pass tries again",
+                            getattr(self.host, "name", "agent"), self.name, e)
+
     def tick(self):
         """The agent's resync tick: a pass unless one is already running (a busy
         reconciler is already looking)."""

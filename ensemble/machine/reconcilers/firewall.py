@@ -55,7 +55,7 @@ class FirewallReconciler(Reconciler):
                 self._openings.pop(name, None)
             else:
                 self._openings[name] = opening
-            await self.sync()
+            await self.sync_quietly()
 
     async def converge(self):
         """The firewall's opened ports made those the units here published."""

@@ -42,7 +42,7 @@ class OverlayReconciler(Reconciler):
 
     async def _leases_changed(self, leases):
         self._leases = leases
-        await self.sync()
+        await self.sync_quietly()
 
     def tick(self):
         if self._leases is None:

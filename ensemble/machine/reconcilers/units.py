@@ -67,7 +67,7 @@ class UnitsReconciler(Reconciler):
             "%s: assigned units: %s (added: %s; removed: %s)", self.host.name,
             ", ".join(names) or "none", ", ".join(added) or "none", ", ".join(removed) or "none",
         )
-        await self.sync()
+        await self.sync_quietly()
 
     def tick(self):
         # Containers stop behind our back (OOM, a host admin, a reboot): look again
