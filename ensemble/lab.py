@@ -14,6 +14,11 @@ host 0's container gateway, across the overlay. Every host runs its own
 `ensemble machine-agent` process with its own ENSEMBLE_HOME (so its own lxc path and
 bridge), inside its namespace and that namespace's sysfs: to the agent it is a host.
 
+With `package_upstream` (HOST:PORT of an HTTP proxy in the machine's own namespace,
+such as an apt-cacher-ng of the test's), the hosts' package caches fetch through it: a
+relay in the lab namespace (Twisted's portforward, listening there, connecting from
+the machine's namespace) is the lab's only way to packages, as a site proxy would be.
+
 Blocking API (subprocesses and netlink); call it from plain test code or a thread.
 """
 
@@ -39,6 +44,7 @@ from ensemble.zookeeper import ZooKeeperServer
 
 SEGMENTS = ("192.168.250.0/24", "192.168.251.0/24")
 ROOT = "/ensemble"
+RELAY_PORT = 3142
 ENETUNREACH = 101
 
 # Run inside a container: connect to each HOST:PORT, read one line; print JSON
@@ -150,7 +156,8 @@ class LabNetwork:
 class Lab:
     """An Ensemble environment across `hosts` simulated hosts (see the module doc)."""
 
-    def __init__(self, directory, hosts=3, mode="host-gw", cidr="10.77.0.0/16", routed=None, tick_time=500):
+    def __init__(self, directory, hosts=3, mode="host-gw", cidr="10.77.0.0/16", routed=None, tick_time=500,
+                 package_upstream=None):
         self.directory = os.path.abspath(directory)
         self.mode = mode
         self.cidr = cidr
@@ -161,6 +168,8 @@ class Lab:
         self.zookeeper = None
         self.agents = {}
         self.admin_auth = None  # from create-environment
+        self.package_upstream = package_upstream
+        self.relay = None
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -185,9 +194,12 @@ class Lab:
             )
             self.zookeeper.start()
             gateway = str(netaddr.IPNetwork(next(SubnetPlan(self.cidr, 24).subnets())).network + 1)
+            packages = []
+            if self.package_upstream:
+                packages = ["--package-proxy", f"http://{self._start_relay()}"]
             created = self.ensemble(
                 "create-environment", "--name", self.environment, "--network", self.cidr,
-                "--network-mode", self.mode, "--units-zookeeper", f"{gateway}:{self.zookeeper.port}",
+                "--network-mode", self.mode, "--units-zookeeper", f"{gateway}:{self.zookeeper.port}", *packages,
             )
             # The admin's credential, printed once; every later command runs with it.
             self.admin_auth = created.stdout.rpartition(f"{AUTH_VARIABLE}=")[2].strip()
@@ -203,6 +215,20 @@ class Lab:
             self.close()
             raise
         return self
+
+    def _start_relay(self):
+        """The relay to `package_upstream`, on the lab's own provider address; returns
+        where it listens."""
+        listen = f"{self.network.segment(0).network + 1}:{RELAY_PORT}"
+        self.relay = subprocess.Popen(
+            ["setpriv", "--pdeathsig", "KILL", "--", sys.executable, "-m", "ensemble.lab", "relay",
+             self.network.lab, listen, self.package_upstream],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+        )
+        ready = self.relay.stdout.readline().strip()
+        if ready != "ready":
+            raise LabError(f"the package relay did not start: {ready or self.relay.stdout.read()[-300:]}")
+        return listen
 
     def add_host(self, start_agent=True):
         """One more host, registered as the next machine; returns its index."""
@@ -225,6 +251,9 @@ class Lab:
                 shutil.rmtree(storage, ignore_errors=True)
         if self.zookeeper is not None:
             self.zookeeper.stop()
+        if self.relay is not None:
+            self.relay.kill()
+            self.relay.wait()
         self.network.remove()
 
     def __enter__(self):
@@ -356,6 +385,18 @@ def _destroy_containers(home):
     _react(lambda reactor: local.destroy_containers(reactor, EnsembleHome(home)))
 
 
+def _relay(netns, listen, target):
+    from twisted.internet import reactor
+    from twisted.protocols.portforward import ProxyFactory
+
+    host, _, port = listen.rpartition(":")
+    target_host, _, target_port = target.rpartition(":")
+    with inside(netns):  # the listening socket is the lab's; connections out are ours
+        reactor.listenTCP(int(port), ProxyFactory(target_host, int(target_port)), interface=host)
+    print("ready", flush=True)
+    reactor.run()
+
+
 def _ensure_template():
     from ensemble.machine.container.template import Template
 
@@ -369,5 +410,7 @@ if __name__ == "__main__":
         _destroy_containers(sys.argv[2])
     elif sys.argv[1:] == ["ensure-template"]:
         _ensure_template()
+    elif len(sys.argv) == 5 and sys.argv[1] == "relay":
+        _relay(*sys.argv[2:])
     else:
-        sys.exit("usage: python -m ensemble.lab destroy-containers HOME | ensure-template")
+        sys.exit("usage: python -m ensemble.lab destroy-containers HOME | ensure-template | relay NETNS HOST:PORT TO:PORT")

@@ -5,12 +5,17 @@ environment of the test's own."""
 
 import os
 import random
+import shutil
 import socket
+import tempfile
 import threading
 
 import pytest_twisted
+from twisted.internet import threads
 
 from ensemble.home import EnsembleHome
+from ensemble.lab import Lab
+from ensemble.machine.package_cache import PackageCache
 from ensemble.network.netns import ip_forwarding
 from ensemble.state import nodes
 
@@ -154,3 +159,52 @@ async def test_units_find_each_other_by_name(environment, tmp_path):
         return await lookup("db-1") is None and await lookup("db") == [address["db/0"]]
 
     await until(gone, timeout=20, what="db-1 no longer resolving")
+
+
+@pytest_twisted.ensureDeferred
+async def test_across_hosts_each_hosts_units_use_its_own_cache_and_find_all_units_by_name(tmp_path):
+    """Two hosts of a lab (no route off the machine): the only way to packages is a
+    site proxy of the test's (an apt-cacher-ng here), reached by each host's own cache."""
+    site = PackageCache(str(site_directory()), "127.0.0.1", random.randint(20000, 32767))
+    await site.start()
+    lab = Lab(tmp_path / "lab", hosts=2, package_upstream=f"{site.address}:{site.port}")
+    try:
+        await threads.deferToThread(lab.start)
+        charm = apt_charm(tmp_path, "greeter", "hello")
+        await threads.deferToThread(lab.ensemble, "deploy", charm, "--to", "0")
+        await threads.deferToThread(lab.ensemble, "add-unit", "greeter", "--to", "1")
+        units = await threads.deferToThread(lab.wait_started, ["greeter/0", "greeter/1"], 240)
+        for i, name in enumerate(["greeter/0", "greeter/1"]):
+            assert units[name]["machine"] == i
+            ran = await threads.deferToThread(lab.container_run, i, units[name]["container"], ["hello"])
+            assert ran.stdout.strip() == "Hello, world!"
+            # Through its own host's cache: the .deb is in each host's cache directory.
+            cache = os.path.join(EnsembleHome(lab.home(i)).storage_dir, "packages", f"machine-{i}", "cache")
+            assert any(f.startswith("hello_") for _, _, files in os.walk(cache) for f in files), cache
+
+        async def resolve(i, unit, name):
+            script = f"getent ahostsv4 {name} | awk '{{print $1}}' | sort -u"
+            ran = await threads.deferToThread(lab.container_run, i, unit, ["/bin/sh", "-c", script])
+            return sorted(ran.stdout.split()) or None
+
+        on = {name: (units[name]["machine"], units[name]["container"]) for name in units}
+        address = {name: units[name]["private-address"] for name in units}
+        assert await resolve(*on["greeter/1"], "greeter-0") == [address["greeter/0"]]
+        assert await resolve(*on["greeter/0"], "greeter-1") == [address["greeter/1"]]
+        assert await resolve(*on["greeter/0"], "greeter") == sorted(address.values())
+
+        await threads.deferToThread(lab.ensemble, "remove-unit", "greeter/0")
+
+        async def gone():
+            return await resolve(*on["greeter/1"], "greeter-0") is None
+
+        await until(gone, timeout=60, what="greeter-0 no longer resolving on host 1")
+    finally:
+        await threads.deferToThread(lab.close)
+        await site.stop()
+        shutil.rmtree(site.directory, ignore_errors=True)
+
+
+def site_directory():
+    # The cache runs as the apt-cacher-ng user, which cannot enter pytest's 0700 tmp.
+    return tempfile.mkdtemp(prefix="ensemble-site-cache-", dir="/var/tmp")
