@@ -159,6 +159,11 @@ BAD_INPUT = [
     (["create-environment", "--name", "x", "--network", "10.1.0.0/33"], "invalid network"),
     (["create-environment", "--name", "x", "--units-zookeeper", "10.77.0.1:2181/other"], "the root is the environment's"),
     (["create-environment", "--name", "x", "--units-zookeeper", "10.77.0.1"], "invalid ZooKeeper address"),
+    (["create-environment", "--name", "y", "--package-mirror", "ftp://mirror/debian"], "--package-mirror must be"),
+    (["create-environment", "--name", "y", "--package-proxy", "http://a b"], "--package-proxy must be"),
+    (["create-environment", "--name", "y", "--package-proxy", "http://proxy:40000"], "ports above 32767"),
+    (["create-environment", "--name", "y", "--no-package-cache", "--package-mirror", "http://m/debian"],
+     "cannot be given with"),
     (["deploy"], "the following arguments are required"),
     (["frobnicate"], "invalid choice"),
 ]
@@ -267,3 +272,18 @@ async def test_create_environment_makes_an_admin_whose_credential_the_commands_n
         "'ensemble machine-credential 0' prints")
     # Anyone may still read the environment's status, but not a service's config.
     assert status(lambda *a: run_ensemble(*a, env=anonymous))["machines"]["0"]["agent"] == "down"
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("options,recorded", [
+    ([], {"enabled": True, "mirror": None, "proxy": None}),
+    (["--package-mirror", "http://mirror.internal/debian", "--package-proxy", "http://proxy.internal:3128"],
+     {"enabled": True, "mirror": "http://mirror.internal/debian", "proxy": "http://proxy.internal:3128"}),
+    (["--no-package-cache"], {"enabled": False, "mirror": None, "proxy": None}),
+])
+async def test_the_package_cache_settings_are_recorded_in_the_environment(client, cli, options, recorded):
+    result = cli("create-environment", "--name", "pkgs", *options)
+    assert result.returncode == 0, result.stderr
+    from ensemble.state.environment import get_environment
+
+    assert (await get_environment(client))["package-cache"] == recorded

@@ -223,3 +223,39 @@ def test_a_pass_a_watch_asked_for_fails_into_the_log_not_the_watch(clock, caplog
     reconciler.stopping = True  # the session closes under the pass: nothing to report
     clock.advance(1)
     assert stopping.called and "pass failed" not in caplog.text
+
+
+class SlowTemplate(FakeTemplate):
+    """A build that reports progress until the test lets it finish."""
+
+    def __init__(self):
+        super().__init__()
+        self.progress = None
+        self.done = defer.Deferred()
+
+    async def ensure(self, progress=None):
+        self.progress = progress
+        await self.done
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_template_build_shows_its_progress_on_the_machine_until_done(clock, tmp_path):
+    host = Host(clock, tmp_path)
+    await host.setup()
+    host.template = SlowTemplate()
+    starting = defer.ensureDeferred(host.start_agent())
+    machines = MachineStateManager(host.admin)
+    host.template.progress("stage 1 of 8: checking the release")
+    shown = (await machines.get_machine(0)).data["template"]
+    assert shown == {"state": "building", "progress": "stage 1 of 8: checking the release"}
+    host.template.progress("I: Retrieving adduser 3.134")  # the log's, not status's
+    clock.advance(1)
+    host.template.progress("stage 4 of 8: downloading packages: 1 of 125 packages (45.6 MB)")
+    assert (await machines.get_machine(0)).data["template"]["progress"] == "stage 1 of 8: checking the release"
+    clock.advance(2)  # at most one write every two seconds
+    host.template.progress("stage 4 of 8: downloading packages: 9 of 125 packages (45.6 MB)")
+    assert (await machines.get_machine(0)).data["template"]["progress"].startswith("stage 4 of 8")
+    host.template.done.callback(None)
+    await starting
+    assert "template" not in (await machines.get_machine(0)).data
+    await host.agent.stop()

@@ -45,6 +45,12 @@ class Host:
     def in_thread(self, f, *args):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
+    async def publish(self, field, value):
+        """Say `value` as the machine node's `field` (None removes it), writing only
+        a change: passes repeat every few seconds."""
+        if self.machine.data.get(field) != value:
+            await self.machine.update(**{field: value})
+
     def report_once(self, message):
         # Passes repeat every few seconds; the log says each problem once.
         if message not in self.reported:

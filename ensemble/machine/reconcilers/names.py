@@ -33,14 +33,11 @@ class NamesReconciler(Reconciler):
             await self.server.start()
         except DNSServerError as e:
             host.report_once(str(e))
-            await self._publish({"state": "error", "error": str(e)})
+            await self.host.publish("name-server", {"state": "error", "error": str(e)})
             return
-        await self._publish({"address": f"{self.server.address}:{self.server.port}", "domain": self.domain,
-                             "state": "running"})
-
-    async def _publish(self, entry):
-        if self.host.machine.data.get("name-server") != entry:
-            await self.host.machine.update(**{"name-server": entry})
+        await self.host.publish("name-server", {
+            "address": f"{self.server.address}:{self.server.port}", "domain": self.domain, "state": "running",
+        })
 
     async def stop(self):
         await super().stop()

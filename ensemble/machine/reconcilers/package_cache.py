@@ -29,20 +29,17 @@ class PackageCacheReconciler(Reconciler):
                 await self.cache.start()
             except PackageCacheError as e:
                 self.host.report_once(f"package cache: {e}")
-                await self._publish({"state": "error", "error": str(e)})
+                await self.host.publish("package-cache", {"state": "error", "error": str(e)})
                 return
             self.cache.ended.addCallback(self._ended)
             log.info("%s: package cache at %s (cache in %s)", self.host.name, self.cache.url, self.cache.cache_dir)
-        await self._publish({"address": f"{self.cache.address}:{self.cache.port}", "state": "running"})
+        await self.host.publish("package-cache", {"address": f"{self.cache.address}:{self.cache.port}",
+                                                  "state": "running"})
 
     def _ended(self, exit):
         if not exit.requested and not self.stopping:
             log.warning("%s: the package cache exited (status %s); starting it again", self.host.name, exit.status)
             self.sync().addErrback(lambda f: log.error("%s: package cache: %s", self.host.name, f.getErrorMessage()))
-
-    async def _publish(self, entry):
-        if self.host.machine.data.get("package-cache") != entry:
-            await self.host.machine.update(**{"package-cache": entry})
 
     async def stop(self):
         await super().stop()
