@@ -9,6 +9,7 @@ from twisted.internet import defer, task
 from ensemble.agent import BaseAgent
 from ensemble.machine import host as hosts
 from ensemble.machine.content import UnrunnableInstallation, check_installation
+from ensemble.machine.deploy import UnitDeployer
 from ensemble.machine.reconcilers.firewall import FirewallReconciler
 from ensemble.machine.reconcilers.names import NamesReconciler
 from ensemble.machine.reconcilers.package_cache import PackageCacheReconciler
@@ -56,6 +57,7 @@ class MachineAgent(BaseAgent):
         self.host = None
         self.units = None
         self.reconcilers = []
+        self._overlay = None
         self._resync = None
 
     # What tests and tools look at.
@@ -74,10 +76,10 @@ class MachineAgent(BaseAgent):
 
     @property
     def overlay(self):
-        for reconciler in self.reconcilers:
-            if isinstance(reconciler, OverlayReconciler):
-                return reconciler.overlay
-        return None
+        """This host's Overlay once its reconciler runs (paths to other machines)."""
+        if self._overlay is None or self._overlay not in self.reconcilers:
+            return None
+        return self._overlay.overlay
 
     async def register_presence(self, info):
         if self.machine is None:
@@ -85,69 +87,82 @@ class MachineAgent(BaseAgent):
         await self.machine.register_agent(info)
 
     async def started(self):
-        stopping = lambda: self._stopping  # noqa: E731
-        subnet = await hosts.lease(self.client, self.machine, self.reactor, self.lease_retry_delay, stopping)
-        if subnet is None:
+        host = await self._network()
+        if host is None:
             return
-        self.host = host = await hosts.prepare_host(
-            self.client, self.machine, self.reactor, subnet, self.netns, self.unit_zookeeper,
-        )
-        self.unit_zookeeper = host.unit_zookeeper
-        overlay = None
-        if self.manage_overlay:
-            overlay = OverlayReconciler(host)
-            host.mtu = await overlay.prepare()
-        if self.manage_bridge:
-            await hosts.ensure_bridge(host)
-        await hosts.publish_network(host)
         # What the host offers its units on their gateway: reachable through the
-        # firewall, named in their containers' files, started before any unit.
+        # firewall, named in their containers' files, running before any unit starts.
         names = NamesReconciler(host) if self.serve_names else None
-        cache = None
-        if self.package_cache_dir is not None:
-            if package_cache_settings(host.environment)["enabled"]:
-                cache = PackageCacheReconciler(host, self.package_cache_dir)
-            else:
-                await self.machine.update(**{"package-cache": {"state": "off"}})
+        cache = await self._package_cache(host)
         services = [s for s in (names, cache) if s is not None]
         listeners = []
         if self.manage_firewall:
-            firewall = FirewallReconciler(host, [p for s in services for p in s.ports])
+            firewall = FirewallReconciler(host, [port for s in services for port in s.ports])
             listeners.append(firewall)
             # Closed from the start: until a unit's ports are known, nothing is open.
             await self._start(firewall)
         deployer = refusal = None
         if self.driver is not None:
-            from ensemble.machine.deploy import UnitDeployer
-
-            await ensure_template(host, self.template, self.template_retry_delay, stopping)
+            refusal = await self._template(host)
             if self._stopping:
                 return
-            try:
-                check_installation(self.template.rootfs)
-            except UnrunnableInstallation as e:
-                # Every unit's agent would fail the same way, each in its own log.
-                refusal = str(e)
-                log.error("%s: %s", self.name, refusal)
-                await self.machine.update(error=refusal)
             deployer = UnitDeployer(
-                self.client, self.driver, host.environment["name"], host.bridge, host.subnet,
-                host.unit_zookeeper, self.reactor, self.unit_log_dir, host.mtu,
+                host, self.driver, self.unit_log_dir,
+                name_domain=names.domain if names else None, apt_proxy=cache.apt_config if cache else None,
             )
         for service in services:
             await self._start(service)
-        if deployer is not None:
-            deployer.name_domain = names.domain if names is not None else None
-            deployer.apt_proxy = cache.apt_config if cache is not None else None
         self.units = UnitsReconciler(host, deployer, listeners, refusal)
         await self._start(self.units)
-        if overlay is not None and overlay.overlay is not None:
-            await self._start(overlay)
+        if self._overlay is not None and self._overlay.overlay is not None:
+            await self._start(self._overlay)
         if self._stopping:
             return
         self._resync = task.LoopingCall(self._tick)
         self._resync.clock = self.reactor
         self._resync.start(self.resync_interval, now=False)
+
+    async def _network(self):
+        """This machine's subnet, its bridge and the Host over them (None: stopped
+        while waiting for a lease)."""
+        subnet = await hosts.lease(
+            self.client, self.machine, self.reactor, self.lease_retry_delay, lambda: self._stopping,
+        )
+        if subnet is None:
+            return None
+        self.host = host = await hosts.prepare_host(
+            self.client, self.machine, self.reactor, subnet, self.netns, self.unit_zookeeper,
+        )
+        self.unit_zookeeper = host.unit_zookeeper
+        if self.manage_overlay:
+            self._overlay = OverlayReconciler(host)
+            host.mtu = await self._overlay.prepare()  # the bridge takes the containers' MTU
+        if self.manage_bridge:
+            await hosts.ensure_bridge(host)
+        await hosts.publish_network(host)
+        return host
+
+    async def _package_cache(self, host):
+        if self.package_cache_dir is None:
+            return None
+        if not package_cache_settings(host.environment)["enabled"]:
+            await host.publish("package-cache", {"state": "off"})
+            return None
+        return PackageCacheReconciler(host, self.package_cache_dir)
+
+    async def _template(self, host):
+        """The container template built, and why units cannot run here, if they cannot."""
+        await ensure_template(host, self.template, self.template_retry_delay, lambda: self._stopping)
+        if self._stopping:
+            return None
+        try:
+            check_installation(self.template.rootfs)
+        except UnrunnableInstallation as e:
+            # Every unit's agent would fail the same way, each in its own log.
+            log.error("%s: %s", self.name, e)
+            await self.machine.update(error=str(e))
+            return str(e)
+        return None
 
     async def _start(self, reconciler):
         self.reconcilers.append(reconciler)

@@ -38,23 +38,20 @@ def unit_log_path(unit_log_dir, unit_name):
 class UnitDeployer:
     """Deploys and tears down units' containers for one machine agent."""
 
-    def __init__(self, client, driver, environment, bridge, subnet, zookeeper, reactor, unit_log_dir=None, mtu=None):
-        self.client = client
-        # What the host offers its units, once it does: its name server's search
-        # domain (None: no name server) and apt's proxy configuration (None: no cache).
-        self.name_domain = None
-        self.apt_proxy = None
+    def __init__(self, host, driver, unit_log_dir=None, name_domain=None, apt_proxy=None):
+        """`host`: the machine agent's Host. What the host offers its units: its name
+        server's search domain (None: no name server) and apt's configuration for its
+        package cache (None: no cache)."""
+        self.host = host
+        self.client = host.client
+        self.reactor = host.reactor
         self.driver = driver
-        self.environment = environment
-        self.bridge = bridge
-        self.network = netaddr.IPNetwork(subnet)
-        self.zookeeper = zookeeper
-        self.reactor = reactor
         self.unit_log_dir = unit_log_dir
-        self.mtu = mtu
+        self.name_domain = name_domain
+        self.apt_proxy = apt_proxy
 
     def container_for(self, unit_name):
-        return container_name(self.environment, unit_name)
+        return container_name(self.host.environment["name"], unit_name)
 
     def spec(self, unit, address, limits):
         """The container `unit` gets: its address, its service's `limits`, its agent."""
@@ -68,25 +65,26 @@ class UnitDeployer:
             # Written by the unit's root, which is not host root.
             shift_owners(log_dir, *UNIT_IDS)
             mounts.append((log_dir, "/var/log/ensemble", False))
-        gateway = str(self.network.network + 1)
+        network = netaddr.IPNetwork(self.host.subnet)
+        gateway = self.host.gateway
         name_server = gateway if self.name_domain is not None else None
         return ContainerSpec(
             name=name,
             hostname=hostname(unit.name),
             address=address,
-            prefixlen=self.network.prefixlen,
+            prefixlen=network.prefixlen,
             gateway=gateway,
             files=unit_files(hostname(unit.name), address, name_server, self.name_domain, self.apt_proxy),
-            bridge=self.bridge,
+            bridge=self.host.bridge,
             memory=service_limits.get("memory"),
             cpu_weight=service_limits.get("cpu-weight"),
             pids=service_limits.get("pids"),
-            mtu=self.mtu,
+            mtu=self.host.mtu,
             idmap=UNIT_IDS,
             mounts=mounts,
             agent_command=[agent_python(), "-m", "ensemble", "unit-agent", "--unit", unit.name],
             agent_environment={
-                "ENSEMBLE_ZOOKEEPER": self.zookeeper,
+                "ENSEMBLE_ZOOKEEPER": self.host.unit_zookeeper,
                 "ENSEMBLE_SESSION_TIMEOUT": UNIT_SESSION_TIMEOUT,
                 "ENSEMBLE_CONNECT_TIMEOUT": "30",
                 # Its own credential, derived from this machine's: it may change only its
