@@ -152,6 +152,23 @@ async def test_units_find_each_other_by_name(environment, tmp_path):
     code, _, _ = await run_in(env, "web/0", "getent hosts nosuch-7 || exit 9; getent hosts deb.debian.org || exit 9")
     assert code == 9
 
+    # On its host a unit reaches the name server and the cache, and nothing else new.
+    gateway = env.status()["machines"]["0"]["subnet"].rsplit(".", 1)[0] + ".1"
+    other = socket.socket()
+    other.bind((gateway, 0))
+    other.listen(1)
+    port = other.getsockname()[1]
+    try:
+        code, out, _ = await run_in(env, "web/0", (
+            "python3 -c 'import socket, sys\n"
+            "for port in sys.argv[1:]:\n"
+            "    try: socket.create_connection((\"%s\", int(port)), timeout=2).close(); print(port, \"open\")\n"
+            "    except OSError: print(port, \"closed\")' 3142 53 %d" % (gateway, port)
+        ))
+    finally:
+        other.close()
+    assert out.split("\n")[:3] == ["3142 open", "53 open", f"{port} closed"], out
+
     env.cli("remove-unit", "db/1")
     await until(lambda: "db/1" not in env.units(), what="db/1 removed")
 
