@@ -134,6 +134,46 @@ def test_units_reach_only_opened_ports_and_only_zookeeper_on_the_host(host):
         firewall.remove()  # idempotent
 
 
+def test_units_traffic_is_routed_only_to_the_environments_network(host):
+    """A host with peers forwards; what a unit sends may go only to other machines'
+    units (the environment's network), not to the host's own network or beyond."""
+    outside = host["host"].replace("-h", "-o")
+    pyroute2_netns.create(outside)
+    try:
+        with IPRoute(netns=host["host"], flags=0) as ipr:
+            # The uplink: a veth to a namespace standing for the rest of the world,
+            # which also holds "another machine's unit" (10.93.1.5, in the network).
+            ipr.link("add", ifname="uplink", kind="veth", peer={"ifname": "eth0", "net_ns_fd": outside})
+            index = ipr.link_lookup(ifname="uplink")[0]
+            ipr.addr("add", index=index, address="198.51.100.1", prefixlen=24)
+            ipr.link("set", index=index, state="up")
+            ipr.route("add", dst="10.93.1.0/24", gateway="198.51.100.2")
+        with IPRoute(netns=outside, flags=0) as ipr:
+            eth = ipr.link_lookup(ifname="eth0")[0]
+            for address in ("198.51.100.2", "10.93.1.5", "192.0.2.9"):
+                ipr.addr("add", index=eth, address=address, prefixlen=32 if address != "198.51.100.2" else 24)
+            ipr.link("set", index=eth, state="up")
+            ipr.route("add", dst="10.93.0.0/24", gateway="198.51.100.1")
+        from ensemble.network.netns import set_ip_forwarding
+
+        set_ip_forwarding(host["host"])  # the test's host namespace, as with peers
+        with IPRoute(netns=host["host"], flags=0) as ipr:
+            ipr.route("add", dst="0.0.0.0/0", gateway="198.51.100.2")
+        firewall = Firewall("fw", BRIDGE, GATEWAY, [ZOOKEEPER_PORT], netns=host["host"], subnet="10.93.0.0/24",
+                            cidr="10.93.0.0/16")
+        with listening(outside, "0.0.0.0", [9000]), listening(host["web"], WEB, [8080]):
+            assert talk(host["web"], "192.0.2.9", 9000) == "hi"    # the setup routes it out
+            firewall.sync({WEB: [(8080, "tcp")]})
+            assert talk(host["web"], "10.93.1.5", 9000) == "hi"    # another machine's unit
+            assert talk(host["web"], "192.0.2.9", 9000) == "TimeoutError"     # beyond: dropped
+            assert talk(host["web"], "198.51.100.2", 9000) == "TimeoutError"  # the host's network
+            # A connection made to a unit's opened port, from outside, is answered.
+            assert talk(outside, WEB, 8080) == "hi"
+        firewall.remove()
+    finally:
+        pyroute2_netns.remove(outside)
+
+
 # -- end to end: the machine agent keeps the firewall for its units ---------------------------
 
 

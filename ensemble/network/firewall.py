@@ -86,14 +86,17 @@ def _pair(direction, proto):
 
 
 class Firewall:
-    def __init__(self, environment, bridge, gateway, host_ports=(), netns=None, subnet=None):
+    def __init__(self, environment, bridge, gateway, host_ports=(), netns=None, subnet=None, cidr=None):
         """`host_ports`: what units may reach at `gateway` (ports: TCP; or 'PORT/udp').
         `subnet`: this host's unit subnet (CIDR), so that the bridged rules leave
-        other environments' units on this host alone; None: all bridged units."""
+        other environments' units on this host alone; None: all bridged units.
+        `cidr`: the environment's network: the only place units' traffic is routed to
+        (other machines' units); None: wherever the host routes it."""
         self.table = f"ens-{environment}"
         self.bridge = bridge
         self.gateway = gateway
         self.subnet = str(subnet) if subnet is not None else None
+        self.cidr = str(cidr) if cidr is not None else None
         self.host_ports = sorted({parse_port(p) for p in host_ports})
         self.netns = netns
 
@@ -161,6 +164,18 @@ class Firewall:
         chain("inet", "forward", "forward")
         chain("inet", "to_units")
         rule("inet", "forward", _match(_meta("oifname"), self.bridge), {"jump": {"target": "to_units"}})
+        if self.cidr is not None:
+            # Routed from a unit: only to other machines' units. A host that forwards
+            # (it has peers) would otherwise carry units' traffic to its own network
+            # and beyond; replies to connections made to a unit still leave.
+            chain("inet", "from_units_routed")
+            rule("inet", "forward", _match(_meta("iifname"), self.bridge), {"jump": {"target": "from_units_routed"}})
+            rule("inet", "from_units_routed", established, {"accept": None})
+            rule("inet", "from_units_routed", _match(_meta("nfproto"), "ipv4", "!="), {"drop": None})
+            network, _, length = self.cidr.partition("/")
+            rule("inet", "from_units_routed",
+                 _match(_payload("ip", "daddr"), {"prefix": {"addr": network, "len": int(length)}}, "!="),
+                 {"drop": None})
         rule("inet", "to_units", established, {"accept": None})
         for proto in ("tcp", "udp"):
             rule("inet", "to_units", _match(_pair("to", proto), f"@{proto}_open"), {"accept": None})

@@ -20,6 +20,7 @@ class FirewallReconciler(Reconciler):
         self.firewall = Firewall(
             host.environment["name"], host.bridge, host.gateway,
             [*zookeeper_ports(host.unit_zookeeper, host.gateway), *host_ports], host.netns, subnet=host.subnet,
+            cidr=(host.environment.get("network") or {}).get("cidr"),
         )
         self._openings = {}       # unit -> ["7070/tcp", ...] it published
         self._watches = {}        # unit -> its node's watch (for its opened ports)
