@@ -35,7 +35,9 @@ def parse_env(path):
 
 @pytest_twisted.ensureDeferred
 async def test_install_then_start_with_the_hook_environment(env_client, zk_server, zk_root, tmp_path):
-    await deploy_charm(env_client, make_charm(tmp_path / "charm", config={"colour": "blue"}))
+    # A hook that reads its input gets EOF at once, rather than waiting for ever.
+    hooks = {"install": 'read answer; echo "install ran"; env > "$ENSEMBLE_UNIT_DIR/install.env"'}
+    await deploy_charm(env_client, make_charm(tmp_path / "charm", config={"colour": "blue"}, hooks=hooks))
     await (await UnitStateManager(env_client).get_unit("probe/0")).update(**{"private-address": "10.77.0.9"})
     agent = await start_agent(zk_server, zk_root, tmp_path)
     try:
@@ -47,6 +49,7 @@ async def test_install_then_start_with_the_hook_environment(env_client, zk_serve
         assert env["ENSEMBLE_UNIT_DIR"] == str(tmp_path / "unit")
         assert json.loads(env["ENSEMBLE_CONFIG"]) == {"colour": "blue"}
         assert env["ENSEMBLE_ZOOKEEPER"] == f"{zk_server.address}{zk_root}"
+        assert env["DEBIAN_FRONTEND"] == "noninteractive"  # packages' questions are not asked
         assert (tmp_path / "unit" / "install.env").exists()
         log = (tmp_path / "log" / "probe-0.log").read_text()
         assert log.index("install ran") < log.index("start ran")

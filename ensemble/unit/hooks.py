@@ -30,6 +30,9 @@ def hook_environment(unit_name, private_address, charm_dir, unit_dir, config, zo
         "PATH": f"{path_prefix}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": unit_dir,
         "LANG": "C.UTF-8",
+        # Packages installed by hooks must not stop to ask (debconf): nobody answers.
+        "DEBIAN_FRONTEND": "noninteractive",
+        "APT_LISTCHANGES_FRONTEND": "none",
         "CHARM_DIR": charm_dir,
         "ENSEMBLE_UNIT_NAME": unit_name,
         "ENSEMBLE_PRIVATE_ADDRESS": private_address or "",
@@ -45,6 +48,10 @@ class _HookProcess(protocol.ProcessProtocol):
         self.tail = deque(maxlen=TAIL_LINES)
         self._partial = b""
         self.done = done
+
+    def connectionMade(self):
+        # Nothing to read: a hook (or a package's script) that asks gets EOF, not a wait.
+        self.transport.closeStdin()
 
     def outReceived(self, data):
         self.log_file.write(data)
