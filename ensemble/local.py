@@ -16,7 +16,7 @@ from ensemble.names import validate_environment_name
 from ensemble.connection import AUTH_VARIABLE
 from ensemble.state import auth
 from ensemble.state.client import ZKClient
-from ensemble.state.environment import DEFAULT_NETWORK, initialize
+from ensemble.state.environment import DEFAULT_NETWORK, DEFAULT_PACKAGE_CACHE, initialize
 from ensemble.state.machine import MachineStateManager
 from ensemble import process
 from ensemble.network import bridge
@@ -180,7 +180,7 @@ async def bootstrap(
 ):
     """Start a new local environment, or restart a stopped one. Returns (config, resumed)."""
     if home.exists():
-        return await _resume(reactor, home, network, name), True
+        return await _resume(reactor, home, network, name, package_cache), True
     cidr = validate_network(network or DEFAULT_NETWORK["cidr"], host_prefix)
     if zookeeper_servers not in (1, 3, 5, 7):
         raise InvalidValue(f"--zookeeper-servers must be 1, 3, 5 or 7 (a quorum needs an odd number), not {zookeeper_servers}")
@@ -236,11 +236,16 @@ async def admin_client(home):
     return await _admin_client(config["zookeeper"], config.get("root", "/ensemble"), auth.admin_of(config))
 
 
-async def _resume(reactor, home, network=None, name=None):
+async def _resume(reactor, home, network=None, name=None, package_cache=None):
     """Bring back whatever part of an existing environment is down."""
     config = home.load()
     if name and name != config.get("name"):
         raise InvalidValue(f"the environment in {home.path} is named {config.get('name')!r}; --name is for new ones")
+    if package_cache and package_cache != DEFAULT_PACKAGE_CACHE:
+        raise InvalidValue(
+            f"the environment in {home.path} exists; the package cache options are for new ones "
+            "(docs/operations.md says how to change an environment's)"
+        )
     if network and config.get("network") and validate_network(network) != config["network"]:
         raise InvalidValue(
             f"the environment in {home.path} uses {config['network']}; --network is for new environments"

@@ -44,6 +44,11 @@ async def collect(client):
         for field in ("package-cache", "name-server", "template", "error", "network-error"):
             if field in machine.data:
                 entry[field] = machine.data[field]
+        if not alive:
+            # Both live in (or die with) the agent: what it last wrote no longer holds.
+            for field in ("package-cache", "name-server"):
+                if isinstance(entry.get(field), dict) and entry[field].get("state") == "running":
+                    entry[field] = {**entry[field], "state": "down"}
         result["machines"][machine.id] = entry
     for service in services:
         entry = {}

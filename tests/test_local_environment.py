@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import time
 
 from ensemble.home import EnsembleHome
 from ensemble.process import alive as process_alive
@@ -31,6 +32,16 @@ def processes_of(home):
             if process_alive(int(entry)):
                 found.append(int(entry))
     return found
+
+
+def wait_until(check, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.2)
 
 
 def test_bootstrap_status_destroy_leaves_nothing(tmp_path):
@@ -134,10 +145,21 @@ def test_bootstrap_restarts_a_dead_agent_and_refuses_changed_settings(tmp_path):
         os.kill(agent, signal.SIGKILL)
         message = one_line_error(run_ensemble("bootstrap", "--network", "10.204.0.0/16", env=env))
         assert "uses 10.203.0.0/16; --network is for new environments" in message
+        message = one_line_error(run_ensemble("bootstrap", "--package-mirror", "http://m.internal/debian", env=env))
+        assert "the package cache options are for new ones" in message
         result = run_ensemble("bootstrap", env=env)
         assert result.returncode == 0 and "restarted environment" in result.stdout, result.stderr
         status = json.loads(run_ensemble("status", "--format", "json", env=env).stdout)
         assert status["machines"]["0"]["agent"] == "alive"
+        # The agent's name server and cache go with it, and status says so.
+        os.kill(int((home / "run" / "machine-0.pid").read_text()), signal.SIGKILL)
+
+        def down():
+            machine = json.loads(run_ensemble("status", "--format", "json", env=env).stdout)["machines"]["0"]
+            return machine["agent"] == "down" and machine
+
+        machine = wait_until(down)
+        assert machine["package-cache"]["state"] == machine["name-server"]["state"] == "down"
     finally:
         run_ensemble("destroy-environment", "-y", env=env)
     assert processes_of(home) == []

@@ -7,6 +7,7 @@ import logging
 from twisted.internet import defer, task
 
 from ensemble.agent import BaseAgent
+from ensemble.errors import EnsembleError
 from ensemble.machine import host as hosts
 from ensemble.machine.content import UnrunnableInstallation, check_installation
 from ensemble.machine.deploy import UnitDeployer
@@ -148,7 +149,14 @@ class MachineAgent(BaseAgent):
         if not package_cache_settings(host.environment)["enabled"]:
             await host.publish("package-cache", {"state": "off"})
             return None
-        return PackageCacheReconciler(host, self.package_cache_dir)
+        try:
+            return PackageCacheReconciler(host, self.package_cache_dir)
+        except EnsembleError as e:
+            # Settings written by hand into the environment node, say: the units go on
+            # without a cache, and status says why.
+            log.error("%s: package cache: %s", self.name, e)
+            await host.publish("package-cache", {"state": "error", "error": str(e)})
+            return None
 
     async def _template(self, host):
         """The container template built, and why units cannot run here, if they cannot."""
