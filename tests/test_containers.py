@@ -694,19 +694,19 @@ def test_debootstraps_progress_reads_as_stage_and_packages_out_of_total():
         "P: 125 125 SIZEDEBS\nPF: Finding package sizes\n"
         "P: 0 45600000 DOWNDEBS\nPF: Downloading packages\n"
         "I: RETRIEVING\nIA: adduser\nIA: 3.134\nIF: Retrieving %s %s\n"
-        "P: 3 37 CONFBASE\nPF: Configuring base system\n"
+        "P: 38 37 CONFBASE\nPF: Configuring base system\n"
         "E: COULDNT_DL\nEA: apt\nEF: Couldn't download package %s\n"
     ).encode()
     for chunk in (coded[:50], coded[50:51], coded[51:]):  # lines split across reads
         build.childDataReceived(3, chunk)
     build.childDataReceived(1, b"the full log goes to the tail only\n")
     assert lines == [
-        "stage 1 of 8: checking the release",
-        "stage 3 of 8: resolving packages: 125 of 125 packages",
-        "stage 4 of 8: downloading packages: 0 of 125 packages (45.6 MB)",
+        "stage 1 of 10: checking the release",
+        "stage 3 of 10: resolving packages: 125 of 125 packages",
+        "stage 4 of 10: downloading packages: 0 of 125 packages (45.6 MB)",
         "I: Retrieving adduser 3.134",
-        "stage 4 of 8: downloading packages: 1 of 125 packages (45.6 MB)",
-        "stage 8 of 8: configuring the base system: 3 of 37 packages",
+        "stage 4 of 10: downloading packages: 1 of 125 packages (45.6 MB)",
+        "stage 10 of 10: configuring the base system: 37 of 37 packages",
         "E: Couldn't download package apt",
     ]
     assert build.errors == ["Couldn't download package apt"]

@@ -245,16 +245,16 @@ async def test_a_template_build_shows_its_progress_on_the_machine_until_done(clo
     host.template = SlowTemplate()
     starting = defer.ensureDeferred(host.start_agent())
     machines = MachineStateManager(host.admin)
-    host.template.progress("stage 1 of 8: checking the release")
+    host.template.progress("stage 1 of 10: checking the release")
     shown = (await machines.get_machine(0)).data["template"]
-    assert shown == {"state": "building", "progress": "stage 1 of 8: checking the release"}
+    assert shown == {"state": "building", "progress": "stage 1 of 10: checking the release"}
     host.template.progress("I: Retrieving adduser 3.134")  # the log's, not status's
     clock.advance(1)
-    host.template.progress("stage 4 of 8: downloading packages: 1 of 125 packages (45.6 MB)")
-    assert (await machines.get_machine(0)).data["template"]["progress"] == "stage 1 of 8: checking the release"
+    host.template.progress("stage 4 of 10: downloading packages: 1 of 125 packages (45.6 MB)")
+    assert (await machines.get_machine(0)).data["template"]["progress"] == "stage 1 of 10: checking the release"
     clock.advance(2)  # at most one write every two seconds
-    host.template.progress("stage 4 of 8: downloading packages: 9 of 125 packages (45.6 MB)")
-    assert (await machines.get_machine(0)).data["template"]["progress"].startswith("stage 4 of 8")
+    host.template.progress("stage 4 of 10: downloading packages: 9 of 125 packages (45.6 MB)")
+    assert (await machines.get_machine(0)).data["template"]["progress"].startswith("stage 4 of 10")
     host.template.done.callback(None)
     await starting
     assert "template" not in (await machines.get_machine(0)).data

@@ -269,6 +269,8 @@ STAGES = [
     (("DOWNPKGS", "DOWNMAINPKGS"), "downloading package lists"),
     (("SIZEDEBS",), "resolving packages"),
     (("DOWNDEBS",), "downloading packages"),
+    (("EXTRACTPKGS",), "extracting packages"),
+    (("INSTCORE",), "installing core packages"),
     (("UNPACKREQ",), "unpacking required packages"),
     (("CONFREQ",), "configuring required packages"),
     (("UNPACKBASE",), "unpacking the base system"),
@@ -294,6 +296,7 @@ class BuildProgress:
 
     def event(self, stage, now, end):
         self.stage = stage
+        now = min(now, end)  # debootstrap's own counts can run one past their end
         if stage == "SIZEDEBS" and end > 0:
             self.packages = end
         if stage in ("DOWNPKGS", "DOWNDEBS"):
