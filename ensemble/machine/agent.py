@@ -15,7 +15,8 @@ from ensemble.machine.reconcilers.firewall import FirewallReconciler
 from ensemble.machine.reconcilers.names import NamesReconciler
 from ensemble.machine.reconcilers.package_cache import PackageCacheReconciler
 from ensemble.machine.reconcilers.overlay import OverlayReconciler
-from ensemble.machine.reconcilers.units import UnitsReconciler, ensure_template
+from ensemble.machine.reconcilers.units import UnitsReconciler
+from ensemble.machine.template_build import ensure_template
 from ensemble.state.environment import package_cache_settings
 from ensemble.state.machine import MachineStateManager
 
