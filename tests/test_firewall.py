@@ -75,12 +75,14 @@ def listening(netns, address, ports):
             s.close()
 
 
-def talk(netns, address, port, timeout=1.0):
+def talk(netns, address, port, timeout=1.0, source=None):
     """'hi' if a connection got an answer, else why not."""
     with inside(netns):
         s = socket.socket()
     s.settimeout(timeout)
     try:
+        if source:
+            s.bind((source, 0))
         s.connect((address, port))
         return s.recv(2).decode()
     except OSError as e:
@@ -169,6 +171,13 @@ def test_units_traffic_is_routed_only_to_the_environments_network(host):
             assert talk(host["web"], "198.51.100.2", 9000) == "TimeoutError"  # the host's network
             # A connection made to a unit's opened port, from outside, is answered.
             assert talk(outside, WEB, 8080) == "hi"
+        # Another machine's unit (10.93.1.5) comes in over the uplink: to this host it
+        # is a unit like its own, reaching only ZooKeeper at the gateway.
+        with listening(host["host"], "0.0.0.0", [ZOOKEEPER_PORT, 2222]):
+            assert talk(outside, GATEWAY, 2222, source="10.93.1.5") == "TimeoutError"
+            assert talk(outside, "198.51.100.1", 2222, source="10.93.1.5") == "TimeoutError"
+            assert talk(outside, GATEWAY, ZOOKEEPER_PORT, source="10.93.1.5") == "hi"
+            assert talk(outside, "198.51.100.1", 2222) == "hi"  # the host's own network: not ours to filter
         firewall.remove()
     finally:
         pyroute2_netns.remove(outside)

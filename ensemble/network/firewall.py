@@ -180,10 +180,17 @@ class Firewall:
         for proto in ("tcp", "udp"):
             rule("inet", "to_units", _match(_pair("to", proto), f"@{proto}_open"), {"accept": None})
         rule("inet", "to_units", {"drop": None})
-        # A unit to its own host: ZooKeeper only.
+        # A unit to this host: only the services it offers units, at the gateway.
         chain("inet", "input", "input")
         chain("inet", "from_units")
         rule("inet", "input", _match(_meta("iifname"), self.bridge), {"jump": {"target": "from_units"}})
+        if self.cidr is not None:
+            # Other machines' units come in over the uplink (or the VXLAN device), to
+            # the gateway or any other address of this host: the same rules hold.
+            network, _, length = self.cidr.partition("/")
+            rule("inet", "input", _match(_meta("iifname"), "lo", "!="),
+                 _match(_payload("ip", "saddr"), {"prefix": {"addr": network, "len": int(length)}}),
+                 {"jump": {"target": "from_units"}})
         rule("inet", "from_units", established, {"accept": None})
         for proto in ("tcp", "udp"):
             ports = [port for port, p in self.host_ports if p == proto]
