@@ -15,6 +15,7 @@ import yaml
 from ensemble.errors import InvalidCharm, InvalidValue
 from ensemble.names import validate_service_name
 from ensemble.errors import InvalidName
+from ensemble.relations import parse_endpoints
 
 REQUIRED_HOOKS = ("install", "start", "stop")
 # ZooKeeper's default jute.maxbuffer is 1 MiB for a whole request. Deploy writes the
@@ -25,10 +26,12 @@ _FIXED_TIME = (2000, 1, 1, 0, 0, 0)
 
 
 class Charm:
-    def __init__(self, directory, metadata, options):
+    def __init__(self, directory, metadata, options, endpoints=None):
         self.directory = directory
         self.metadata = metadata
         self.options = options
+        # {relation name: {interface, role, scope, limit, optional}}, juju-info included.
+        self.endpoints = endpoints if endpoints is not None else parse_endpoints(metadata.get("name"), {})
 
     @property
     def name(self):
@@ -47,6 +50,7 @@ class Charm:
             raise InvalidCharm(
                 f"{directory}/metadata.yaml: 'name' must be [a-z][a-z0-9-]*, at most 40 characters"
             )
+        endpoints = parse_endpoints(name, metadata)
         hooks = os.path.join(directory, "hooks")
         if not os.path.isdir(hooks):
             raise InvalidCharm(f"charm {name} has no hooks/ directory")
@@ -67,7 +71,7 @@ class Charm:
                 )
             if "default" in option and not _matches(option["default"], option.get("type", "string")):
                 raise InvalidCharm(f"charm {name}: the default of option {key!r} is not a {option.get('type', 'string')}")
-        return cls(directory, metadata, options)
+        return cls(directory, metadata, options, endpoints)
 
     def config(self, overrides):
         """Defaults from config.yaml with `overrides` ({key: string}) applied and typed."""

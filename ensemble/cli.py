@@ -170,7 +170,7 @@ async def cmd_deploy(reactor, args):
         if to is not None:
             await MachineStateManager(client).get_machine(to)
         _, units = await ServiceStateManager(client).deploy(
-            service, bundle_id(charm.name, bundle), bundle, config, limits, n=n, to=to
+            service, bundle_id(charm.name, bundle), bundle, config, limits, n=n, to=to, endpoints=charm.endpoints
         )
     print(f"deployed service {service} ({charm.name}): {', '.join(units)}")
 
@@ -209,6 +209,28 @@ async def cmd_destroy_service(reactor, args):
         print(f"destroying service {service}: removing {', '.join(units)}")
     else:
         print(f"destroyed service {service}")
+
+
+async def cmd_add_relation(reactor, args):
+    from ensemble.relations import parse_descriptor
+    from ensemble.state.relation import RelationStateManager
+
+    parse_descriptor(args.a), parse_descriptor(args.b)
+    async with _environment(args) as client:
+        relation, a, b = await RelationStateManager(client).add_relation(args.a, args.b)
+    print(f"added relation {relation.relation_id(a[0])} between {a[0]}:{a[1]} and {b[0]}:{b[1]} "
+          f"(interface {relation.interface})")
+
+
+async def cmd_remove_relation(reactor, args):
+    from ensemble.relations import parse_descriptor
+    from ensemble.state.relation import RelationStateManager
+
+    parse_descriptor(args.a), parse_descriptor(args.b)
+    async with _environment(args) as client:
+        relation = await RelationStateManager(client).remove_relation(args.a, args.b)
+    first = relation.endpoints[0]["service"]
+    print(f"removed relation {relation.relation_id(first)} between {' and '.join(relation.describe().split())}")
 
 
 async def cmd_status(reactor, args):
@@ -452,6 +474,15 @@ def build_parser():
 
     sub = command("destroy-service", cmd_destroy_service, "remove a service and all its units")
     sub.add_argument("service", metavar="SERVICE")
+
+    sub = command("add-relation", cmd_add_relation,
+                  "relate two services by a matching provides/requires pair of their charms")
+    sub.add_argument("a", metavar="SERVICE[:RELATION]")
+    sub.add_argument("b", metavar="SERVICE[:RELATION]")
+
+    sub = command("remove-relation", cmd_remove_relation, "remove the relation between two services")
+    sub.add_argument("a", metavar="SERVICE[:RELATION]")
+    sub.add_argument("b", metavar="SERVICE[:RELATION]")
 
     sub = command("status", cmd_status, "show machines, services and units")
     sub.add_argument("--format", choices=("yaml", "json"), default="yaml")

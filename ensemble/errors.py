@@ -83,3 +83,15 @@ class MalformedState(EnsembleError):
     def __init__(self, path, reason):
         super().__init__(f"malformed data at {path}: {reason}")
         self.path = path
+
+
+class InvalidRelation(EnsembleError):
+    """add-relation/remove-relation refused: no such endpoint, no or several matches."""
+
+
+class RelationExists(EnsembleError):
+    pass
+
+
+class RelationNotFound(EnsembleError):
+    pass

@@ -9,17 +9,19 @@ from ensemble.limits import format_memory
 from ensemble.state.client import NoAuth
 from ensemble.state.environment import get_environment
 from ensemble.state.machine import MachineStateManager
+from ensemble.state.relation import RelationStateManager
 from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import DYING, UnitStateManager
 
 
 async def collect(client):
     environment = await get_environment(client)
-    machines, services, units = await defer.gatherResults(
+    machines, services, units, relations = await defer.gatherResults(
         [
             defer.ensureDeferred(MachineStateManager(client).get_all_machines()),
             defer.ensureDeferred(ServiceStateManager(client).get_all_services()),
             defer.ensureDeferred(UnitStateManager(client).get_all_units()),
+            defer.ensureDeferred(RelationStateManager(client).get_all_relations()),
         ],
         consumeErrors=True,
     )
@@ -63,6 +65,9 @@ async def collect(client):
             entry["limits"] = _limits(service.limits)
             if service.life == DYING:
                 entry["life"] = DYING
+        shown = _relations(service.name, relations)
+        if shown:
+            entry["relations"] = shown  # {relation name: [related services]}, as pyjuju's status
         entry["units"] = {}
         result["services"][service.name] = entry
     for unit, alive in zip(units, unit_alive):
@@ -70,6 +75,17 @@ async def collect(client):
         service = result["services"].setdefault(unit.service_name, {"units": {}})
         service["units"][unit.name] = entry
     return result
+
+
+def _relations(service, relations):
+    shown = {}
+    for relation in relations:
+        endpoint = relation.endpoint(service)
+        if endpoint is None:
+            continue
+        remote = shown.setdefault(endpoint["relation-name"], [])
+        remote.extend(s for s in relation.remote_services(service) if s not in remote)
+    return {name: sorted(remote) for name, remote in sorted(shown.items())}
 
 
 def _limits(limits):

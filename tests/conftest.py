@@ -82,11 +82,12 @@ def cli(tmp_path, zk_spec):
     return lambda *args, **kw: run_ensemble(*args, env=env, **kw)
 
 
-def make_charm(directory, name="probe", hooks=None, config=None):
+def make_charm(directory, name="probe", hooks=None, config=None, metadata_extra=""):
     """A charm whose hooks are small shell scripts; by default each records that it ran
-    and the environment it got, in $ENSEMBLE_UNIT_DIR."""
+    and the environment it got, in $ENSEMBLE_UNIT_DIR. `metadata_extra`: YAML text
+    appended to metadata.yaml (e.g. provides/requires/peers)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "metadata.yaml").write_text(f"name: {name}\nsummary: test charm\n")
+    (directory / "metadata.yaml").write_text(f"name: {name}\nsummary: test charm\n" + metadata_extra)
     if config:
         lines = ["options:"] + [f"  {k}: {{type: string, default: '{v}'}}" for k, v in config.items()]
         (directory / "config.yaml").write_text("\n".join(lines) + "\n")

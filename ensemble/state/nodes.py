@@ -17,8 +17,9 @@ CHARMS = "/charms"
 NETWORK = "/network"
 SUBNETS = "/network/subnets"
 ADDRESSES = "/network/addresses"
+RELATIONS = "/relations"  # {next-id}; children relation-NNNNNNNNNN (ensemble/state/relation.py)
 
-TREE = [MACHINES, SERVICES, UNITS, CHARMS, NETWORK, SUBNETS, ADDRESSES]
+TREE = [MACHINES, SERVICES, UNITS, CHARMS, NETWORK, SUBNETS, ADDRESSES, RELATIONS]
 
 
 def dump(mapping):

@@ -13,9 +13,9 @@ from ensemble.errors import (
     ServiceExists,
     ServiceNotFound,
 )
-from ensemble.names import unit_name
-from ensemble.state import auth, nodes
-from ensemble.state.client import BadVersion, NodeExists, NoNode
+from ensemble.names import machine_key, unit_name
+from ensemble.state import auth, nodes, relation
+from ensemble.state.client import BadVersion, NodeExists, NoNode, NotEmpty
 from ensemble.state.machine import MachineStateManager
 from ensemble.state.unit import ALIVE, DYING, PENDING, UnitStateManager, assignment_path, unit_path
 
@@ -132,8 +132,14 @@ class ServiceStateManager:
     async def _placements(self, n, to):
         return place(await MachineStateManager(self.client).unit_counts(), n, to)
 
-    async def deploy(self, name, charm_bundle_id, bundle, config, limits, n=1, to=None, _retry=0):
-        """Create the service (storing its charm if new) with `n` units, atomically."""
+    async def deploy(self, name, charm_bundle_id, bundle, config, limits, n=1, to=None, _retry=0, endpoints=None):
+        """Create the service (storing its charm if new) with `n` units, and a peer
+        relation per `peers:` entry of its charm, atomically. `endpoints`: the charm's
+        (Charm.endpoints); read from the bundle's metadata.yaml if not given."""
+        from ensemble.relations import stored
+
+        if endpoints is None:
+            endpoints = relation.endpoints_from_bundle(charm_bundle_id.rpartition("-")[0], bundle)
         machines = await self._placements(n, to)
         if await self.client.exists(service_path(name)) is not None:
             service = await self.get_service(name)
@@ -146,10 +152,15 @@ class ServiceStateManager:
             "limits": limits,
             "life": ALIVE,
             "unit-sequence": n,
+            "endpoints": stored(endpoints),
         }
         policy = auth.admin_policy(self.client)
         placements = _placements(name, 0, machines)
         tx = self.client.transaction()
+        if any(e["role"] == "peer" for e in endpoints.values()):
+            first_id, relations_version = await relation.counter(self.client)
+            used = relation.peer_ops(tx, name, endpoints, placements, first_id, policy)
+            tx.set(nodes.RELATIONS, nodes.dump({"next-id": first_id + used}), relations_version)
         if await self.client.exists(charm_path(charm_bundle_id)) is None:
             tx.create(charm_path(charm_bundle_id), bundle, acl=policy and policy.service_node(placements))
             if policy is not None:
@@ -172,7 +183,10 @@ class ServiceStateManager:
             if _retry >= 3:
                 raise
             # Another deploy stored the same charm first; ours is identical.
-            return await self.deploy(name, charm_bundle_id, bundle, config, limits, n, to, _retry + 1)
+            return await self.deploy(name, charm_bundle_id, bundle, config, limits, n, to, _retry + 1, endpoints)
+        except BadVersion:
+            # Another relation took the id we meant for a peer relation.
+            return await self.deploy(name, charm_bundle_id, bundle, config, limits, n, to, _retry, endpoints)
         except NoNode:
             raise MachineNotFound(to if to is not None else machines[0])
         return ServiceState(self.client, name, data), names
@@ -195,13 +209,21 @@ class ServiceStateManager:
             tx = self.client.transaction()
             tx.set(service_path(name), nodes.dump({**data, "unit-sequence": first + n}), version)
             names = _add_unit_ops(tx, name, first, machines, policy)
+            # Their settings nodes in the service's relations; a relation added meanwhile
+            # moves /relations' version, so this round is retried and sees it.
+            _, relations_version = await relation.counter(self.client)
+            tx.check(nodes.RELATIONS, relations_version)
+            await relation.RelationStateManager(self.client).units_added_ops(
+                tx, name, _placements(name, first, machines))
             try:
                 await tx.commit()
                 return names
             except BadVersion:
                 continue
             except NoNode:
-                raise MachineNotFound(to if to is not None else machines[0])
+                if any([await self.client.exists(f"{nodes.MACHINES}/{machine_key(m)}") is None for m in set(machines)]):
+                    raise MachineNotFound(to if to is not None else machines[0])
+                continue  # a relation went meanwhile
             except NodeExists:
                 raise ServiceDying(name)
 
@@ -254,6 +276,8 @@ class ServiceStateManager:
                     assignment = assignment_path(unit_data["machine"], unit)
                     if await self.client.exists(assignment) is not None:
                         tx.delete(assignment)
+            # Its relations go now, in the same transaction (the units' agents see them go).
+            await relation.RelationStateManager(self.client).delete_ops(tx, name)
             if units:
                 tx.set(service_path(name), nodes.dump({**data, "life": DYING}), version)
             else:
@@ -262,7 +286,7 @@ class ServiceStateManager:
                 tx.delete(service_path(name), version)
             try:
                 await tx.commit()
-            except (BadVersion, NoNode):
+            except (BadVersion, NoNode, NotEmpty):
                 continue
             if not units:
                 await self._remove_charm_if_unused(service.charm_id)

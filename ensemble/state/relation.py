@@ -1,0 +1,380 @@
+"""Relations between services, in ZooKeeper.
+
+    /relations                               {next-id}: the relation counter
+    /relations/relation-NNNNNNNNNN           {id, interface, scope, endpoints: [{service, relation-name, role}]}
+    /relations/relation-N/settings           (empty)
+    /relations/relation-N/settings/<unit>    the unit's relation settings (a YAML mapping)
+    /relations/relation-N/<role>             (empty): server and client, or peer
+    /relations/relation-N/<role>/<unit>      ephemeral: the unit has joined (its agent creates it)
+
+A hook sees a relation as `<its relation name>:<id>` (e.g. `db:0`); ids come from the
+counter and are never reused. Relation nodes are made by the admin (add-relation, and
+deploy for a charm's peers) in one transaction with the counter bump, each unit's settings
+node included: a unit may write only its own settings node, and read the settings of the
+units it is related to; it may create (not delete) members in its own role's container.
+"""
+
+import io
+import zipfile
+
+import yaml
+from twisted.internet import defer
+
+from ensemble.errors import (
+    InvalidCharm,
+    InvalidRelation,
+    MalformedState,
+    RelationExists,
+    RelationNotFound,
+    ServiceNotFound,
+)
+from ensemble.names import unit_key
+from ensemble.relations import IMPLICIT, match, parse_descriptor, parse_endpoints, stored
+from ensemble.state import auth, nodes
+from ensemble.state.client import BadVersion, NodeExists, NoNode, NotEmpty
+
+SETTINGS = "settings"
+ROLES = ("server", "client", "peer")
+
+
+def relation_key(number):
+    return f"relation-{int(number):010d}"
+
+
+def relation_path(key):
+    return f"{nodes.RELATIONS}/{key}"
+
+
+def settings_path(key, unit_name):
+    return f"{relation_path(key)}/{SETTINGS}/{unit_key(unit_name)}"
+
+
+def role_path(key, role):
+    return f"{relation_path(key)}/{role}"
+
+
+class RelationState:
+    def __init__(self, key, data):
+        self.key = key
+        self.data = data
+
+    def __repr__(self):
+        return f"<Relation {self.key} {self.describe()}>"
+
+    @property
+    def id(self):
+        return self.data.get("id")
+
+    @property
+    def interface(self):
+        return self.data.get("interface")
+
+    @property
+    def scope(self):
+        return self.data.get("scope", "global")
+
+    @property
+    def endpoints(self):
+        """[{service, relation-name, role}]: one entry for a peer relation, two otherwise."""
+        return list(self.data.get("endpoints") or [])
+
+    @property
+    def services(self):
+        return sorted({e["service"] for e in self.endpoints})
+
+    def endpoint(self, service):
+        for e in self.endpoints:
+            if e["service"] == service:
+                return e
+        return None
+
+    def relation_id(self, service):
+        """What hooks of `service`'s units see as JUJU_RELATION_ID, e.g. 'db:0'."""
+        return f"{self.endpoint(service)['relation-name']}:{self.id}"
+
+    def remote_services(self, service):
+        others = [e["service"] for e in self.endpoints if e["service"] != service]
+        return others or [service]  # a peer relation's other side is the service itself
+
+    def describe(self):
+        return " ".join(f"{e['service']}:{e['relation-name']}" for e in self.endpoints)
+
+
+def endpoints_from_bundle(charm_name, bundle):
+    """A service's endpoints read from its charm bundle's metadata.yaml."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(bundle)) as archive:
+            metadata = yaml.safe_load(archive.read("metadata.yaml")) or {}
+    except (zipfile.BadZipFile, KeyError, yaml.YAMLError):
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise InvalidCharm(f"charm {charm_name}: metadata.yaml must be a YAML mapping")
+    return parse_endpoints(charm_name, metadata)
+
+
+def _unit_id(admin, machine_id, unit_name):
+    return auth.unit_credential(auth.machine_credential(admin, machine_id), unit_name)
+
+
+class RelationAcls:
+    """ACLs of a relation's nodes, for the units {unit name: machine id} of its services."""
+
+    def __init__(self, admin, units_by_service):
+        self.admin = admin
+        self.units_by_service = units_by_service  # {service: {unit: machine}}
+
+    def _units(self, services):
+        return [(u, m) for s in sorted(set(services)) for u, m in sorted(self.units_by_service.get(s, {}).items())]
+
+    def public(self):
+        return auth.environment_acl(self.admin.id)
+
+    def role(self, services):
+        """The role container: units of the services in that role may create members."""
+        return [*self.public(), *(auth.digest(auth.CREATE, _unit_id(self.admin, m, u)) for u, m in self._units(services))]
+
+    def settings(self, unit, machine, services):
+        """A unit's settings: its own; readable by the units of the relation's services
+        (settings carry passwords, like config)."""
+        own = _unit_id(self.admin, machine, unit)
+        readers = [_unit_id(self.admin, m, u) for u, m in self._units(services) if u != unit]
+        return [auth.digest(auth.ALL, self.admin.id), auth.digest(auth.OWN, own),
+                *(auth.digest(auth.READ, r) for r in readers)]
+
+
+def _relation_ops(tx, key, data, units_by_service, policy):
+    """Create a relation's node tree in `tx`; `policy`: the admin's AdminPolicy or None."""
+    acls = RelationAcls(policy.admin, units_by_service) if policy is not None else None
+    services = [e["service"] for e in data["endpoints"]]
+    tx.create(relation_path(key), nodes.dump(data), acl=acls and acls.public())
+    tx.create(f"{relation_path(key)}/{SETTINGS}", b"", acl=acls and acls.public())
+    for service in sorted(set(services)):
+        for unit, machine in sorted(units_by_service.get(service, {}).items()):
+            tx.create(settings_path(key, unit), b"", acl=acls and acls.settings(unit, machine, services))
+    for role in sorted({e["role"] for e in data["endpoints"]}):
+        in_role = [e["service"] for e in data["endpoints"] if e["role"] == role]
+        tx.create(role_path(key, role), b"", acl=acls and acls.role(in_role))
+
+
+def relation_data(number, a, b=None):
+    """Node data of relation `number` between endpoints (service, name, endpoint)."""
+    ends = [a] if b is None else [a, b]
+    scope = "container" if any(e["scope"] == "container" for _, _, e in ends) else "global"
+    return {
+        "id": number,
+        "interface": a[2]["interface"],
+        "scope": scope,
+        "endpoints": [{"service": s, "relation-name": n, "role": e["role"]} for s, n, e in ends],
+    }
+
+
+async def ensure_root(client):
+    """/relations, for an environment bootstrapped before relations existed."""
+    if await client.exists(nodes.RELATIONS) is None:
+        try:
+            await client.create(nodes.RELATIONS, b"")
+        except NodeExists:
+            pass
+
+
+async def counter(client):
+    """(next relation id, version of /relations)."""
+    await ensure_root(client)
+    data, version = await nodes.read(client, nodes.RELATIONS)
+    return int(data.get("next-id", 0)), version
+
+
+def peer_ops(tx, service, endpoints, placements, first_id, policy):
+    """Deploy's part: a peer relation per `peers:` endpoint; returns how many ids it used."""
+    number = first_id
+    for name, endpoint in sorted(endpoints.items()):
+        if endpoint["role"] != "peer":
+            continue
+        data = relation_data(number, (service, name, endpoint))
+        _relation_ops(tx, relation_key(number), data, {service: dict(placements)}, policy)
+        number += 1
+    return number - first_id
+
+
+async def _delete_tree_ops(client, tx, path):
+    for child in sorted(await client.get_children(path)):
+        await _delete_tree_ops(client, tx, f"{path}/{child}")
+    tx.delete(path)
+
+
+class RelationStateManager:
+    def __init__(self, client):
+        self.client = client
+
+    async def get_all_relations(self):
+        try:
+            keys = sorted(await self.client.get_children(nodes.RELATIONS))
+        except NoNode:
+            return []
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(nodes.read(self.client, relation_path(k))) for k in keys],
+            consumeErrors=True,
+        )
+        relations = []
+        for key, (ok, value) in zip(keys, results):
+            if ok:
+                relations.append(RelationState(key, value[0]))
+            elif not value.check(NoNode, MalformedState):
+                value.raiseException()
+        return relations
+
+    async def relations_of(self, service):
+        return [r for r in await self.get_all_relations() if service in r.services]
+
+    async def _service(self, name):
+        """(service data, version, endpoints, {unit: machine})."""
+        from ensemble.state.service import service_path
+
+        try:
+            data, version = await nodes.read(self.client, service_path(name))
+        except NoNode:
+            raise ServiceNotFound(name)
+        endpoints = data.get("endpoints")
+        if endpoints is None:
+            # Deployed before services kept their endpoints: only the implicit one is known.
+            endpoints = stored(IMPLICIT)
+        return data, version, endpoints, await self._units(name)
+
+    async def _units(self, service):
+        from ensemble.state.unit import UnitStateManager, unit_path
+
+        units = {}
+        for unit in await UnitStateManager(self.client).unit_names():
+            if unit.rpartition("/")[0] != service:
+                continue
+            try:
+                data, _ = await nodes.read(self.client, unit_path(unit))
+            except (NoNode, MalformedState):
+                continue
+            if data.get("machine") is not None:
+                units[unit] = data["machine"]
+        return units
+
+    async def add_relation(self, a, b):
+        """Relate descriptors `a` and `b` ('service' or 'service:relation'); returns
+        (RelationState, (endpoint of a), (endpoint of b)) with endpoints as
+        (service, relation name, {interface, role, scope})."""
+        from ensemble.state.service import service_path
+        from ensemble.state.unit import DYING
+
+        da, db = parse_descriptor(a), parse_descriptor(b)
+        while True:
+            sa, va, ea, ua = await self._service(da[0])
+            sb, vb, eb, ub = await self._service(db[0])
+            for name, data in ((da[0], sa), (db[0], sb)):
+                if data.get("life") == DYING:
+                    raise InvalidRelation(f"service {name!r} is being destroyed")
+            end_a, end_b = match(da, ea, db, eb)
+            wanted = {(s, n) for s, n, _ in (end_a, end_b)}
+            for existing in await self.relations_of(da[0]):
+                if {(e["service"], e["relation-name"]) for e in existing.endpoints} == wanted:
+                    raise RelationExists(
+                        f"{end_a[0]}:{end_a[1]} and {end_b[0]}:{end_b[1]} are already related "
+                        f"({existing.relation_id(end_a[0])})"
+                    )
+            number, version = await counter(self.client)
+            data = relation_data(number, end_a, end_b)
+            tx = self.client.transaction()
+            tx.set(nodes.RELATIONS, nodes.dump({"next-id": number + 1}), version)
+            # Units added meanwhile bump the service's version: they would miss their settings.
+            tx.check(service_path(da[0]), va)
+            tx.check(service_path(db[0]), vb)
+            _relation_ops(tx, relation_key(number), data, {da[0]: ua, db[0]: ub}, auth.admin_policy(self.client))
+            try:
+                await tx.commit()
+            except (BadVersion, NodeExists):
+                continue
+            except NoNode:
+                continue  # a service went meanwhile: the next round says so
+            return RelationState(relation_key(number), data), end_a, end_b
+
+    async def find(self, a, b):
+        """The one relation between descriptors `a` and `b`; RelationNotFound or
+        InvalidRelation (ambiguous) otherwise."""
+        (sa, ra), (sb, rb) = parse_descriptor(a), parse_descriptor(b)
+        if sa == sb:
+            raise InvalidRelation(f"a service is not related to itself ({sa}); its peer relations go with the service")
+        for service in (sa, sb):
+            await self._service(service)  # ServiceNotFound
+        found = []
+        for relation in await self.relations_of(sa):
+            ea, eb = relation.endpoint(sa), relation.endpoint(sb)
+            if ea is None or eb is None:
+                continue
+            if (ra is None or ea["relation-name"] == ra) and (rb is None or eb["relation-name"] == rb):
+                found.append(relation)
+        label_a, label_b = (f"{sa}:{ra}" if ra else sa), (f"{sb}:{rb}" if rb else sb)
+        if not found:
+            raise RelationNotFound(f"no relation between {label_a} and {label_b}")
+        if len(found) > 1:
+            options = ", ".join(r.describe() for r in found)
+            raise InvalidRelation(
+                f"ambiguous: {label_a} and {label_b} are related more than once ({options}); "
+                f"name one as SERVICE:RELATION"
+            )
+        return found[0]
+
+    async def remove_relation(self, a, b):
+        """Remove the relation between `a` and `b` and its whole node tree, atomically.
+
+        What the units' agents will see (the next slice wires this): the relation node
+        and their membership and settings nodes vanish together (a data watch on the
+        relation node fires NodeDeleted; children watches on the role containers fire
+        too). Each unit then runs `<rel>-relation-departed` for every remote unit it had
+        joined, then `<rel>-relation-broken`, from its own persisted membership, since
+        the remote settings are gone. A unit whose ephemeral member node is recreated in
+        the meantime gets NoNode: the relation is gone."""
+        relation = await self.find(a, b)
+        await self.delete(relation.key)
+        return relation
+
+    async def delete(self, key):
+        while True:
+            tx = self.client.transaction()
+            try:
+                await _delete_tree_ops(self.client, tx, relation_path(key))
+            except NoNode:
+                return  # gone already
+            try:
+                await tx.commit()
+                return
+            except (NotEmpty, NoNode):
+                continue  # a unit joined or a node went meanwhile: read the tree again
+
+    async def delete_ops(self, tx, service):
+        """destroy-service's part: delete in `tx` every relation `service` is in."""
+        for relation in await self.relations_of(service):
+            try:
+                await _delete_tree_ops(self.client, tx, relation_path(relation.key))
+            except NoNode:
+                continue
+
+    async def units_added_ops(self, tx, service, placements):
+        """add-unit's part: grant the new units {unit: machine} their place in each
+        relation of `service` (before `tx`), and create their settings nodes in `tx`.
+        The caller checks /relations' version in `tx` too (see `counter`)."""
+        policy = auth.admin_policy(self.client)
+        for relation in await self.relations_of(service):
+            services = [e["service"] for e in relation.endpoints]
+            units = {s: await self._units(s) for s in set(services)}
+            units[service] = {**units.get(service, {}), **placements}
+            acls = RelationAcls(policy.admin, units) if policy is not None else None
+            if acls is not None:
+                mine = relation.endpoint(service)["role"]
+                new = [auth.digest(auth.CREATE, _unit_id(policy.admin, m, u)) for u, m in sorted(placements.items())]
+                await auth.change_grants(self.client, role_path(relation.key, mine), add=new)
+                readers = [auth.digest(auth.READ, _unit_id(policy.admin, m, u)) for u, m in sorted(placements.items())]
+                for child in await self.client.get_children(f"{relation_path(relation.key)}/{SETTINGS}"):
+                    try:
+                        await auth.change_grants(self.client, f"{relation_path(relation.key)}/{SETTINGS}/{child}",
+                                                 add=readers)
+                    except NoNode:
+                        pass
+            for unit, machine in sorted(placements.items()):
+                tx.create(settings_path(relation.key, unit), b"",
+                          acl=acls and acls.settings(unit, machine, services))
