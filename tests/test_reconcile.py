@@ -252,9 +252,14 @@ async def test_a_template_build_shows_its_progress_on_the_machine_until_done(clo
     clock.advance(1)
     host.template.progress("stage 4 of 10: downloading packages: 1 of 125 packages (45.6 MB)")
     assert (await machines.get_machine(0)).data["template"]["progress"] == "stage 1 of 10: checking the release"
-    clock.advance(2)  # at most one write every two seconds
-    host.template.progress("stage 4 of 10: downloading packages: 9 of 125 packages (45.6 MB)")
+    clock.advance(1)  # at most one write every two seconds; then the latest line
+    assert (await machines.get_machine(0)).data["template"]["progress"] == (
+        "stage 4 of 10: downloading packages: 1 of 125 packages (45.6 MB)")
+    host.template.progress("stage 9 of 10: unpacking the base system: 37 of 37 packages")
+    clock.advance(1.5)
     assert (await machines.get_machine(0)).data["template"]["progress"].startswith("stage 4 of 10")
+    clock.advance(0.5)  # a short last stage still shows
+    assert (await machines.get_machine(0)).data["template"]["progress"].startswith("stage 9 of 10")
     host.template.done.callback(None)
     await starting
     assert "template" not in (await machines.get_machine(0)).data
