@@ -34,7 +34,8 @@ class _Progress:
     def _write_soon(self):
         if self.writing is not None or self.timer is not None or self.latest == self.written:
             return  # what runs or waits now writes the latest line when its turn comes
-        wait = 0 if self.written_at is None else self.written_at + TEMPLATE_PROGRESS_INTERVAL - self.host.reactor.seconds()
+        now = self.host.reactor.seconds()
+        wait = 0 if self.written_at is None else self.written_at + TEMPLATE_PROGRESS_INTERVAL - now
         if wait > 0:
             self.timer = self.host.reactor.callLater(wait, self._timer_fired)
         else:
