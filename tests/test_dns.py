@@ -13,6 +13,7 @@ from twisted.names import dns
 
 from ensemble.errors import EnsembleError, InvalidName
 from ensemble.network.dns import (
+    STALE_FOR,
     TTL,
     WARN_EVERY,
     CachedSource,
@@ -421,3 +422,27 @@ async def test_a_taken_port_is_a_clear_error():
             await other.start()
     finally:
         await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lately_expired_answer_is_given_at_once_while_the_source_is_asked_again():
+    clock = task.Clock()
+    source = MemorySource(NAMES)
+    cache = CachedSource(source, ttl=1.0, reactor=clock)
+    assert await cache.addresses("db-0") == ["10.77.0.2"]
+    source.hold = True  # the source now takes its time (ZooKeeper after an idle spell)
+    source.names["db-0"] = None  # and the unit is gone
+    clock.advance(1.5)
+    assert await cache.addresses("db-0") == ["10.77.0.2"]  # no wait: the last answer
+    assert source.calls == ["db-0", "db-0"]  # while asking again, once
+    assert await cache.addresses("db-0") == ["10.77.0.2"]
+    assert source.calls == ["db-0", "db-0"]
+    source.release()
+    assert await cache.addresses("db-0") is None  # the fresh answer from then on
+    clock.advance(1.0 + STALE_FOR)  # long unused: a lookup waits for the source again
+    source.names["db-0"] = ["10.77.0.7"]
+    source.hold = True
+    waiting = defer.ensureDeferred(cache.addresses("db-0"))
+    assert not waiting.called
+    source.release()
+    assert await waiting == ["10.77.0.7"]

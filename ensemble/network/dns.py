@@ -45,6 +45,8 @@ CACHE_TTL = 1.0
 # resolver's own timeout (glibc: 5 s), so a unit's tools fail fast, not slowly.
 LOOKUP_TIMEOUT = 1.0
 CACHE_MAX = 4096
+# How long past its expiry an answer is still given while a fresh one is fetched.
+STALE_FOR = 4.0
 # Seconds between log lines about a failing source.
 WARN_EVERY = 10.0
 # UDP answers beyond this are truncated (TC set) and the client asks over TCP.
@@ -109,8 +111,9 @@ def is_unit_or_service_label(label):
 
 class CachedSource:
     """An AddressSource in front of another: answers are kept for `ttl` seconds of
-    `reactor` time, concurrent misses for one label share one call, and a call
-    that takes longer than `timeout` fails. Failures are not kept."""
+    `reactor` time (and for STALE_FOR more, answered while being asked again),
+    concurrent misses for one label share one call, and a call that takes longer than
+    `timeout` fails. Failures are not kept."""
 
     def __init__(self, source, ttl=CACHE_TTL, timeout=LOOKUP_TIMEOUT, reactor=None, size=CACHE_MAX):
         if reactor is None:
@@ -126,7 +129,17 @@ class CachedSource:
 
     async def addresses(self, label):
         entry = self._entries.get(label)
-        if entry is not None and entry[0] > self._reactor.seconds():
+        now = self._reactor.seconds()
+        if entry is not None and entry[0] > now:
+            return _copy(entry[1])
+        if entry is not None and entry[0] + STALE_FOR > now:
+            # Lately expired: answered from memory while the source is asked again, so
+            # a name in use never waits for ZooKeeper; a change shows one answer later.
+            if label not in self._calls:
+                refresh = defer.Deferred()
+                refresh.addErrback(lambda f: None)  # warned about in _settle
+                self._call(label, refresh)
+                entry = self._entries.get(label, entry)  # a source that answered at once
             return _copy(entry[1])
         waiter = defer.Deferred()
         if label in self._calls:
