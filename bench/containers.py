@@ -21,7 +21,6 @@ devices list, seccomp, and the supervised service directory.
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -40,6 +39,7 @@ from ensemble.machine.deploy import UNIT_IDS
 from ensemble.machine.container.names import container_name, hostname
 from ensemble.machine.container.template import Template
 from ensemble.network.bridge import ensure_bridge
+from stats import interpolated_percentile as percentile
 
 BRIDGE = "ens-bench"
 SUBNET_PREFIX = "10.233"  # /16: ours get 10.233.0.x, the plain ones 10.233.1.x
@@ -48,16 +48,6 @@ LIMITS = {"memory": 256 << 20, "cpu_weight": 100, "pids": 512}
 
 def say(message):
     print(message, file=sys.stderr, flush=True)
-
-
-def percentile(values, q):
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    position = (len(ordered) - 1) * q / 100
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def summary(prefix, samples):

@@ -19,6 +19,8 @@ from twisted.internet import defer, task
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from stats import percentile  # noqa: E402
+
 from ensemble import local  # noqa: E402
 from ensemble.home import EnsembleHome  # noqa: E402
 from ensemble.state.service import ServiceStateManager  # noqa: E402
@@ -32,11 +34,6 @@ def ensemble(env, *args):
     if result.returncode != 0:
         raise SystemExit(f"ensemble {' '.join(args)}: {result.stderr.strip()}")
     return result.stdout
-
-
-def percentile(values, p):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 async def started(reactor, client, names, timeout):

@@ -19,6 +19,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from stats import percentile  # noqa: E402
+
 from ensemble.unit.tools.cli import TOOLS  # noqa: E402
 
 CLIENT_ID = "bench"
@@ -71,11 +73,6 @@ def serve(path):
     listen(reactor, path, factory)
     reactor.callWhenRunning(lambda: print("ready", flush=True))
     reactor.run()
-
-
-def percentile(values, p):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 def timed(argv, env, calls, warmup=5):

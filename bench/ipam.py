@@ -19,16 +19,13 @@ from twisted.internet import defer, task, threads
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from stats import percentile  # noqa: E402
+
 from ensemble.state.client import ZKClient  # noqa: E402
 from ensemble.state.network import ZooKeeperAddressStore  # noqa: E402
 from ensemble.zookeeper import ZooKeeperServer  # noqa: E402
 
 ROOT = "/bench"
-
-
-def percentile(values, p):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 def run_workers(spec, machine, subnet, workers, count):

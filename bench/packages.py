@@ -60,7 +60,6 @@ p99 of a sample is interpolated between closest ranks (as bench/containers.py).
 import argparse
 import io
 import json
-import math
 import os
 import platform
 import re
@@ -78,6 +77,8 @@ from twisted.internet import defer, task, threads
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+from stats import interpolated_percentile as percentile  # noqa: E402
 
 from ensemble import local  # noqa: E402
 from ensemble.errors import UnitNotFound  # noqa: E402
@@ -97,16 +98,6 @@ UNCACHED_PAUSE = 1.1
 
 def say(message):
     print(message, file=sys.stderr, flush=True)
-
-
-def percentile(values, q):
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    position = (len(ordered) - 1) * q / 100
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def ensemble(env, *args):
