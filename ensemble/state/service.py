@@ -14,6 +14,7 @@ from ensemble.errors import (
     ServiceNotFound,
 )
 from ensemble.names import machine_key, unit_name
+from ensemble.relations import stored
 from ensemble.state import auth, nodes, relation
 from ensemble.state.client import BadVersion, NodeExists, NoNode, NotEmpty
 from ensemble.state.machine import MachineStateManager
@@ -136,8 +137,6 @@ class ServiceStateManager:
         """Create the service (storing its charm if new) with `n` units, and a peer
         relation per `peers:` entry of its charm, atomically. `endpoints`: the charm's
         (Charm.endpoints); read from the bundle's metadata.yaml if not given."""
-        from ensemble.relations import stored
-
         if endpoints is None:
             endpoints = relation.endpoints_from_bundle(charm_bundle_id.rpartition("-")[0], bundle)
         machines = await self._placements(n, to)
