@@ -1,5 +1,20 @@
 from setuptools import find_packages, setup
 
+# The names of the hook tools' console scripts, as pyjuju's charms call them. Kept in
+# ensemble/unit/tools/cli.py too; setup.py cannot import the package it installs.
+TOOLS = {
+    "relation-get": "relation_get",
+    "relation-set": "relation_set",
+    "relation-list": "relation_list",
+    "relation-ids": "relation_ids",
+    "config-get": "config_get",
+    "unit-get": "unit_get",
+    "open-port": "open_port",
+    "close-port": "close_port",
+    "juju-log": "juju_log",
+    "ensemble-log": "ensemble_log",
+}
+
 setup(
     name="ensemble",
     version="0.1.0",
@@ -18,8 +33,7 @@ setup(
     },
     entry_points={"console_scripts": [
         "ensemble = ensemble.cli:main",
-        # Hook tools: hooks find them next to the ensemble command.
-        "open-port = ensemble.unit.ports:open_port",
-        "close-port = ensemble.unit.ports:close_port",
+        # Hook tools (ensemble.unit.tools.cli.TOOLS): hooks find them next to python.
+        *(f"{tool} = ensemble.unit.tools.cli:{function}" for tool, function in TOOLS.items()),
     ]},
 )

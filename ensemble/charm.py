@@ -17,11 +17,12 @@ from ensemble.names import validate_service_name
 from ensemble.errors import InvalidName
 from ensemble.relations import parse_endpoints
 
-REQUIRED_HOOKS = ("install", "start", "stop")
 # ZooKeeper's default jute.maxbuffer is 1 MiB for a whole request. Deploy writes the
 # bundle with up to 1000 units (~250 bytes each) in one transaction.
 MAX_BUNDLE_BYTES = 512 * 1024
-OPTION_TYPES = ("string", "int", "boolean")
+OPTION_TYPES = ("string", "int", "float", "boolean")
+# pyjuju's obsolete spelling of "string", still found in 2011 charms.
+TYPE_ALIASES = {"str": "string"}
 _FIXED_TIME = (2000, 1, 1, 0, 0, 0)
 
 
@@ -52,25 +53,9 @@ class Charm:
             )
         endpoints = parse_endpoints(name, metadata)
         hooks = os.path.join(directory, "hooks")
-        if not os.path.isdir(hooks):
-            raise InvalidCharm(f"charm {name} has no hooks/ directory")
-        for hook in REQUIRED_HOOKS:
-            path = os.path.join(hooks, hook)
-            if not os.path.isfile(path):
-                raise InvalidCharm(f"charm {name} has no '{hook}' hook (hooks/{hook})")
-            if not os.access(path, os.X_OK):
-                raise InvalidCharm(f"charm {name}: hooks/{hook} is not executable")
-        config = _read_yaml(os.path.join(directory, "config.yaml"), required=False)
-        options = config.get("options") or {}
-        if not isinstance(options, dict):
-            raise InvalidCharm(f"charm {name}: config.yaml 'options' must be a mapping")
-        for key, option in options.items():
-            if not isinstance(option, dict) or option.get("type", "string") not in OPTION_TYPES:
-                raise InvalidCharm(
-                    f"charm {name}: option {key!r} needs a mapping with type one of {', '.join(OPTION_TYPES)}"
-                )
-            if "default" in option and not _matches(option["default"], option.get("type", "string")):
-                raise InvalidCharm(f"charm {name}: the default of option {key!r} is not a {option.get('type', 'string')}")
+        if os.path.exists(hooks) and not os.path.isdir(hooks):
+            raise InvalidCharm(f"charm {name}: hooks must be a directory")
+        options = read_options(directory, name)
         return cls(directory, metadata, options, endpoints)
 
     def config(self, overrides):
@@ -146,9 +131,39 @@ def _read_yaml(path, required):
     return value
 
 
+def read_options(directory, name):
+    """The options of a charm's config.yaml ({} without one), each with its `type`
+    (string when not given), checked; InvalidCharm naming the option otherwise."""
+    config = _read_yaml(os.path.join(directory, "config.yaml"), required=False)
+    options = config.get("options") or {}
+    if not isinstance(options, dict):
+        raise InvalidCharm(f"charm {name}: config.yaml 'options' must be a mapping")
+    checked = {}
+    for key, option in options.items():
+        if not isinstance(key, str) or not isinstance(option, dict):
+            raise InvalidCharm(f"charm {name}: option {key!r} must be a mapping with 'type'")
+        kind = TYPE_ALIASES.get(option.get("type", "string"), option.get("type", "string"))
+        if kind not in OPTION_TYPES:
+            raise InvalidCharm(f"charm {name}: option {key!r} has type {kind!r}; use one of {', '.join(OPTION_TYPES)}")
+        if "default" in option and not _matches(option["default"], kind):
+            raise InvalidCharm(f"charm {name}: the default of option {key!r} is not a {kind}")
+        checked[key] = {**option, "type": kind}
+    return checked
+
+
+def config_values(options, values):
+    """Every option's value as hooks see it (config-get): the service's, else the
+    option's default, else None."""
+    result = {key: option.get("default") for key, option in options.items()}
+    result.update({key: value for key, value in values.items() if key in options})
+    return result
+
+
 def _matches(value, kind):
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind == "boolean":
         return isinstance(value, bool)
     return isinstance(value, str)
@@ -160,6 +175,11 @@ def _coerce(key, text, kind):
             return int(text)
         except ValueError:
             raise InvalidValue(f"option {key!r} must be an integer, not {text!r}")
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise InvalidValue(f"option {key!r} must be a number, not {text!r}")
     if kind == "boolean":
         lowered = text.lower()
         if lowered in ("true", "yes", "1"):

@@ -366,9 +366,8 @@ async def cmd_unit_agent(reactor, args):
     from ensemble.unit.agent import UnitAgent
 
     parse_unit_name(args.unit)
-    servers, root = connection.resolve(args.zookeeper)
     client = await connection.connect(args.zookeeper)
-    args.agent = UnitAgent(client, args.unit, reactor, zookeeper=servers + root)
+    args.agent = UnitAgent(client, args.unit, reactor)
     await _run_agent(reactor, args.agent)
 
 

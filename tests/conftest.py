@@ -83,8 +83,9 @@ def cli(tmp_path, zk_spec):
 
 
 def make_charm(directory, name="probe", hooks=None, config=None, metadata_extra=""):
-    """A charm whose hooks are small shell scripts; by default each records that it ran
-    and the environment it got, in $ENSEMBLE_UNIT_DIR. `metadata_extra`: YAML text
+    """A charm whose hooks are small shell scripts; by default each of install, start
+    and stop records that it ran and the environment it got, in $HOME (the unit
+    directory). `metadata_extra`: YAML text
     appended to metadata.yaml (e.g. provides/requires/peers)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "metadata.yaml").write_text(f"name: {name}\nsummary: test charm\n" + metadata_extra)
@@ -92,8 +93,8 @@ def make_charm(directory, name="probe", hooks=None, config=None, metadata_extra=
         lines = ["options:"] + [f"  {k}: {{type: string, default: '{v}'}}" for k, v in config.items()]
         (directory / "config.yaml").write_text("\n".join(lines) + "\n")
     (directory / "hooks").mkdir(exist_ok=True)
-    for hook in ("install", "start", "stop"):
-        body = (hooks or {}).get(hook, f'echo "{hook} ran"; env > "$ENSEMBLE_UNIT_DIR/{hook}.env"')
+    for hook in sorted({"install", "start", "stop", *(hooks or {})}):
+        body = (hooks or {}).get(hook, f'echo "{hook} ran"; env > "$HOME/{hook}.env"')
         path = directory / "hooks" / hook
         path.write_text(f"#!/bin/sh\n{body}\n")
         path.chmod(0o755)

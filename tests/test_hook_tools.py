@@ -584,3 +584,15 @@ def test_tools_import_no_twisted():
     )
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert done.stdout == "[]\n"
+
+
+def test_every_tool_is_a_console_script_of_the_installed_package():
+    # setup.py lists the tools apart from TOOLS (it cannot import the package).
+    from importlib.metadata import distribution
+
+    scripts = {e.name: e.value for e in distribution("ensemble").entry_points if e.group == "console_scripts"}
+    assert {name: scripts.get(name) for name in TOOLS} == {
+        name: f"ensemble.unit.tools.cli:{function}" for name, function in TOOLS.items()
+    }
+    for name in TOOLS:
+        assert os.access(os.path.join(os.path.dirname(sys.executable), name), os.X_OK), name

@@ -2,11 +2,13 @@
 start with the documented environment, failures as `error` with the reason, the stop
 hook on removal, and no hooks re-run by an agent restart within one container run."""
 
-import json
+import os
+import sys
 
 import pytest_twisted
+from twisted.internet import utils
 
-import ensemble.unit.agent as unit_agent_module
+import ensemble.unit.lifecycle as lifecycle_module
 from ensemble.state.client import ZKClient
 from ensemble.state.unit import UnitStateManager
 from ensemble.unit.agent import UnitAgent
@@ -19,7 +21,7 @@ async def start_agent(zk_server, zk_root, tmp_path, unit="probe/0"):
     client = await ZKClient(zk_server.address, zk_root, session_timeout=SESSION_TIMEOUT).connect()
     agent = UnitAgent(
         client, unit, unit_dir=str(tmp_path / "unit"), charm_dir=str(tmp_path / "charm-copy"),
-        log_dir=str(tmp_path / "log"), zookeeper=f"{zk_server.address}{zk_root}",
+        log_dir=str(tmp_path / "log"),
     )
     await agent.start()
     return agent
@@ -34,25 +36,58 @@ def parse_env(path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_install_then_start_with_the_hook_environment(env_client, zk_server, zk_root, tmp_path):
+async def test_install_config_changed_start_with_the_hook_environment(env_client, zk_server, zk_root, tmp_path):
     # A hook that reads its input gets EOF at once, rather than waiting for ever.
-    hooks = {"install": 'read answer; echo "install ran"; env > "$ENSEMBLE_UNIT_DIR/install.env"'}
+    hooks = {
+        "install": 'read answer; echo "install ran"; env > "$HOME/install.env"',
+        "config-changed": 'echo "config-changed ran"; config-get colour > "$HOME/colour"; pwd > "$HOME/cwd"; '
+                          'unit-get private-address > "$HOME/private"; unit-get public-address > "$HOME/public"',
+    }
     await deploy_charm(env_client, make_charm(tmp_path / "charm", config={"colour": "blue"}, hooks=hooks))
     await (await UnitStateManager(env_client).get_unit("probe/0")).update(**{"private-address": "10.77.0.9"})
     agent = await start_agent(zk_server, zk_root, tmp_path)
     try:
         await eventually(lambda: _state_is(env_client, "started"))
-        env = parse_env(tmp_path / "unit" / "start.env")
-        assert env["ENSEMBLE_UNIT_NAME"] == "probe/0"
-        assert env["ENSEMBLE_PRIVATE_ADDRESS"] == "10.77.0.9"
-        assert env["CHARM_DIR"] == str(tmp_path / "charm-copy")
-        assert env["ENSEMBLE_UNIT_DIR"] == str(tmp_path / "unit")
-        assert json.loads(env["ENSEMBLE_CONFIG"]) == {"colour": "blue"}
-        assert env["ENSEMBLE_ZOOKEEPER"] == f"{zk_server.address}{zk_root}"
+        unit_dir, charm_dir = tmp_path / "unit", tmp_path / "charm-copy"
+        env = parse_env(unit_dir / "start.env")
+        for prefix in ("JUJU_", "ENSEMBLE_"):
+            assert env[f"{prefix}UNIT_NAME"] == "probe/0"
+            assert env[f"{prefix}AGENT_SOCKET"] == str(unit_dir / ".ensemble.hookcli.sock")
+            assert env[f"{prefix}CLIENT_ID"]
+            assert f"{prefix}RELATION" not in env and f"{prefix}REMOTE_UNIT" not in env
+        assert env["CHARM_DIR"] == str(charm_dir)
         assert env["DEBIAN_FRONTEND"] == "noninteractive"  # packages' questions are not asked
-        assert (tmp_path / "unit" / "install.env").exists()
+        # No way to ZooKeeper but the hook tools: no address, no credential, no config dump.
+        for gone in ("ENSEMBLE_ZOOKEEPER", "ENSEMBLE_AUTH", "ENSEMBLE_CONFIG", "ENSEMBLE_PRIVATE_ADDRESS"):
+            assert gone not in env
+        assert parse_env(unit_dir / "install.env")["JUJU_CLIENT_ID"] != env["JUJU_CLIENT_ID"]
+        assert (unit_dir / "colour").read_text() == "blue\n"
+        assert (unit_dir / "cwd").read_text() == f"{charm_dir}\n"
+        assert (unit_dir / "private").read_text() == "10.77.0.9\n"
+        assert (unit_dir / "public").read_text() == "10.77.0.9\n"  # no public address known: the private one
         log = (tmp_path / "log" / "probe-0.log").read_text()
-        assert log.index("install ran") < log.index("start ran")
+        assert log.index("install ran") < log.index("config-changed ran") < log.index("start ran")
+    finally:
+        await agent.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_charm_without_hooks_starts_and_a_tool_outside_a_hook_fails(env_client, zk_server, zk_root,
+                                                                            tmp_path):
+    charm = make_charm(tmp_path / "charm")
+    for hook in ("install", "start", "stop"):
+        os.unlink(os.path.join(charm, "hooks", hook))
+    await deploy_charm(env_client, charm)
+    agent = await start_agent(zk_server, zk_root, tmp_path)
+    try:
+        await eventually(lambda: _state_is(env_client, "started"))
+        # What a daemon a hook started would run after the hook: no context to answer it.
+        env = {"PATH": os.environ["PATH"], "JUJU_AGENT_SOCKET": agent.socket_path, "JUJU_CLIENT_ID": "gone"}
+        result = await utils.getProcessOutputAndValue(
+            os.path.join(os.path.dirname(sys.executable), "config-get"), [], env=env)
+        out, err, code = result
+        assert code == 1 and out == b""
+        assert err.decode().count("\n") == 1 and "no hook is running" in err.decode()
     finally:
         await agent.stop()
 
@@ -93,8 +128,8 @@ async def test_agent_restart_reruns_no_hook_but_a_container_restart_reruns_start
     env_client, zk_server, zk_root, tmp_path, monkeypatch
 ):
     await deploy_charm(env_client, make_charm(tmp_path / "charm", hooks={
-        "install": 'echo x >> "$ENSEMBLE_UNIT_DIR/installs"',
-        "start": 'echo x >> "$ENSEMBLE_UNIT_DIR/starts"',
+        "install": 'echo x >> "$HOME/installs"',
+        "start": 'echo x >> "$HOME/starts"',
     }))
     agent = await start_agent(zk_server, zk_root, tmp_path)
     await eventually(lambda: _state_is(env_client, "started"))
@@ -104,7 +139,7 @@ async def test_agent_restart_reruns_no_hook_but_a_container_restart_reruns_start
     await agent.stop()
     assert (tmp_path / "unit" / "starts").read_text().count("x") == 1
     # The container itself restarted: its services are gone, so start runs again.
-    monkeypatch.setattr(unit_agent_module, "container_run_id", lambda: "a-later-run")
+    monkeypatch.setattr(lifecycle_module, "container_run_id", lambda: "a-later-run")
     agent = await start_agent(zk_server, zk_root, tmp_path)
     try:
         async def started_twice():

@@ -1,7 +1,6 @@
 """Running a charm's hooks: the environment they get, where their output goes, and
 what a failure reports."""
 
-import json
 import os
 import time
 from collections import deque
@@ -22,24 +21,35 @@ class HookFailed(EnsembleError):
         self.status = status
 
 
-def hook_environment(unit_name, private_address, charm_dir, unit_dir, config, zookeeper, path_prefix, auth=None):
-    """Exactly what a hook may rely on (docs/charms.md). `auth`: the unit's ZooKeeper
-    credential, for the `ensemble` commands hooks run."""
-    return {
-        **({"ENSEMBLE_AUTH": auth} if auth else {}),
+# The prefix of every variable pyjuju gave hooks; each is also given as ENSEMBLE_*, the
+# 2011 name that formulas of that year read (ENSEMBLE_REMOTE_UNIT…).
+JUJU = "JUJU_"
+
+
+def hook_environment(unit_name, charm_dir, home, socket_path, client_id, path_prefix, relation=None):
+    """Exactly what a hook may rely on (docs/charms.md): pyjuju's variables, no ZooKeeper
+    address and no credential (the hook tools reach the unit agent over `socket_path`).
+    `relation`: a RelationHook, for a relation hook."""
+    env = {
         "PATH": f"{path_prefix}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": unit_dir,
+        "HOME": home,
         "LANG": "C.UTF-8",
         # Packages installed by hooks must not stop to ask (debconf): nobody answers.
         "DEBIAN_FRONTEND": "noninteractive",
         "APT_LISTCHANGES_FRONTEND": "none",
         "CHARM_DIR": charm_dir,
-        "ENSEMBLE_UNIT_NAME": unit_name,
-        "ENSEMBLE_PRIVATE_ADDRESS": private_address or "",
-        "ENSEMBLE_UNIT_DIR": unit_dir,
-        "ENSEMBLE_CONFIG": json.dumps(config, sort_keys=True),
-        "ENSEMBLE_ZOOKEEPER": zookeeper,
+        "JUJU_UNIT_NAME": unit_name,
+        "JUJU_AGENT_SOCKET": socket_path,
+        "JUJU_CLIENT_ID": client_id,
     }
+    if relation is not None:
+        env.update(
+            JUJU_RELATION=relation.relation_name,
+            JUJU_RELATION_ID=relation.relation_id,
+            JUJU_REMOTE_UNIT=relation.remote_unit,
+        )
+    env.update({"ENSEMBLE_" + k[len(JUJU):]: v for k, v in env.items() if k.startswith(JUJU)})
+    return env
 
 
 class _HookProcess(protocol.ProcessProtocol):
@@ -70,16 +80,21 @@ class _HookProcess(protocol.ProcessProtocol):
         self.done.callback(reason.value.exitCode if reason.value.exitCode is not None else -1)
 
 
+def hook_path(charm_dir, hook):
+    return os.path.join(charm_dir, "hooks", hook)
+
+
 async def run_hook(reactor, hook, charm_dir, env, log_path, timeout=HOOK_TIMEOUT):
-    """Run hooks/<hook> with `env`, appending its output to `log_path`; raise HookFailed
-    with its exit status and last lines unless it exits 0."""
-    path = os.path.join(charm_dir, "hooks", hook)
+    """Run hooks/<hook> with `env` in the charm directory, appending its output to
+    `log_path`; raise HookFailed with its exit status and last lines unless it exits 0.
+    The caller has checked that the hook exists (a missing hook is success)."""
+    path = hook_path(charm_dir, hook)
     with open(log_path, "ab") as log_file:
         log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {hook} hook\n".encode())
         log_file.flush()
         if not os.access(path, os.X_OK):
-            log_file.write(f"{path} is missing or not executable\n".encode())
-            raise HookFailed(hook, 127, [f"hooks/{hook} is missing or not executable"])
+            log_file.write(f"{path} is not executable\n".encode())
+            raise HookFailed(hook, 126, [f"hooks/{hook} is not executable"])
         done = defer.Deferred()
         process = _HookProcess(log_file, done)
         transport = reactor.spawnProcess(process, path, [path], env=env, path=charm_dir)
