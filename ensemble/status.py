@@ -11,7 +11,7 @@ from ensemble.state.environment import get_environment
 from ensemble.state.machine import MachineStateManager
 from ensemble.state.relation import RelationStateManager
 from ensemble.state.service import ServiceStateManager
-from ensemble.state.unit import DYING, UnitStateManager
+from ensemble.state.unit import DYING, RELATION_ERRORS, UnitStateManager
 
 
 async def collect(client):
@@ -110,6 +110,9 @@ def _unit_entry(unit, alive):
         entry["open-ports"] = list(data["open-ports"])
     if data.get("error"):
         entry["error"] = data["error"]
+    if data.get(RELATION_ERRORS):
+        # {relation id: the failed hook, its status and last lines}: the unit goes on.
+        entry[RELATION_ERRORS] = dict(data[RELATION_ERRORS])
     if unit.life == DYING:
         entry["life"] = DYING
     return entry

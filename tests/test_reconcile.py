@@ -21,8 +21,9 @@ from fakes import FakeContainerDriver, FakeTemplate, FakeZooKeeper
 class Host:
     """One machine of an in-memory environment, its agent not yet started."""
 
-    def __init__(self, clock, tmp_path, template_rootfs="/"):
+    def __init__(self, clock, tmp_path, template_rootfs="/", address="127.0.0.1"):
         self.clock = clock
+        self.address = address
         self.zookeeper = FakeZooKeeper(clock)
         self.admin = self.zookeeper.client()
         self.driver = FakeContainerDriver(clock=clock)
@@ -34,7 +35,7 @@ class Host:
 
     async def setup(self):
         await initialize(self.admin, "fast")
-        await MachineStateManager(self.admin).add_machine(address="127.0.0.1")
+        await MachineStateManager(self.admin).add_machine(address=self.address)
 
     async def start_agent(self):
         self.agent = MachineAgent(
@@ -74,6 +75,17 @@ async def test_assigned_units_get_addresses_and_running_containers(clock, tmp_pa
         assert container.state == "RUNNING" and container.spec.address == data["private-address"]
         assert container.spec.files["/etc/hosts"][0].count(f"{data['private-address']}\tdb-{i}") == 1
     assert host.agent.assigned == ["db/0", "db/1", "db/2"]
+    await host.agent.stop()
+
+
+@pytest.mark.parametrize("address, public", [("127.0.0.1", None), ("192.0.2.7", "192.0.2.7")])
+@pytest_twisted.ensureDeferred
+async def test_units_public_address_is_their_machines_unless_loopback(clock, tmp_path, address, public):
+    host = Host(clock, tmp_path, address=address)
+    await host.setup()
+    await deploy_charm(host.admin, host.charm, "db")
+    await host.start_agent()
+    assert (await host.unit("db/0")).data.get("public-address") == public
     await host.agent.stop()
 
 

@@ -8,6 +8,7 @@ import os
 
 import pytest_twisted
 
+from ensemble import status
 from ensemble.state import nodes
 from ensemble.state.relation import RelationStateManager, relation_key, settings_path
 from ensemble.state.unit import UnitStateManager
@@ -141,6 +142,8 @@ async def test_settings_of_a_failing_hook_are_dropped_and_its_relation_is_in_err
     assert error == "db-relation-changed hook exited with status 4: cannot configure"
     data = await unit_data(env_client, "db/0")
     assert data["state"] == "started"  # the unit goes on
+    shown = (await status.collect(env_client))["services"]["db"]["units"]["db/0"]
+    assert shown["agent-state"] == "started" and shown["relation-errors"] == {"db:0": error}
     settings = await env_client.get(settings_path(relation_key(0), "db/0"))
     assert b"ok: 'yes'" in settings[0] and b"broken" not in settings[0]
 

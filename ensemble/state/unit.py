@@ -13,6 +13,9 @@ from ensemble.state.watch import DataWatch
 # What a unit's `state` field may say.
 PENDING, INSTALLING, STARTED, STOPPING, ERROR = "pending", "installing", "started", "stopping", "error"
 ALIVE, DYING = "alive", "dying"
+# Fields the unit agent writes besides its state: the ports its hooks opened ("PORT/proto",
+# which the machine agent's firewall follows) and {relation id: why its hook failed}.
+OPEN_PORTS, RELATION_ERRORS = "open-ports", "relation-errors"
 
 
 def unit_path(name):

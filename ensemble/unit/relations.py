@@ -26,13 +26,13 @@ from ensemble.names import unit_key, unit_name_from_key
 from ensemble.state import nodes
 from ensemble.state.client import NodeExists, NoNode
 from ensemble.state.relation import RelationState, relation_path, role_path, settings_path
+from ensemble.state.unit import RELATION_ERRORS
 from ensemble.state.watch import ChildrenWatch, DataWatch
 from ensemble.unit.hooks import HookFailed
 from ensemble.unit.scheduler import BROKEN, HookScheduler
 
 log = logging.getLogger("ensemble.unit")
 
-RELATION_ERRORS = "relation-errors"  # the unit node's field: {relation id: why}
 SCHEDULE_SUFFIX = ".schedule"
 REMOTE_ROLES = {"server": "client", "client": "server", "peer": "peer"}
 

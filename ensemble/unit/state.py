@@ -17,11 +17,10 @@ from ensemble.state import nodes
 from ensemble.state.client import NoNode
 from ensemble.state.relation import settings_path
 from ensemble.state.service import ServiceStateManager
+from ensemble.state.unit import OPEN_PORTS
 from ensemble.unit.tools.context import UnitNotInRelation
 
 log = logging.getLogger("ensemble.unit")
-
-OPEN_PORTS = "open-ports"  # the unit node's field the machine agent's firewall reads
 
 
 class RelationIndex(Protocol):

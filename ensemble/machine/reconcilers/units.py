@@ -2,6 +2,7 @@
 and its container running; units leaving are torn down (container, address, nodes);
 containers nobody owns are destroyed."""
 
+import ipaddress
 import logging
 
 from twisted.internet import defer
@@ -20,6 +21,18 @@ ADDRESS_ERROR_PREFIX = "no free address"
 # this long never will by itself (an interpreter containers lack, say): say so.
 AGENT_REPORT_TIMEOUT = 60.0
 SILENT_AGENT_PREFIX = "unit agent did not report"
+
+
+def public_address(machine_address):
+    """The machine's address as its units' public address: where other hosts reach
+    the machine. A loopback address (a local environment's machine 0) reaches nothing
+    from elsewhere, so it is none."""
+    if not machine_address:
+        return None
+    try:
+        return None if ipaddress.ip_address(machine_address).is_loopback else machine_address
+    except ValueError:
+        return machine_address  # a host name: as the operator gave it
 
 
 class UnitsReconciler(Reconciler):
@@ -180,6 +193,9 @@ class UnitsReconciler(Reconciler):
         if unit.data.get("private-address") != address:
             changes["private-address"] = address
             log.info("%s: %s has address %s", self.host.name, name, address)
+        public = public_address(self.host.machine.address)
+        if unit.data.get("public-address") != public:
+            changes["public-address"] = public  # None removes it: `unit-get` falls back to the private one
         if unit.state == ERROR and str(unit.data.get("error", "")).startswith(ADDRESS_ERROR_PREFIX):
             changes.update(state=PENDING, error=None)
         if changes:
