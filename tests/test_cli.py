@@ -4,7 +4,6 @@ line, exit status 1, and leaves ZooKeeper exactly as it was."""
 import json
 import os
 import shutil
-import stat
 
 import pytest
 import pytest_twisted
@@ -109,10 +108,17 @@ def broken_charm(tmp_path, kind):
         (path / "metadata.yaml").write_text("name: [db\n")
     elif kind == "bad-name":
         (path / "metadata.yaml").write_text("name: ../etc\n")
-    elif kind == "hook-missing":
-        os.unlink(path / "hooks" / "start")
-    elif kind == "hook-not-executable":
-        os.chmod(path / "hooks" / "install", stat.S_IRUSR | stat.S_IWUSR)
+    elif kind == "hooks-not-a-directory":
+        shutil.rmtree(path / "hooks")
+        (path / "hooks").write_text("")
+    elif kind == "bad-type":
+        (path / "config.yaml").write_text("options:\n  port: {type: list, default: [1]}\n")
+    elif kind == "bad-float-default":
+        (path / "config.yaml").write_text("options:\n  ratio: {type: float, default: half}\n")
+    elif kind == "config-options-list":
+        (path / "config.yaml").write_text("options:\n  - port\n")
+    elif kind == "bad-peers":
+        (path / "metadata.yaml").write_text("name: db\nsummary: s\ndescription: d\npeers: [ring]\n")
     elif kind == "too-big":
         (path / "payload.bin").write_bytes(os.urandom(600 * 1024))
     elif kind == "bad-default":
@@ -186,8 +192,11 @@ async def test_bad_input_is_one_line_and_writes_nothing(env_client, cli, argv, m
         ("metadata-list", "must be a YAML mapping"),
         ("metadata-bad-yaml", "is not valid YAML"),
         ("bad-name", "'name' must be"),
-        ("hook-missing", "has no 'start' hook"),
-        ("hook-not-executable", "hooks/install is not executable"),
+        ("hooks-not-a-directory", "hooks must be a directory"),
+        ("bad-type", "option 'port' has type 'list'; use one of string, int, float, boolean"),
+        ("bad-float-default", "the default of option 'ratio' is not a float"),
+        ("config-options-list", "'options' must be a mapping"),
+        ("bad-peers", "'peers' must be a mapping"),
         ("too-big", "the limit is 512 KiB"),
         ("bad-default", "the default of option 'port' is not a int"),
     ],

@@ -2,6 +2,7 @@
 start with the documented environment, failures as `error` with the reason, the stop
 hook on removal, and no hooks re-run by an agent restart within one container run."""
 
+import json
 import os
 import sys
 
@@ -157,3 +158,44 @@ async def _starts(tmp_path):
         return (tmp_path / "unit" / "starts").read_text().count("x")
     except FileNotFoundError:
         return 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_config_get_types_and_defaults_as_pyjuju(env_client, zk_server, zk_root, tmp_path):
+    charm = make_charm(tmp_path / "charm", hooks={"config-changed": '''
+for option in title port ratio debug unset; do echo "$option=[$(config-get $option)]"; done > "$HOME/smart"
+config-get --format json > "$HOME/all.json"
+config-get unset --format json > "$HOME/unset.json"
+'''})
+    with open(os.path.join(charm, "config.yaml"), "w") as f:
+        f.write("options:\n"
+                "  title: {type: string, default: My blog, description: shown on every page}\n"
+                "  port: {type: int, default: 80}\n"
+                "  ratio: {type: float, default: 0.5}\n"
+                "  debug: {type: boolean, default: false}\n"
+                "  unset: {type: string}\n")
+    await deploy_charm(env_client, charm, config={"port": "8080"})
+    agent = await start_agent(zk_server, zk_root, tmp_path)
+    try:
+        await eventually(lambda: _state_is(env_client, "started"))
+        unit_dir = tmp_path / "unit"
+        assert (unit_dir / "smart").read_text().splitlines() == [
+            "title=[My blog]", "port=[8080]", "ratio=[0.5]", "debug=[False]", "unset=[]"]
+        assert json.loads((unit_dir / "all.json").read_text()) == {
+            "title": "My blog", "port": 8080, "ratio": 0.5, "debug": False}
+        assert (unit_dir / "unset.json").read_text() == "null\n"
+    finally:
+        await agent.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hook_that_is_not_executable_fails_the_unit_with_why(env_client, zk_server, zk_root, tmp_path):
+    charm = make_charm(tmp_path / "charm")
+    os.chmod(os.path.join(charm, "hooks", "start"), 0o644)
+    await deploy_charm(env_client, charm)
+    agent = await start_agent(zk_server, zk_root, tmp_path)
+    try:
+        await eventually(lambda: _state_is(env_client, "error"))
+        assert (await unit_state(env_client))["error"] == "start hook exited with status 126: hooks/start is not executable"
+    finally:
+        await agent.stop()
