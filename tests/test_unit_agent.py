@@ -13,6 +13,7 @@ import ensemble.unit.lifecycle as lifecycle_module
 from ensemble.state.client import ZKClient
 from ensemble.state.unit import UnitStateManager
 from ensemble.unit.agent import UnitAgent
+from ensemble.unit.tools.cli import TOOLS
 
 from conftest import SESSION_TIMEOUT, deploy_charm, make_charm
 from conftest import eventually
@@ -57,6 +58,10 @@ async def test_install_config_changed_start_with_the_hook_environment(env_client
             assert env[f"{prefix}CLIENT_ID"]
             assert f"{prefix}RELATION" not in env and f"{prefix}REMOTE_UNIT" not in env
         assert env["CHARM_DIR"] == str(charm_dir)
+        # The tools come first on PATH, and nothing else from the agent's venv (its python).
+        tools_dir = env["PATH"].split(":")[0]
+        assert sorted(os.listdir(tools_dir)) == sorted(TOOLS)
+        assert os.path.dirname(sys.executable) not in env["PATH"].split(":")
         assert env["DEBIAN_FRONTEND"] == "noninteractive"  # packages' questions are not asked
         # No way to ZooKeeper but the hook tools: no address, no credential, no config dump.
         for gone in ("ENSEMBLE_ZOOKEEPER", "ENSEMBLE_AUTH", "ENSEMBLE_CONFIG", "ENSEMBLE_PRIVATE_ADDRESS"):

@@ -23,6 +23,7 @@ from ensemble.state.client import ConnectionLost, SessionExpired
 from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import DYING, UnitStateManager
 from ensemble.unit.executor import HookExecutor
+from ensemble.unit.hooks import link_tools
 from ensemble.unit.lifecycle import Lifecycle
 from ensemble.unit.relations import UnitRelations
 from ensemble.unit.state import ZooKeeperHookState
@@ -35,6 +36,7 @@ DEFAULT_CHARM_DIR = "/var/lib/ensemble/charm"
 DEFAULT_LOG_DIR = "/var/log/ensemble"
 HOOK_SOCKET = ".ensemble.hookcli.sock"  # in the unit directory (pyjuju: .juju.hookcli.sock)
 RELATIONS_DIR = "relations"  # in the unit directory: each relation's owed hooks
+TOOLS_DIR = ".tools"  # in the unit directory: the hook tools, first on hooks' PATH
 
 
 class UnitAgent(BaseAgent):
@@ -74,9 +76,10 @@ class UnitAgent(BaseAgent):
         self._tools_port = listen(self.reactor, self.socket_path, tools)
         self.relations = UnitRelations(self.client, self.unit, os.path.join(self.unit_dir, RELATIONS_DIR))
         state = ZooKeeperHookState(self.client, self.unit, self.charm_dir, self.relations)
-        # Where `python` and the hook tools are (the venv, mounted from the host).
+        # The tools' console scripts are in the venv, mounted from the host.
+        tools_dir = link_tools(os.path.join(self.unit_dir, TOOLS_DIR), os.path.dirname(sys.executable))
         self.executor = HookExecutor(self.reactor, state, tools, self.socket_path, self.charm_dir, self.unit_dir,
-                                     self.log_path, os.path.dirname(sys.executable))
+                                     self.log_path, tools_dir)
         self.relations.executor = self.executor
         self.lifecycle = Lifecycle(self.unit, self.executor, self.unit_dir)
         self._watch = await self.unit.watch(self.unit_changed)

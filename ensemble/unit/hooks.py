@@ -26,6 +26,26 @@ class HookFailed(EnsembleError):
 JUJU = "JUJU_"
 
 
+def link_tools(directory, scripts_dir):
+    """A directory holding the hook tools alone (links to their console scripts in
+    `scripts_dir`), for hooks' PATH: the venv they live in also holds a `python3` that
+    must not shadow the container's own (charms' Python hooks import what apt installs)."""
+    from ensemble.unit.tools.cli import TOOLS
+
+    os.makedirs(directory, exist_ok=True)
+    for tool in TOOLS:
+        link = os.path.join(directory, tool)
+        target = os.path.join(scripts_dir, tool)
+        if os.path.islink(link) and os.readlink(link) == target:
+            continue
+        tmp = link + ".new"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    return directory
+
+
 def hook_environment(unit_name, charm_dir, home, socket_path, client_id, path_prefix, relation=None):
     """Exactly what a hook may rely on (docs/charms.md): pyjuju's variables, no ZooKeeper
     address and no credential (the hook tools reach the unit agent over `socket_path`).
