@@ -5,17 +5,19 @@ an agent restart in the middle of it all. Containers add nothing to these rules;
 LXC tests relate real units (test_unit_machine.py)."""
 
 import os
+import subprocess
+import sys
 
 import pytest_twisted
 
 from ensemble import status
 from ensemble.state import nodes
-from ensemble.state.relation import RelationStateManager, relation_key, settings_path
+from ensemble.state.relation import RelationStateManager, relation_key, relation_path, settings_path
 from ensemble.state.unit import UnitStateManager
 from ensemble.state.client import ZKClient
 from ensemble.unit.agent import UnitAgent
 
-from conftest import SESSION_TIMEOUT, deploy_charm, eventually, make_charm
+from conftest import SESSION_TIMEOUT, deploy_charm, ensemble_env, eventually, make_charm
 
 # Every relation hook appends one line: hook, relation id, remote unit, relation-list.
 RECORD = ('echo "$(basename $0) $JUJU_RELATION_ID ${JUJU_REMOTE_UNIT:--} '
@@ -231,3 +233,53 @@ relation-list > "$HOME/outside" 2>&1; echo "status $?" >> "$HOME/outside"
     # relation-list in a hook of no relation, without -r: one line, non-zero.
     outside = units.file("web/0", "outside").splitlines()
     assert len(outside) == 2 and "-r" in outside[0] and outside[1] != "status 0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_relation_removed_while_the_agent_is_down_is_broken_after(env_client, tmp_path, units):
+    await deploy_pair(env_client, tmp_path)
+    await units.start("db/0", "10.9.0.2")
+    await units.start("web/0", "10.9.0.3")
+    manager = RelationStateManager(env_client)
+    await manager.add_relation("web", "db")
+    await eventually(has(units, "web/0", "db-relation-changed db:0 db/0 db/0"))
+    await units.stop("web/0")
+    await manager.remove_relation("web", "db")
+    await units.start("web/0")
+    await eventually(has(units, "web/0", "db-relation-broken db:0 - "))
+    assert units.hooks("web/0")[-2:] == ["db-relation-departed db:0 db/0 ", "db-relation-broken db:0 - "]
+    assert not os.listdir(units.dir("web/0") / "unit" / "relations")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crashed_agents_member_node_stands_until_its_session_expires(env_client, zk_spec, tmp_path, units):
+    await deploy_pair(env_client, tmp_path)
+    await units.start("db/0", "10.9.0.2")
+    await (await UnitStateManager(env_client).get_unit("web/0")).update(**{"private-address": "10.9.0.3"})
+    base = units.dir("web/0")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ensemble", "unit-agent", "--unit", "web/0"],
+        env=ensemble_env(tmp_path / "home", zk_spec, ENSEMBLE_SESSION_TIMEOUT="4", ENSEMBLE_UNIT_DIR=str(base / "unit"),
+                         ENSEMBLE_CHARM_DIR=str(base / "charm"), ENSEMBLE_LOG_DIR=str(base / "log")),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    member = f"{relation_path(relation_key(0))}/client/web-0"
+    try:
+        await RelationStateManager(env_client).add_relation("web", "db")
+        await eventually(has(units, "db/0", "db-relation-changed db:0 web/0 web/0"))
+        old_owner = (await env_client.exists(member)).ephemeral_owner
+    finally:
+        process.kill()  # a crash: its session is left to expire, not closed
+        process.wait()
+    await units.start("web/0")
+    new_session = units.agents["web/0"].client.session_id
+    assert old_owner != new_session
+
+    async def taken_over():
+        stat = await env_client.exists(member)
+        return stat is not None and stat.ephemeral_owner == new_session
+    await eventually(taken_over, timeout=20)
+    # db saw web/0 leave for a blink at most: any -departed is followed by -joined again.
+    lines = units.hooks("db/0")
+    if "db-relation-departed db:0 web/0 " in lines:
+        await eventually(has(units, "db/0", "db-relation-joined db:0 web/0 web/0"))
+        assert lines.index("db-relation-departed db:0 web/0 ") < len(units.hooks("db/0")) - 2

@@ -71,8 +71,9 @@ class JoinedRelation:
 
     async def become_member(self):
         """The member node of this session. One left by the agent's previous session
-        is not ours to delete (a unit may only create members): it goes when that
-        session expires, and then this one is made."""
+        is not ours to delete (a unit may only create members) and says the same to
+        remote units: it goes when that session expires, and this one is made then,
+        in the background."""
         while not self._stopped:
             try:
                 await self.client.create(self.member_path, b"", ephemeral=True)
@@ -83,11 +84,13 @@ class JoinedRelation:
             stat = await self.client.exists(self.member_path, watch=lambda event: gone.called or gone.callback(None))
             if stat is None:
                 continue
-            if stat.ephemeral_owner == self.client.session_id:
-                return
-            log.info("%s: %s: waiting for the previous session's member node to expire", self.unit_name,
-                     self.relation_id)
-            await gone
+            if stat.ephemeral_owner != self.client.session_id:
+                log.info("%s: %s: the previous session's member node stands in until it expires",
+                         self.unit_name, self.relation_id)
+                gone.addCallback(lambda _: defer.ensureDeferred(self.become_member()))
+                gone.addErrback(lambda f: log.warning("%s: %s: becoming a member again: %s", self.unit_name,
+                                                      self.relation_id, f.getErrorMessage()))
+            return
 
     async def watch(self):
         self._member_watch = await ChildrenWatch(
