@@ -233,6 +233,20 @@ async def cmd_remove_relation(reactor, args):
     print(f"removed relation {relation.relation_id(first)} between {' and '.join(relation.describe().split())}")
 
 
+async def cmd_expose(reactor, args):
+    service = validate_service_name(args.service)
+    async with _environment(args) as client:
+        before = await ServiceStateManager(client).set_exposed(service, True)
+    print(f"service {service} is already exposed" if before else f"exposed service {service}")
+
+
+async def cmd_unexpose(reactor, args):
+    service = validate_service_name(args.service)
+    async with _environment(args) as client:
+        before = await ServiceStateManager(client).set_exposed(service, False)
+    print(f"unexposed service {service}" if before else f"service {service} is not exposed")
+
+
 async def cmd_status(reactor, args):
     from twisted.internet import threads
 
@@ -482,6 +496,14 @@ def build_parser():
     sub = command("remove-relation", cmd_remove_relation, "remove the relation between two services")
     sub.add_argument("a", metavar="SERVICE[:RELATION]")
     sub.add_argument("b", metavar="SERVICE[:RELATION]")
+
+    sub = command("expose", cmd_expose,
+                  "let anything reach the ports the service's units opened (other units, hosts, beyond)")
+    sub.add_argument("service", metavar="SERVICE")
+
+    sub = command("unexpose", cmd_unexpose,
+                  "close the service's opened ports again to all but the units of related services")
+    sub.add_argument("service", metavar="SERVICE")
 
     sub = command("status", cmd_status, "show machines, services and units")
     sub.add_argument("--format", choices=("yaml", "json"), default="yaml")

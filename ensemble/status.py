@@ -11,7 +11,7 @@ from ensemble.state.environment import get_environment
 from ensemble.state.machine import MachineStateManager
 from ensemble.state.relation import RelationStateManager
 from ensemble.state.service import ServiceStateManager
-from ensemble.state.unit import DYING, RELATION_ERRORS, UnitStateManager
+from ensemble.state.unit import DYING, OPEN_PORTS, RELATION_ERRORS, UnitStateManager
 
 
 async def collect(client):
@@ -63,6 +63,8 @@ async def collect(client):
             except NoAuth:
                 pass  # not the admin: config may hold secrets, so only its own units read it
             entry["limits"] = _limits(service.limits)
+            if service.exposed:
+                entry["exposed"] = True
             if service.life == DYING:
                 entry["life"] = DYING
         shown = _relations(service.name, relations)
@@ -106,8 +108,8 @@ def _unit_entry(unit, alive):
         "agent-state": unit.state,
         "agent": "alive" if alive else "down",
     }
-    if data.get("open-ports"):
-        entry["open-ports"] = list(data["open-ports"])
+    if data.get(OPEN_PORTS):
+        entry[OPEN_PORTS] = list(data[OPEN_PORTS])
     if data.get("error"):
         entry["error"] = data["error"]
     if data.get(RELATION_ERRORS):

@@ -18,7 +18,7 @@ DB = "examples/charms/db"
 WEB = "examples/charms/web"
 COMMANDS = [
     "bootstrap", "create-environment", "add-machine", "deploy", "add-unit", "remove-unit", "destroy-service", "status",
-    "service-addresses", "destroy-environment", "machine-agent", "unit-agent",
+    "service-addresses", "destroy-environment", "machine-agent", "unit-agent", "expose", "unexpose",
 ]
 
 
@@ -97,6 +97,20 @@ async def test_service_addresses_lists_started_units_only(env_client, cli):
     assert result.stdout.split() == ["10.77.0.3", "10.77.0.2"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_expose_and_unexpose_show_in_status(env_client, cli):
+    assert cli("deploy", DB, "--to", "0").returncode == 0
+    assert "exposed" not in status(cli)["services"]["db"]
+    assert cli("expose", "db").stdout == "exposed service db\n"
+    assert status(cli)["services"]["db"]["exposed"] is True
+    assert cli("expose", "db").stdout == "service db is already exposed\n"
+    assert cli("unexpose", "db").stdout == "unexposed service db\n"
+    assert cli("unexpose", "db").stdout == "service db is not exposed\n"
+    assert "exposed" not in status(cli)["services"]["db"]
+    assert cli("destroy-service", "db").returncode == 0  # its unit waits for machine 0's agent
+    assert one_line_error(cli("expose", "db")) == "service 'db' is being destroyed"
+
+
 def broken_charm(tmp_path, kind):
     path = tmp_path / f"charm-{kind}"
     shutil.copytree(DB, path)
@@ -170,6 +184,10 @@ BAD_INPUT = [
     (["create-environment", "--name", "y", "--package-proxy", "http://proxy:40000"], "ports above 32767"),
     (["create-environment", "--name", "y", "--no-package-cache", "--package-mirror", "http://m/debian"],
      "cannot be given with"),
+    (["expose", "nosuch"], "service 'nosuch' not found"),
+    (["unexpose", "nosuch"], "service 'nosuch' not found"),
+    (["expose", "Web"], "invalid service name 'Web'"),
+    (["expose"], "the following arguments are required"),
     (["deploy"], "the following arguments are required"),
     (["frobnicate"], "invalid choice"),
 ]

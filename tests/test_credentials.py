@@ -11,11 +11,12 @@ from ensemble.state.client import NoAuth, NodeExists, ZKClient
 from ensemble.state.environment import initialize
 from ensemble.state.machine import MachineStateManager
 from ensemble.state.network import ZooKeeperAddressStore, lease_subnet
+from ensemble.state.relation import RelationStateManager
 from ensemble.state import presence
 from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import UnitStateManager
 
-from conftest import SESSION_TIMEOUT
+from conftest import SESSION_TIMEOUT, make_charm
 
 DB, WEB = "examples/charms/db", "examples/charms/web"
 
@@ -199,3 +200,27 @@ async def test_the_admin_grants_new_units_and_machines_and_takes_back_removed_on
     await _refused(m2.create("/network/subnets/10.77.9.0-24", b""))
     with pytest.raises(NodeExists):
         await admin.create("/units/db-1", b"")  # (the admin can still do anything)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_machine_reads_what_its_firewall_needs_and_only_the_admin_exposes(secured, tmp_path):
+    admin = secured.admin_client
+    charm = Charm.load(make_charm(tmp_path / "client", "client", metadata_extra="requires:\n  host: juju-info\n"))
+    bundle = charm.bundle()
+    await ServiceStateManager(admin).deploy("client", bundle_id("client", bundle), bundle, {}, {}, n=1, to=1,
+                                            endpoints=charm.endpoints)
+    await RelationStateManager(admin).add_relation("client", "db")
+    assert await ServiceStateManager(admin).set_exposed("db", True) is False
+    # Machine 0 reads the relations, whether a service is exposed, and the units and
+    # address reservations of machine 1 (where related units run).
+    m0 = await secured.as_(secured.machine(0))
+    assert ["client", "db"] in [r.services for r in await RelationStateManager(m0).get_all_relations()]
+    assert (await ServiceStateManager(m0).get_service("db")).exposed
+    assert (await UnitStateManager(m0).get_unit("web/0")).machine_id == 1
+    assert await ZooKeeperAddressStore(m0, 1).reservations() == {"web/0": "10.77.1.2"}
+    # Neither a machine nor a unit may expose a service, or close one.
+    await _refused(ServiceStateManager(m0).set_exposed("web", True))
+    await _refused(ServiceStateManager(m0).set_exposed("db", False))
+    web = await secured.as_(secured.unit(1, "web/0"))
+    await _refused(ServiceStateManager(web).set_exposed("web", True))
+    assert not (await ServiceStateManager(admin).get_service("web")).exposed

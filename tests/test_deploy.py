@@ -136,7 +136,9 @@ async def test_two_services_on_one_machine_are_started_connected_and_isolated(en
     assert db["private-address"] != web["private-address"]
     assert all(u["private-address"].rsplit(".", 1)[0] == subnet.rsplit(".", 1)[0] for u in (db, web))
 
-    # web reaches db over TCP: its page holds what it read from the db unit.
+    # web reaches db over TCP: its page holds what it read from the db unit. The
+    # test, on the host, reaches web's opened port once web is exposed.
+    env.cli("expose", "web")
     with urllib.request.urlopen(f"http://{web['private-address']}/", timeout=10) as response:
         page = response.read().decode()
     assert "hello from db/0" in page and f"reading from db at {db['private-address']}:7070" in page

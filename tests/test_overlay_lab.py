@@ -125,10 +125,19 @@ def test_units_reach_zookeeper_and_nothing_outside_the_lab(lab):
     )
     result = lab.container_run(host, container, ["/usr/bin/python3", "-c", ask, zookeeper])
     assert result.stdout.strip() == "imok", result.stderr
-    # Across machines too, a unit is reached only on the ports it opened: nothing
-    # listens on 7001 of echo/0, so without the firewall this would be refused.
+    # Across machines too the firewall follows relations: echo's units are peers, so
+    # echo/2 reaches echo/0 on a port echo did not open (nothing listens there: the
+    # answer is a refusal, where the firewall would have dropped it).
     target = placement(lab)["echo/0"][2]
-    assert lab.probe(host, container, [target], 7001)[target] == "error: timed out"
+    assert "refused" in lab.probe(host, container, [target], 7001)[target]
+    # Host 1 is not related to echo: it reaches echo/0 (on host 0) on its opened port
+    # only while echo is exposed, and on other ports never.
+    assert not lab.connect_from_host(1, target, PORT)
+    lab.ensemble("expose", "echo")
+    lab.wait_for(lambda: lab.connect_from_host(1, target, PORT), 30, "echo/0's port exposed")
+    assert not lab.connect_from_host(1, target, 7001)
+    lab.ensemble("unexpose", "echo")
+    lab.wait_for(lambda: not lab.connect_from_host(1, target, PORT), 30, "echo/0's port closed again")
     # The unit on host 1 reached units on hosts 0 and 2 in the mesh test. Outside:
     # route lookups (no packet is sent). A host's only way anywhere else is the lab
     # namespace (the routed lab's default gateway), and the lab namespace has none.

@@ -29,7 +29,8 @@ class MachineAgent(BaseAgent):
     the agent also keeps this host's paths to every other machine's subnet (routes or
     VXLAN entries, by the environment's network mode) and turns IP forwarding on in
     its network namespace once there is another machine to reach. With `firewall`,
-    units reach each other only on the ports they opened. With `names`, it serves
+    units of related services reach each other, opened ports of exposed services are
+    reachable from anywhere, and nothing else reaches a unit. With `names`, it serves
     units' names to its units on its bridge address; with `package_cache_dir`, a
     package cache there (unless the environment turned it off)."""
 

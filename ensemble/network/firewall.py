@@ -1,19 +1,23 @@
 """The firewall between units on one host: nftables, through libnftables' own JSON
 API (Debian's python3-nftables), never through rule strings.
 
-- A unit accepts connections only on the ports it opened (`open-port`), from other
-  units on this host (bridged: a `bridge` table) and from anywhere routed to it (an
-  `inet` table); everything else addressed to it is dropped.
+- Units of related services reach each other on any port (the `related` set: both
+  directions of every pair of addresses).
+- A port a unit opened (`open-port`) is reachable from anywhere, this host included,
+  once its service is exposed (the `tcp_open`/`udp_open` sets hold only those).
+- Nothing else reaches a unit: not other units on this host (bridged: a `bridge`
+  table), not what is routed to it (an `inet` table), not the host itself (the `inet`
+  output hook), except replies to connections the unit made.
 - From its host, a unit reaches only the services the host offers its units: ZooKeeper
   (when it runs on this host), the name server and the package cache.
 
 Units on one bridge talk at L2, so their traffic is filtered in the bridge family.
 Kernels without nf_conntrack_bridge (like this project's machines) have no connection
-tracking there, so the bridge rules are stateless: into an opened port, or back out of
-one with ACK set, which a connection attempt never has. Where br_netfilter also hands
-bridged IPv4 to the inet hooks (bridge-nf-call-iptables, on by default when built in),
-the stateful inet rules apply to it as well. The routed and host-bound rules use
-conntrack.
+tracking there, so the bridge rules are stateless: between a related pair (both
+directions are in the set), into an opened port, or back out of one with ACK set, which
+a connection attempt never has. Where br_netfilter also hands bridged IPv4 to the inet
+hooks (bridge-nf-call-iptables, on by default when built in), the stateful inet rules
+apply to it as well. The routed, host-bound and host-originated rules use conntrack.
 
 Each sync replaces both tables in one atomic batch. Blocking (netlink): agents run it
 in a thread. `netns`: a named namespace to act in (None: this one).
@@ -111,20 +115,24 @@ class Firewall:
             raise FirewallError(f"nftables refused the firewall: {error.strip() or rc}")
         return output
 
-    def _objects(self, openings):
-        """Everything in both tables for `openings` ({address: [(port, proto)]})."""
-        elements = {"tcp": [], "udp": []}
+    def _objects(self, openings, related):
+        """Everything in both tables for `openings` ({address: [(port, proto)]}) and
+        `related` ({(source, destination)})."""
+        elements = {"tcp_open": [], "udp_open": []}
         for address, ports in sorted(openings.items()):
             for port, proto in sorted(set(ports)):
-                elements[proto].append({"concat": [address, port]})
+                elements[f"{proto}_open"].append({"concat": [address, port]})
+        elements["related"] = [{"concat": [a, b]} for a, b in sorted(set(related))]
+        types = {"tcp_open": ["ipv4_addr", "inet_service"], "udp_open": ["ipv4_addr", "inet_service"],
+                 "related": ["ipv4_addr", "ipv4_addr"]}
         objects = []
         for family in ("bridge", "inet"):
             t = {"family": family, "table": self.table}
             objects.append({"table": {"family": family, "name": self.table}})
-            for proto in ("tcp", "udp"):
-                objects.append({"set": {**t, "name": f"{proto}_open", "type": ["ipv4_addr", "inet_service"]}})
-                if elements[proto]:
-                    objects.append({"element": {**t, "name": f"{proto}_open", "elem": elements[proto]}})
+            for name, type_ in types.items():
+                objects.append({"set": {**t, "name": name, "type": type_}})
+                if elements[name]:
+                    objects.append({"element": {**t, "name": name, "elem": elements[name]}})
 
         def rule(family, chain, *expr):
             objects.append({"rule": {"family": family, "table": self.table, "chain": chain, "expr": list(expr)}})
@@ -152,6 +160,8 @@ class Firewall:
             rule("bridge", "between_units",
                  _match(_payload("ip", "daddr"), {"prefix": {"addr": network, "len": int(length)}}, "!="),
                  {"return": None})
+        between = {"concat": [_payload("ip", "saddr"), _payload("ip", "daddr")]}
+        rule("bridge", "between_units", _match(between, "@related"), {"accept": None})
         for proto in ("tcp", "udp"):
             rule("bridge", "between_units", _match(_pair("to", proto), f"@{proto}_open"), {"accept": None})
         rule("bridge", "between_units", _match(_pair("from", "tcp"), "@tcp_open"),
@@ -177,9 +187,20 @@ class Firewall:
                  _match(_payload("ip", "daddr"), {"prefix": {"addr": network, "len": int(length)}}, "!="),
                  {"drop": None})
         rule("inet", "to_units", established, {"accept": None})
+        rule("inet", "to_units", _match(between, "@related"), {"accept": None})
         for proto in ("tcp", "udp"):
             rule("inet", "to_units", _match(_pair("to", proto), f"@{proto}_open"), {"accept": None})
         rule("inet", "to_units", {"drop": None})
+        # This host to a unit: its answers to the unit (ZooKeeper, names, the package
+        # cache) and exposed ports only. An operator's shell on the host is no more
+        # trusted by a unit than anything else outside it.
+        chain("inet", "output", "output")
+        chain("inet", "host_to_units")
+        rule("inet", "output", _match(_meta("oifname"), self.bridge), {"jump": {"target": "host_to_units"}})
+        rule("inet", "host_to_units", established, {"accept": None})
+        for proto in ("tcp", "udp"):
+            rule("inet", "host_to_units", _match(_pair("to", proto), f"@{proto}_open"), {"accept": None})
+        rule("inet", "host_to_units", {"drop": None})
         # A unit to this host: only the services it offers units, at the gateway.
         chain("inet", "input", "input")
         chain("inet", "from_units")
@@ -200,27 +221,38 @@ class Firewall:
         rule("inet", "from_units", {"drop": None})
         return objects
 
-    def sync(self, openings):
-        """Replace both tables with the rules for `openings`, atomically."""
-        objects = self._objects(openings)
+    def sync(self, openings, related=()):
+        """Replace both tables, atomically: `openings` ({address: [(port, proto)]}) are
+        the exposed ports, reachable from anywhere; `related` ({(source, destination)})
+        the address pairs that may reach each other on any port (give both directions)."""
+        objects = self._objects(openings, related)
         tables = [o for o in objects if "table" in o]
         commands = [{"add": t} for t in tables] + [{"delete": t} for t in tables]
         commands += [{"add": o} for o in objects]
         self._run(commands)
 
+    def _elements(self, name):
+        """The elements of set `name` as the kernel has it now (bridge table)."""
+        output = self._run([{"list": {"set": {"family": "bridge", "table": self.table, "name": name}}}])
+        return [tuple(elem["concat"]) for item in (output or {}).get("nftables", [])
+                for elem in (item.get("set") or {}).get("elem", [])]
+
     def opened(self):
-        """{(address, port, proto)} as the kernel has them now (bridge table)."""
+        """{(address, port, proto)} as the kernel has them now."""
         found = set()
         for proto in ("tcp", "udp"):
             try:
-                output = self._run([{"list": {"set": {"family": "bridge", "table": self.table, "name": f"{proto}_open"}}}])
+                found.update((address, port, proto) for address, port in self._elements(f"{proto}_open"))
             except FirewallError:
                 return set()
-            for item in (output or {}).get("nftables", []):
-                for elem in (item.get("set") or {}).get("elem", []):
-                    address, port = elem["concat"]
-                    found.add((address, port, proto))
         return found
+
+    def related(self):
+        """{(source, destination)} as the kernel has them now."""
+        try:
+            return set(self._elements("related"))
+        except FirewallError:
+            return set()
 
     def present(self):
         """The families ('bridge', 'inet') in which this firewall's table exists."""

@@ -1,7 +1,8 @@
-"""Services: /services/<name> holds the charm id, limits, life and the unit counter;
-its child `config` the config, which only the service's machines and units may read.
-Adding units creates the unit nodes and their machine assignments in the same
-transaction as the counter bump, so a unit is never half-made or half-assigned."""
+"""Services: /services/<name> holds the charm id, limits, life, the unit counter and
+`exposed: true` while it is exposed; its child `config` the config, which only the
+service's machines and units may read. Adding units creates the unit nodes and their
+machine assignments in the same transaction as the counter bump, so a unit is never
+half-made or half-assigned."""
 
 from twisted.internet import defer
 
@@ -64,6 +65,11 @@ class ServiceState:
     @property
     def life(self):
         return self.data.get("life", ALIVE)
+
+    @property
+    def exposed(self):
+        """Whether the ports its units opened are reachable from anywhere."""
+        return self.data.get("exposed") is True
 
     async def unit_names(self):
         return [n for n in await UnitStateManager(self.client).unit_names() if n.rpartition("/")[0] == self.name]
@@ -225,6 +231,29 @@ class ServiceStateManager:
                 continue  # a relation went meanwhile
             except NodeExists:
                 raise ServiceDying(name)
+
+    async def set_exposed(self, name, exposed):
+        """Expose the service (or stop); returns whether it was exposed before."""
+        while True:
+            try:
+                data, version = await nodes.read(self.client, service_path(name))
+            except NoNode:
+                raise ServiceNotFound(name)
+            if data.get("life") == DYING:
+                raise ServiceDying(name)
+            before = data.get("exposed") is True
+            if before == bool(exposed):
+                return before
+            changed = {k: v for k, v in data.items() if k != "exposed"}
+            if exposed:
+                changed["exposed"] = True
+            try:
+                await self.client.set(service_path(name), nodes.dump(changed), version)
+                return before
+            except BadVersion:
+                continue
+            except NoNode:
+                raise ServiceNotFound(name)
 
     async def get_service(self, name):
         try:
