@@ -48,7 +48,7 @@ async def test_deploy_add_remove_and_status(env_client, cli):
     result = cli("deploy", DB, "--to", "0", "-n", "2", "--memory", "512M", "--cpu-weight", "200", "--pids", "256")
     assert result.returncode == 0, result.stderr
     assert "db/0, db/1" in result.stdout
-    result = cli("deploy", WEB, "front", "--to", "0", "--config", "db=db", "--config", "port=8080")
+    result = cli("deploy", WEB, "front", "--to", "0", "--config", "port=8080")
     assert result.returncode == 0, result.stderr
 
     assert cli("add-machine", "--address", "192.0.2.10").stdout.strip() == "1"
@@ -62,12 +62,12 @@ async def test_deploy_add_remove_and_status(env_client, cli):
     assert report["machines"]["1"] == {"address": "192.0.2.10", "subnet": None, "agent": "down"}
     db = report["services"]["db"]
     assert db["limits"] == {"memory": "512M", "cpu-weight": 200, "pids": 256}
-    assert db["config"] == {"port": 7070}
+    assert db["config"] == {"port": 7070, "data-dir": "/var/lib/example-db"}
     assert db["charm"].startswith("db-")
     assert {n: u["machine"] for n, u in db["units"].items()} == {"db/0": 0, "db/1": 0, "db/2": 1, "db/3": 1}
     assert db["units"]["db/0"]["agent-state"] == "pending"
     front = report["services"]["front"]
-    assert front["config"] == {"db": "db", "db-port": 7070, "port": 8080}
+    assert front["config"] == {"port": 8080}
     assert front["units"]["front/1"]["machine"] == 1
 
     result = cli("remove-unit", "db/0", "db/3")

@@ -68,7 +68,7 @@ async def secured(zk_server, zk_root):
     await machines.add_machine(address="10.0.0.1")
     await machines.add_machine(address="10.0.0.2")
     assert await _deploy(client, DB, to=0, config={"port": "7171"}) == "db/0"
-    assert await _deploy(client, WEB, to=1, config={"db": "db"}) == "web/0"
+    assert await _deploy(client, WEB, to=1) == "web/0"
     # Each machine agent leases its subnet and reserves its unit's address.
     for machine_id, unit, address in ((0, "db/0", "10.77.0.2"), (1, "web/0", "10.77.1.2")):
         agent = await env.as_(env.machine(machine_id))
@@ -106,7 +106,7 @@ async def test_a_unit_changes_only_its_own_unit(secured):
     await nodes.update(web, "/units/web-0", nodes.merge({"state": "started", "open-ports": ["80/tcp"]}))
     await presence.register(web, "/units/web-0/agent", presence.agent_info(), "web/0")
     assert await presence.alive(web, "/units/web-0/agent")
-    assert (await (await ServiceStateManager(web).get_service("web")).get_config())["db"] == "db"
+    assert (await (await ServiceStateManager(web).get_service("web")).get_config())["port"] == 80
     # Another unit, a service, an assignment, an address, a machine: no.
     await _refused(web.set("/units/db-0", nodes.dump({"open-ports": ["22/tcp"]})))
     await _refused(web.create("/units/db-0/agent", b""))

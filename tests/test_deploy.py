@@ -26,6 +26,8 @@ from ensemble.state.network import ZooKeeperAddressStore
 from conftest import ensemble_env, make_charm, run_ensemble
 
 DB, WEB = "examples/charms/db", "examples/charms/web"
+# urllib would otherwise honour any http_proxy in the environment.
+HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _networks = itertools.count(1)
 
 
@@ -129,19 +131,27 @@ async def write_as_unit(driver, container, path, fields):
 async def test_two_services_on_one_machine_are_started_connected_and_isolated(environment):
     env = environment
     env.cli("deploy", DB, "--to", "0")
-    env.cli("deploy", WEB, "--to", "0", "--config", "db=db")
+    env.cli("deploy", WEB, "--to", "0")
+    env.cli("add-relation", "web", "db")
     units = await all_started(env, ["db/0", "web/0"])
     db, web = units["db/0"], units["web/0"]
     subnet = env.status()["machines"]["0"]["subnet"]
     assert db["private-address"] != web["private-address"]
     assert all(u["private-address"].rsplit(".", 1)[0] == subnet.rsplit(".", 1)[0] for u in (db, web))
 
-    # web reaches db over TCP: its page holds what it read from the db unit. The
-    # test, on the host, reaches web's opened port once web is exposed.
+    # web found db through the relation and reaches it over TCP: its page holds what it
+    # read from the db unit. The test, on the host, reaches web's opened port once web
+    # is exposed.
     env.cli("expose", "web")
-    with urllib.request.urlopen(f"http://{web['private-address']}/", timeout=10) as response:
-        page = response.read().decode()
-    assert "hello from db/0" in page and f"reading from db at {db['private-address']}:7070" in page
+
+    async def page():
+        try:
+            with HTTP.open(f"http://{web['private-address']}/", timeout=10) as response:
+                return response.read().decode()
+        except OSError:
+            return None  # web's relation hooks run after it started
+    text = await until(page, what="web serving db's data")
+    assert "hello from db/0" in text and f"reading from db/0 at {db['private-address']}:7070" in text
 
     driver = env.driver()
     try:
@@ -154,7 +164,9 @@ async def test_two_services_on_one_machine_are_started_connected_and_isolated(en
         code, out, _ = await sh(driver, web["container"], "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done")
         assert "--unit web/0" in out and "--unit db/0" not in out, out
         assert out.count("/var/lib/ensemble/charm/server.py") == 1, out  # web's own server only
-        code, _, _ = await sh(driver, web["container"], "test -e /var/lib/ensemble/unit/db/data.json")
+        code, _, _ = await sh(driver, db["container"], "test -e /var/lib/example-db/data.json")
+        assert code == 0, "db keeps its data elsewhere: this test would prove nothing"
+        code, _, _ = await sh(driver, web["container"], "test -e /var/lib/example-db/data.json")
         assert code != 0, "web sees db's files"
         code, _, _ = await sh(driver, web["container"], "test -e /tmp/db.sock")
         assert code != 0, "web sees db's unix socket"
@@ -173,7 +185,8 @@ async def test_two_services_on_one_machine_are_started_connected_and_isolated(en
         for unit in (db, web):
             code, out, err = await sh(driver, unit["container"], (
                 "for p in $(pgrep -f charm/server.py); do tr '\\0' '\\n' < /proc/$p/environ; done"))
-            assert code == 0 and "ENSEMBLE_UNIT_NAME=" in out and "ENSEMBLE_AUTH=" not in out, (out, err)
+            assert code == 0 and "JUJU_UNIT_NAME=" in out, (out, err)
+            assert "ENSEMBLE_AUTH=" not in out and "ENSEMBLE_ZOOKEEPER=" not in out, out
         assert "touched" not in env.units()["db/0"]
         logs = env.home / "logs" / "units"
         for unit_dir in ("db-0", "web-0"):

@@ -1,25 +1,20 @@
-"""The example charms' hooks, run for real on this host against loopback ports."""
+"""The example charms db, web and echo: their hooks run for real on this host (servers
+on loopback ports), with the real hook tools, as the unit agent runs them
+(charm_units.py)."""
 
+import filecmp
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
-import pytest
 import pytest_twisted
 
+from charm_units import CHARMS, charm_environment
 from ensemble import process
-from ensemble.charm import REQUIRED_HOOKS, Charm, bundle_id, extract_bundle
-from ensemble.state.service import ServiceStateManager
-from ensemble.state.unit import UnitStateManager
+from ensemble.charm import Charm
 
-CHARMS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "charms")
-VENV_BIN = os.path.dirname(sys.executable)
 # urllib would otherwise honour any http_proxy in the environment.
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -38,88 +33,8 @@ def port_open(port):
         return False
 
 
-def cmdline(pid):
-    return b" ".join(process.cmdline(pid)).decode(errors="replace")
-
-
-class Unit:
-    """One unit of an example charm: the charm unpacked from its bundle, a unit dir,
-    and the hook environment of the contract."""
-
-    def __init__(self, base, charm_name, number, config, zk_spec=None):
-        charm = Charm.load(os.path.join(CHARMS, charm_name))
-        self.name = f"{charm_name}/{number}"
-        self.kind = charm_name
-        self.charm_dir = str(base / f"{charm_name}-{number}-charm")
-        extract_bundle(charm.bundle(), self.charm_dir)
-        self.unit_dir = str(base / f"{charm_name}-{number}-unit")
-        os.makedirs(self.unit_dir)
-        self.pid_file = os.path.join(self.unit_dir, charm_name, "server.pid")
-        self.seen_pids = set()
-        self.env = {
-            "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
-            "CHARM_DIR": self.charm_dir,
-            "ENSEMBLE_UNIT_NAME": self.name,
-            "ENSEMBLE_PRIVATE_ADDRESS": "127.0.0.1",
-            "ENSEMBLE_UNIT_DIR": self.unit_dir,
-            "ENSEMBLE_CONFIG": json.dumps(charm.config({k: str(v) for k, v in config.items()})),
-        }
-        if zk_spec:
-            self.env["ENSEMBLE_ZOOKEEPER"] = zk_spec
-
-    def hook(self, name, check=True):
-        result = subprocess.run(
-            [os.path.join(self.charm_dir, "hooks", name)],
-            cwd=self.charm_dir, env=self.env, capture_output=True, text=True, timeout=30,
-        )
-        pid = self.pid()
-        if pid:
-            self.seen_pids.add(pid)
-        if check:
-            assert result.returncode == 0, f"{self.name} {name} hook failed:\n{result.stdout}{result.stderr}"
-        return result
-
-    def pid(self):
-        try:
-            with open(self.pid_file) as f:
-                return int(f.read())
-        except (OSError, ValueError):
-            return None
-
-    def cleanup(self):
-        """Stop hook, then SIGKILL any server of ours still alive."""
-        try:
-            self.hook("stop", check=False)
-        except subprocess.TimeoutExpired:
-            pass
-        for pid in self.seen_pids:
-            # Only kill a process that is still this unit's server, never a recycled pid.
-            if process.alive(pid) and self.unit_dir in cmdline(pid):
-                os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def make_unit(tmp_path):
-    units = []
-
-    def make(charm_name, config, zk_spec=None, number=0):
-        unit = Unit(tmp_path, charm_name, number, config, zk_spec)
-        units.append(unit)
-        return unit
-
-    yield make
-    for unit in reversed(units):
-        unit.cleanup()
-    for unit in units:
-        for pid in unit.seen_pids:
-            deadline = time.monotonic() + 3
-            while process.alive(pid) and unit.unit_dir in cmdline(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert not (process.alive(pid) and unit.unit_dir in cmdline(pid)), f"{unit.name} left pid {pid}"
-
-
 def db_request(port, *lines):
-    """Send each line on one connection; return the reply lines."""
+    """Send each line on one connection; the reply lines."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         stream = s.makefile("rwb")
         replies = []
@@ -139,119 +54,238 @@ def fetch(port, path="/"):
         return e.code, e.read().decode()
 
 
-async def deploy_db(client, port, started):
-    charm = Charm.load(os.path.join(CHARMS, "db"))
-    bundle = charm.bundle()
-    await ServiceStateManager(client).deploy(
-        "db", bundle_id(charm.name, bundle), bundle, charm.config({"port": str(port)}), {}, n=1, to=0
-    )
-    unit = await UnitStateManager(client).get_unit("db/0")
-    fields = {"private-address": "127.0.0.1"}
-    if started:
-        fields["state"] = "started"
-    await unit.update(**fields)
+def read_line(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        return s.makefile().readline()
+
+
+@pytest_twisted.async_yield_fixture
+async def env(tmp_path):
+    async with charm_environment(tmp_path) as env:
+        yield env
+
+
+async def started(unit):
+    for hook in ("install", "config-changed", "start"):
+        await unit.hook(hook)
     return unit
 
 
-def test_example_charms_load():
-    for name in ("db", "web"):
-        charm = Charm.load(os.path.join(CHARMS, name))
-        assert charm.name == name
-        for key in ("summary", "description"):
-            assert charm.metadata.get(key)
-        for hook in REQUIRED_HOOKS:
-            assert os.access(os.path.join(charm.directory, "hooks", hook), os.X_OK)
-    assert Charm.load(os.path.join(CHARMS, "db")).config({}) == {"port": 7070}
-    assert Charm.load(os.path.join(CHARMS, "web")).config({}) == {"db": "db", "db-port": 7070, "port": 80}
+def test_charms_load():
+    endpoints = {
+        name: {rel: (e["interface"], e["role"]) for rel, e in Charm.load(os.path.join(CHARMS, name)).endpoints.items()
+               if rel != "juju-info"}
+        for name in ("db", "web", "echo")
+    }
+    assert endpoints == {"db": {"db": ("kv", "server")}, "web": {"db": ("kv", "client")},
+                         "echo": {"ring": ("echo-ring", "peer")}}
+    defaults = {name: Charm.load(os.path.join(CHARMS, name)).config({}) for name in ("db", "web", "echo")}
+    assert defaults == {"db": {"port": 7070, "data-dir": "/var/lib/example-db"}, "web": {"port": 80},
+                        "echo": {"port": 7000}}
+    # Each charm ships on its own; the two copies of the helpers must not drift apart.
+    assert filecmp.cmp(os.path.join(CHARMS, "db/hooks/hooklib.py"), os.path.join(CHARMS, "web/hooks/hooklib.py"),
+                       shallow=False)
 
 
-def test_db_serves_and_persists(make_unit):
+# -- db ----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_db_serves_and_persists(env, tmp_path):
     port = free_port()
-    db = make_unit("db", {"port": port})
-    data_file = os.path.join(db.unit_dir, "db", "data.json")
-    db.hook("install")
-    db.hook("start")
+    data = tmp_path / "data"
+    db = await started(env.unit("db", config={"port": port, "data-dir": str(data)}))
     pid = db.pid()
     assert pid and process.alive(pid)
+    assert db.state.ports == set()  # related units reach it; nobody else needs to
 
-    assert db_request(port, "SET color deep  blue", "GET color", "GET nothing") == [
-        "OK", "deep  blue", "ERR no such key"
-    ]
+    assert db_request(port, "SET color deep  blue", "GET color", "GET nothing") == ["OK", "deep  blue", "ERR no such key"]
     assert db_request(port, "SET doomed x", "DEL doomed", "GET doomed") == ["OK", "OK", "ERR no such key"]
     dump = json.loads(db_request(port, "DUMP")[0])
-    assert dump["greeting"] == "hello from db/0"
-    assert dump["color"] == "deep  blue"
+    assert dump["greeting"] == "hello from db/0" and dump["color"] == "deep  blue"
     assert "color" in db_request(port, "KEYS")[0].split()
-    with open(data_file) as f:
-        assert json.load(f)["color"] == "deep  blue"
+    assert json.loads((data / "data.json").read_text())["color"] == "deep  blue"
+    assert "seeded" in db.messages.lines[0]
 
-    db.hook("start")  # already running: same server
+    await db.hook("start")  # already running: the same server
     assert db.pid() == pid
 
-    db.hook("stop")
-    assert not process.alive(pid)
-    assert db.pid() is None
-    assert not port_open(port)
-    db.hook("stop")  # nothing running is fine
+    await db.hook("stop")
+    assert not process.alive(pid) and db.pid() is None and not port_open(port)
+    await db.hook("stop")  # nothing running is fine
 
-    db.hook("start")
+    await db.hook("start")
     assert db.pid() != pid
     assert db_request(port, "GET color") == ["deep  blue"]
 
-    db.hook("stop")
-    db.hook("install")
-    with open(data_file) as f:
-        assert json.load(f)["color"] == "deep  blue"
-    db.hook("start")
+    await db.hook("stop")
+    await db.hook("install")  # again: the data stays
+    await db.hook("start")
     assert db_request(port, "GET color", "GET greeting") == ["deep  blue", "hello from db/0"]
 
 
 @pytest_twisted.ensureDeferred
-async def test_web_shows_db(env_client, zk_spec, make_unit):
+async def test_db_publishes_where_it_listens(env, tmp_path):
+    port = free_port()
+    db = await started(env.unit("db", config={"port": port, "data-dir": str(tmp_path / "data")}))
+    web = env.unit("web")
+    env.relate("db:0", db, web)
+    await env.join("db:0", db, web)
+    assert db.settings("db:0") == {"private-address": "127.0.0.1", "host": "127.0.0.1", "port": str(port)}
+    assert db.messages.lines[-1] == f"db/0 db-relation-joined: serving web/0 on 127.0.0.1:{port}"
+    assert db.state.ports == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_db_config_changed_moves_the_server(env, tmp_path):
+    old_port, new_port = free_port(), free_port()
+    db = await started(env.unit("db", config={"port": old_port, "data-dir": str(tmp_path / "one")}))
+    web = env.unit("web")
+    env.relate("db:0", db, web)
+    await env.join("db:0", db, web)
+    assert db_request(old_port, "SET where one") == ["OK"]
+    old_pid = db.pid()
+
+    db.state.config_values.update({"port": new_port, "data-dir": str(tmp_path / "two")})
+    await db.hook("config-changed")
+    assert not port_open(old_port) and not process.alive(old_pid)
+    # A new data directory is seeded anew; the old one keeps its data.
+    assert db_request(new_port, "GET where", "GET greeting") == ["ERR no such key", "hello from db/0"]
+    assert json.loads((tmp_path / "one" / "data.json").read_text())["where"] == "one"
+    assert db.settings("db:0")["port"] == str(new_port)  # the client is told
+
+    pid = db.pid()
+    await db.hook("config-changed")  # nothing changed: the same server
+    assert db.pid() == pid
+
+
+@pytest_twisted.ensureDeferred
+async def test_db_config_changed_before_start_starts_nothing(env, tmp_path):
+    port = free_port()
+    db = env.unit("db", config={"port": port, "data-dir": str(tmp_path / "data")})
+    await db.hook("install")
+    await db.hook("config-changed")
+    assert db.pid() is None and not port_open(port)
+    assert (tmp_path / "data" / "data.json").exists()
+
+
+# -- web ---------------------------------------------------------------------------------
+
+
+async def db_and_web(env, tmp_path):
     db_port, web_port = free_port(), free_port()
-    db = make_unit("db", {"port": db_port})
-    db.hook("install")
-    db.hook("start")
-    await deploy_db(env_client, db_port, started=True)
-    assert db_request(db_port, "SET dish fish & <chips>") == ["OK"]
+    db = await started(env.unit("db", config={"port": db_port, "data-dir": str(tmp_path / "data")}))
+    web = await started(env.unit("web", config={"port": web_port}))
+    return db, web, db_port, web_port
 
-    web = make_unit("web", {"db": "db", "db-port": db_port, "port": web_port}, zk_spec)
-    web.hook("install")
-    web.hook("start")
+
+@pytest_twisted.ensureDeferred
+async def test_web_shows_db_through_the_relation(env, tmp_path):
+    db, web, db_port, web_port = await db_and_web(env, tmp_path)
+    assert web.state.ports == {(web_port, "tcp")}
     assert fetch(web_port, "/health") == (200, "ok\n")
+    status, body = fetch(web_port)
+    assert status == 503 and "no db relation" in body, body
 
+    assert db_request(db_port, "SET dish fish & <chips>") == ["OK"]
+    env.relate("db:0", db, web)
+    await env.join("db:0", db, web)
+    await env.join("db:0", web, db)
     status, body = fetch(web_port)
     assert status == 200, body
     assert "hello from db/0" in body
     assert "fish &amp; &lt;chips&gt;" in body and "<chips>" not in body
-    assert "web/0" in body and f"127.0.0.1:{db_port}" in body
+    assert f"Served by web unit web/0, reading from db/0 at 127.0.0.1:{db_port}." in body
+    assert web.messages.lines[-1] == f"web/0 db-relation-changed: reading from db/0 at 127.0.0.1:{db_port}"
 
-    db.hook("stop")
+    await db.hook("stop")
     status, body = fetch(web_port)
-    assert status == 503, body
-    assert "unreachable" in body
+    assert status == 503 and f"db/0 at 127.0.0.1:{db_port}" in body, body
+    await db.hook("start")
+    assert fetch(web_port)[0] == 200
 
-    db.hook("start")  # a failed read re-resolves, so the db is found again at once
+    await env.depart("db:0", web, db)
     status, body = fetch(web_port)
-    assert status == 200 and "fish &amp; &lt;chips&gt;" in body, body
+    assert status == 503 and "no db relation" in body, body
 
 
 @pytest_twisted.ensureDeferred
-async def test_web_503_until_db_started(env_client, zk_spec, make_unit):
-    db_port, web_port = free_port(), free_port()
-    # The db server runs, but its unit is not `started`, so web must not use it.
-    db = make_unit("db", {"port": db_port})
-    db.hook("install")
-    db.hook("start")
-    unit = await deploy_db(env_client, db_port, started=False)
+async def test_web_waits_quietly_for_the_db_to_say_where_it_is(env, tmp_path):
+    """The scheduler may run web's hooks before db's -joined: nothing to use yet."""
+    db, web, db_port, web_port = await db_and_web(env, tmp_path)
+    env.relate("db:0", db, web)
+    result = await web.hook("db-relation-changed", "db:0", "db/0")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert fetch(web_port)[0] == 503
 
-    web = make_unit("web", {"db": "db", "db-port": db_port, "port": web_port}, zk_spec)
-    web.hook("install")
-    web.hook("start")
-    status, body = fetch(web_port)
-    assert status == 503, body
-    assert "no unit of service 'db' is started" in body
+    await db.hook("db-relation-joined", "db:0", "web/0")
+    await web.hook("db-relation-changed", "db:0", "db/0")
+    assert fetch(web_port)[0] == 200
+    pid = web.pid()
+    await web.hook("db-relation-changed", "db:0", "db/0")  # again: nothing new, no restart
+    assert web.pid() == pid
 
-    await unit.update(state="started")
+
+@pytest_twisted.ensureDeferred
+async def test_web_forgets_a_broken_relation(env, tmp_path):
+    db, web, db_port, web_port = await db_and_web(env, tmp_path)
+    env.relate("db:0", db, web)
+    await env.join("db:0", db, web)
+    await env.join("db:0", web, db)
+    assert fetch(web_port)[0] == 200
+    await env.break_("db:0", web)
     status, body = fetch(web_port)
-    assert status == 200 and "hello from db/0" in body, body
+    assert status == 503 and "no db relation" in body, body
+
+
+@pytest_twisted.ensureDeferred
+async def test_web_uses_the_next_db_unit_when_one_departs(env, tmp_path):
+    db, web, db_port, web_port = await db_and_web(env, tmp_path)
+    other_port = free_port()
+    other = await started(env.unit("db", 1, config={"port": other_port, "data-dir": str(tmp_path / "other")}))
+    env.relate("db:0", db, other, web)
+    for unit in (db, other):
+        await env.join("db:0", unit, web)
+        await env.join("db:0", web, unit)
+    assert "reading from db/0" in fetch(web_port)[1]
+    await env.depart("db:0", web, db)
+    status, body = fetch(web_port)
+    assert status == 200 and "hello from db/1" in body and "reading from db/1" in body, body
+
+
+@pytest_twisted.ensureDeferred
+async def test_web_config_changed_moves_the_port(env, tmp_path):
+    web = await started(env.unit("web", config={"port": free_port()}))
+    old_port, new_port = web.state.config_values["port"], free_port()
+    web.state.config_values["port"] = new_port
+    await web.hook("config-changed")
+    assert not port_open(old_port) and fetch(new_port, "/health") == (200, "ok\n")
+    assert web.state.ports == {(new_port, "tcp")}
+
+
+# -- echo --------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_echo_peers_reach_each_other(env):
+    ports = [free_port(), free_port()]
+    units = [await started(env.unit("echo", n, config={"port": ports[n]})) for n in range(2)]
+    for n, unit in enumerate(units):
+        assert read_line(ports[n]) == f"echo/{n}\n"
+        assert unit.state.ports == {(ports[n], "tcp")}
+
+    env.relate("ring:0", *units)
+    first, second = units
+    await env.join("ring:0", first, second)  # second has not said its port yet
+    assert first.messages.lines == []
+    await env.join("ring:0", second, first)
+    await first.hook("ring-relation-changed", "ring:0", "echo/1")
+    assert second.settings("ring:0") == {"private-address": "127.0.0.1", "port": str(ports[1])}
+    assert first.messages.lines == [f"echo/0 ring-relation-changed: peer echo/1 at 127.0.0.1:{ports[1]}: echo/1"]
+    assert second.messages.lines == [f"echo/1 ring-relation-changed: peer echo/0 at 127.0.0.1:{ports[0]}: echo/0"]
+
+    pid = first.pid()
+    await first.hook("start")  # running: the same server
+    assert first.pid() == pid
+    await first.hook("stop")
+    assert not port_open(ports[0]) and not process.alive(pid)

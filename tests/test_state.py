@@ -87,7 +87,7 @@ async def test_deploy_creates_service_units_and_assignments_together(env_client)
     assert (unit.machine_id, unit.state, unit.life) == (0, "pending", "alive")
     stored = await ServiceStateManager(env_client).get_service("db")
     assert stored.limits == {"memory": 2**30}
-    assert await stored.get_config() == {"port": 7070}
+    assert await stored.get_config() == {"port": 7070, "data-dir": "/var/lib/example-db"}
     assert "config" not in stored.data  # in its own node, readable by fewer
     assert (await stored.charm_bundle()) == Charm.load(DB).bundle()
 

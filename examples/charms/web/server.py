@@ -1,86 +1,94 @@
 #!/usr/bin/env python3
-"""HTTP front end: `GET /` renders the db's pairs, `GET /health` says ok."""
+"""HTTP front end: `GET /` renders the pairs of the db it is related to, `GET /health`
+says ok.
+
+The db units come from the backends file that the charm's relation hooks write,
+{relation id: {db unit: {"host": …, "port": …}}}. The server reads the file again
+whenever it has been replaced, so a hook only has to write it.
+"""
 
 import argparse
 import html
 import http.server
 import json
+import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
 
-CACHE_SECONDS = 10
+NO_RELATION = "no db relation: relate this service to a db service (ensemble add-relation web db)"
 
 
 class Unavailable(Exception):
     """The db cannot be read right now; the message is shown to the client."""
 
 
-class DbClient:
-    """Finds a started db unit through `ensemble service-addresses` and reads it."""
+class Backends:
+    """The backends file, read again only when it has changed."""
 
-    def __init__(self, service, port):
-        self.service = service
-        self.port = port
+    def __init__(self, path):
+        self.path = path
         self.lock = threading.Lock()
-        self.cached = None
-        self.expires = 0.0
+        self.stamp = None
+        self.units = []
 
-    def address(self, refresh=False):
-        with self.lock:
-            if self.cached and not refresh and time.monotonic() < self.expires:
-                return self.cached
-            self.cached = None
+    def current(self):
+        """[(unit, host, port)], in a fixed order."""
         try:
-            result = subprocess.run(
-                ["ensemble", "service-addresses", self.service],
-                capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
-            )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise Unavailable(f"cannot look up service {self.service!r}: {e}")
-        if result.returncode != 0:
-            detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise Unavailable(f"cannot look up service {self.service!r}: {detail}")
-        addresses = result.stdout.split()
-        if not addresses:
-            # Not cached: the next request looks again, so a db that starts shows up at once.
-            raise Unavailable(f"no unit of service {self.service!r} is started yet")
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return []
+        stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
         with self.lock:
-            self.cached, self.expires = addresses[0], time.monotonic() + CACHE_SECONDS
-        return addresses[0]
+            if stamp != self.stamp:
+                self.units = self._read()
+                self.stamp = stamp
+            return self.units
 
-    def dump(self):
-        """(address, pairs); re-resolves once if the cached address stopped answering."""
-        address = self.address()
+    def _read(self):
         try:
-            return address, self._dump(address)
-        except OSError:
-            pass
-        fresh = self.address(refresh=True)
+            with open(self.path, encoding="utf-8") as f:
+                relations = json.load(f)
+            return [
+                (unit, backend["host"], int(backend["port"]))
+                for _, units in sorted(relations.items())
+                for unit, backend in sorted(units.items())
+            ]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise Unavailable(f"cannot read the backends file {self.path}: {e}")
+
+
+def dump(backends):
+    """(unit, host, port, pairs) of the first db unit that answers."""
+    units = backends.current()
+    if not units:
+        raise Unavailable(NO_RELATION)
+    failures = []
+    for unit, host, port in units:
         try:
-            return fresh, self._dump(fresh)
+            return unit, host, port, _dump(host, port)
         except OSError as e:
-            raise Unavailable(f"db at {fresh}:{self.port} is unreachable: {e.strerror or e}")
-
-    def _dump(self, address):
-        with socket.create_connection((address, self.port), timeout=5) as s:
-            s.sendall(b"DUMP\n")
-            line = s.makefile("rb").readline()
-        if not line.endswith(b"\n"):
-            raise ConnectionError("db closed the connection without answering")
-        try:
-            pairs = json.loads(line.decode("utf-8"))
-        except ValueError:
-            raise Unavailable(f"db at {address}:{self.port} gave a bad answer: {line[:200]!r}")
-        if not isinstance(pairs, dict):
-            raise Unavailable(f"db at {address}:{self.port} gave a bad answer: {line[:200]!r}")
-        return pairs
+            failures.append(f"{unit} at {host}:{port}: {e.strerror or e}")
+    raise Unavailable("no db unit answers: " + "; ".join(failures))
 
 
-def render(unit, address, port, pairs):
+def _dump(host, port):
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(b"DUMP\n")
+        line = s.makefile("rb").readline()
+    if not line.endswith(b"\n"):
+        raise ConnectionError("the db closed the connection without answering")
+    try:
+        pairs = json.loads(line.decode("utf-8"))
+    except ValueError:
+        pairs = None
+    if not isinstance(pairs, dict):
+        raise Unavailable(f"db at {host}:{port} gave a bad answer: {line[:200]!r}")
+    return pairs
+
+
+def render(unit, db_unit, host, port, pairs):
     rows = "\n".join(
         f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
         for k, v in sorted(pairs.items())
@@ -93,7 +101,7 @@ def render(unit, address, port, pairs):
 <tr><th>key</th><th>value</th></tr>
 {rows}
 </table>
-<p>Served by web unit {html.escape(unit)}, reading from db at {html.escape(address)}:{port}.</p>
+<p>Served by web unit {html.escape(unit)}, reading from {html.escape(db_unit)} at {html.escape(host)}:{port}.</p>
 </body></html>
 """
 
@@ -105,12 +113,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.send(200, "text/plain; charset=utf-8", "ok\n")
         if path != "/":
             return self.send(404, "text/plain; charset=utf-8", "not found\n")
-        server = self.server
         try:
-            address, pairs = server.db.dump()
+            db_unit, host, port, pairs = dump(self.server.backends)
         except Unavailable as e:
             return self.send(503, "text/plain; charset=utf-8", f"db unavailable: {e}\n")
-        self.send(200, "text/html; charset=utf-8", render(server.unit, address, server.db.port, pairs))
+        self.send(200, "text/html; charset=utf-8", render(self.server.unit, db_unit, host, port, pairs))
 
     def send(self, status, content_type, body):
         data = body.encode("utf-8")
@@ -123,18 +130,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", required=True, help="the unit's web directory")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--unit", required=True)
-    parser.add_argument("--db", required=True, help="db service name")
-    parser.add_argument("--db-port", type=int, required=True)
+    parser.add_argument("--backends", required=True, help="the JSON file of db units the relation hooks write")
     args = parser.parse_args()
     server = http.server.ThreadingHTTPServer((args.host, args.port), Handler)
     server.unit = args.unit
-    server.db = DbClient(args.db, args.db_port)
+    server.backends = Backends(args.backends)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"web listening on {args.host}:{args.port}, db service {args.db!r} port {args.db_port}", flush=True)
+    print(f"web listening on {args.host}:{args.port}, db units from {args.backends}", flush=True)
     try:
         server.serve_forever()
     finally:
