@@ -43,7 +43,8 @@ async def test_install_config_changed_start_with_the_hook_environment(env_client
     hooks = {
         "install": 'read answer; echo "install ran"; env > "$HOME/install.env"',
         "config-changed": 'echo "config-changed ran"; config-get colour > "$HOME/colour"; pwd > "$HOME/cwd"; '
-                          'unit-get private-address > "$HOME/private"; unit-get public-address > "$HOME/public"',
+                          'unit-get private-address > "$HOME/private"; unit-get public-address > "$HOME/public"; '
+                          'juju-log -l WARNING "colour is" $(config-get colour); ensemble-log the 2011 name',
     }
     await deploy_charm(env_client, make_charm(tmp_path / "charm", config={"colour": "blue"}, hooks=hooks))
     await (await UnitStateManager(env_client).get_unit("probe/0")).update(**{"private-address": "10.77.0.9"})
@@ -73,6 +74,9 @@ async def test_install_config_changed_start_with_the_hook_environment(env_client
         assert (unit_dir / "public").read_text() == "10.77.0.9\n"  # no public address known: the private one
         log = (tmp_path / "log" / "probe-0.log").read_text()
         assert log.index("install ran") < log.index("config-changed ran") < log.index("start ran")
+        # juju-log goes to the unit's log, among the hook's own output.
+        assert log.index("config-changed ran") < log.index("WARNING probe/0 config-changed: colour is blue") < \
+            log.index("INFO probe/0 config-changed: the 2011 name") < log.index("start ran")
     finally:
         await agent.stop()
 

@@ -23,7 +23,7 @@ from ensemble.state.client import ConnectionLost, SessionExpired
 from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import DYING, UnitStateManager
 from ensemble.unit.executor import HookExecutor
-from ensemble.unit.hooks import link_tools
+from ensemble.unit.hooks import hook_logger, link_tools
 from ensemble.unit.lifecycle import Lifecycle
 from ensemble.unit.relations import UnitRelations
 from ensemble.unit.state import ZooKeeperHookState
@@ -72,14 +72,15 @@ class UnitAgent(BaseAgent):
     async def started(self):
         for path in (self.unit_dir, self.log_dir):
             os.makedirs(path, exist_ok=True)
-        tools = HookToolFactory(logging.getLogger(f"ensemble.unit.hook.{self.name}"))
+        logger = hook_logger(self.unit_name, self.log_path)
+        tools = HookToolFactory(logger)
         self._tools_port = listen(self.reactor, self.socket_path, tools)
         self.relations = UnitRelations(self.client, self.unit, os.path.join(self.unit_dir, RELATIONS_DIR))
         state = ZooKeeperHookState(self.client, self.unit, self.charm_dir, self.relations)
         # The tools' console scripts are in the venv, mounted from the host.
         tools_dir = link_tools(os.path.join(self.unit_dir, TOOLS_DIR), os.path.dirname(sys.executable))
         self.executor = HookExecutor(self.reactor, state, tools, self.socket_path, self.charm_dir, self.unit_dir,
-                                     self.log_path, tools_dir)
+                                     self.log_path, tools_dir, logger)
         self.relations.executor = self.executor
         self.lifecycle = Lifecycle(self.unit, self.executor, self.unit_dir)
         self._watch = await self.unit.watch(self.unit_changed)

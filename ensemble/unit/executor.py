@@ -18,9 +18,10 @@ log = logging.getLogger("ensemble.unit")
 
 
 class HookExecutor:
-    def __init__(self, reactor, state, tools, socket_path, charm_dir, home, log_path, path_prefix):
+    def __init__(self, reactor, state, tools, socket_path, charm_dir, home, log_path, path_prefix, logger=None):
         """`state`: the unit's ZooKeeperHookState (or any HookState with `commit`);
-        `tools`: the HookToolFactory serving `socket_path`."""
+        `tools`: the HookToolFactory serving `socket_path`; `logger`: where juju-log
+        goes."""
         self.reactor = reactor
         self.state = state
         self.tools = tools
@@ -29,6 +30,7 @@ class HookExecutor:
         self.home = home
         self.log_path = log_path
         self.path_prefix = path_prefix
+        self.logger = logger
         self._lock = defer.DeferredLock()  # its waiters are served in order: FIFO
 
     async def run(self, hook, relation=None):
@@ -50,6 +52,7 @@ class HookExecutor:
             relation_id=relation.relation_id if relation else None,
             members=relation.members if relation else None,
             broken=relation is not None and relation.kind == "broken",
+            logger=self.logger,
         )
         with self.tools.hook(context) as client_id:
             env = hook_environment(self.state.unit_name, self.charm_dir, self.home, self.socket_path, client_id,

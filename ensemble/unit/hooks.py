@@ -1,6 +1,7 @@
 """Running a charm's hooks: the environment they get, where their output goes, and
 what a failure reports."""
 
+import logging
 import os
 import time
 from collections import deque
@@ -24,6 +25,18 @@ class HookFailed(EnsembleError):
 # The prefix of every variable pyjuju gave hooks; each is also given as ENSEMBLE_*, the
 # 2011 name that formulas of that year read (ENSEMBLE_REMOTE_UNIT…).
 JUJU = "JUJU_"
+
+
+def hook_logger(unit_name, log_path):
+    """The logger of what hooks log with juju-log: into the unit's log, between the
+    hooks' own output (where `ensemble debug-log` shows it), and the agent's."""
+    logger = logging.getLogger(f"ensemble.unit.hook.{unit_name}")
+    if not any(getattr(h, "baseFilename", None) == os.path.abspath(log_path) for h in logger.handlers):
+        handler = logging.FileHandler(log_path, delay=True)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)  # juju-log -l DEBUG is the charm's to choose
+    return logger
 
 
 def link_tools(directory, scripts_dir):
