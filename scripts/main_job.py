@@ -9,6 +9,8 @@ import time
 import urllib.request
 
 ENSEMBLE = [sys.executable, "-m", "ensemble"]
+# Straight to the unit: an http_proxy of the operator's could not reach it.
+HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 START_TIMEOUT = 600  # the first run builds the container template (about a minute)
 PROGRESS_EVERY = 5  # seconds: a line at least this often while waiting, even if nothing changed
 
@@ -68,6 +70,24 @@ def progress_line(current, states):
     return "units: " + ", ".join(f"{name} {state}" for name, state in sorted(states.items()))
 
 
+def web_page(current):
+    """(url, page) of the web unit, or None while it does not serve the db's data yet
+    (its relation hooks run after it has started)."""
+    web = next(iter(current["services"]["web"]["units"].values()), {})
+    if not web.get("private-address"):
+        return None
+    url = f"http://{web['private-address']}/"
+    try:
+        with HTTP.open(url, timeout=10) as response:
+            return url, response.read().decode()
+    except OSError:
+        return None
+
+
+def web_serves(current):
+    return web_page(current) is not None
+
+
 def main():
     args = parse_args()
     if ensemble("status", check=False).returncode != 0:
@@ -76,7 +96,14 @@ def main():
     if "db" not in services:
         print(ensemble("deploy", "examples/charms/db", "--to", "0").stdout, end="")
     if "web" not in services:
-        print(ensemble("deploy", "examples/charms/web", "--to", "0", "--config", "db=db").stdout, end="")
+        print(ensemble("deploy", "examples/charms/web", "--to", "0").stdout, end="")
+    services = status()["services"]
+    # web finds db through the relation (and may reach it on any port); exposing web
+    # opens the port its charm opened to everything else, this host included.
+    if "db" not in (services["web"].get("relations") or {}).get("db", []):
+        print(ensemble("add-relation", "web", "db").stdout, end="")
+    if not services["web"].get("exposed"):
+        print(ensemble("expose", "web").stdout, end="")
 
     print("waiting for the units to start (the first run builds the container template)...", flush=True)
     started = time.monotonic()
@@ -90,7 +117,7 @@ def main():
         if line != shown or time.monotonic() - shown_at >= PROGRESS_EVERY:
             print(f"  [{time.monotonic() - started:4.0f}s] {line}", flush=True)
             shown, shown_at = line, time.monotonic()
-        if states and all(state == "started" for state in states.values()):
+        if states and all(state == "started" for state in states.values()) and web_serves(current):
             break
         failed = {name: unit.get("error") for name, unit in units.items() if unit["agent-state"] == "error"}
         if failed:
@@ -100,11 +127,9 @@ def main():
         time.sleep(1)
 
     print(ensemble("status").stdout, end="")
-    web = next(iter(status()["services"]["web"]["units"].values()))
-    url = f"http://{web['private-address']}/"
+    url, page = web_page(status())
     print(f"\n--- {url} (the web unit's page, built from the db unit's data)")
-    with urllib.request.urlopen(url, timeout=10) as response:
-        print(response.read().decode())
+    print(page)
 
 
 if __name__ == "__main__":
