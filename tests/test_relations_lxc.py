@@ -4,6 +4,8 @@ unit's hooks see the other's settings through the hook tools, and removal runs
 -departed then -broken. The rules themselves are tested on host-run agents
 (test_unit_relations.py); this shows them in containers."""
 
+import os
+
 import pytest_twisted
 from twisted.internet import threads
 
@@ -12,6 +14,7 @@ from ensemble.lab import Lab
 from conftest import make_charm
 from test_deploy import all_started, environment, sh, until  # noqa: F401 (a fixture)
 
+CHARMS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "charms")
 RECORD = 'echo "$(basename $0) $JUJU_RELATION_ID ${JUJU_REMOTE_UNIT:--}" >> "$HOME/hooks.log"'
 
 
@@ -93,3 +96,40 @@ async def test_relations_across_hosts_of_a_lab_work_as_on_one(tmp_path):
         assert lines[:2] == ["data-relation-joined data:0 reader/0", "data-relation-changed data:0 reader/0"]
     finally:
         await threads.deferToThread(lab.close)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_real_database_from_apt_and_its_client_related(environment):
+    """PostgreSQL and its client, installed from Debian through the host's cache: the
+    client connects with the credentials the relation gave it, writes a row and reads
+    it back; the server opened no port (the relation lets the client in)."""
+    env = environment
+    env.cli("deploy", os.path.join(CHARMS, "postgresql"), "--to", "0")
+    env.cli("deploy", os.path.join(CHARMS, "pgclient"), "--to", "0")
+    env.cli("add-relation", "pgclient", "postgresql")
+    units = await until(lambda: _started(env, ["postgresql/0", "pgclient/0"]), timeout=600,
+                        what="postgresql and pgclient started")
+    assert "open-ports" not in units["postgresql/0"]
+
+    async def result():
+        return await read(env, "pgclient/0", "/var/lib/pgclient/result")
+    row = await until(result, timeout=120, what="pgclient's row read back")
+    assert "pgclient/0 was here" in row
+    # The server opened no port: the relation is what lets the client in.
+    code, out, _ = await sh(env.driver(), units["pgclient/0"]["container"],
+                            f"pg_isready -h {units['postgresql/0']['private-address']} -p 5432")
+    assert code == 0, out
+    env.cli("remove-relation", "pgclient", "postgresql")
+    await until(lambda: _gone(env, "pgclient/0", "/var/lib/pgclient/db.json"), what="pgclient forgot the credentials")
+
+
+def _started(env, names):
+    units = env.units()
+    failed = {n: units[n].get("error") for n in names if units.get(n, {}).get("agent-state") == "error"}
+    assert not failed, failed
+    return units if all(units.get(n, {}).get("agent-state") == "started" for n in names) else None
+
+
+async def _gone(env, unit, path):
+    code, _, _ = await sh(env.driver(), env.units()[unit]["container"], f"test -e {path}")
+    return code != 0
