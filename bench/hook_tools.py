@@ -5,6 +5,11 @@ comparison: a bare interpreter start, and the same relation-get made by a client
 on Twisted's AMP (the shape pyjuju's tools had). Prints one JSON object.
 
     .venv/bin/python bench/hook_tools.py [--calls 300]
+    .venv/bin/python bench/hook_tools.py --in-unit [--calls 200] [--network CIDR]
+
+--in-unit measures the same from inside real units of a local environment of its own
+(bench/charms/tooltime: two peer units whose hooks time the tools against their real
+unit agent, ZooKeeper behind it), and reads the figures from the units' logs.
 """
 
 import argparse
@@ -99,13 +104,62 @@ def console_script(directory, name, function):
     return path
 
 
+def ensemble(env, *args):
+    done = subprocess.run([sys.executable, "-m", "ensemble", *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"ensemble {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def in_unit(calls, network, timeout=600):
+    """{tool: [ms…]} timed by the tooltime charm's hooks in two peer units."""
+    with tempfile.TemporaryDirectory(prefix="hook-tools-unit-") as tmp:
+        env = {**os.environ, "ENSEMBLE_HOME": os.path.join(tmp, "home")}
+        ensemble(env, "bootstrap", "--network", network, "--name", "tooltime")
+        try:
+            ensemble(env, "deploy", os.path.join(HERE, "charms", "tooltime"), "-n", "2", "--to", "0",
+                     "--config", f"calls={calls}")
+            logs = [os.path.join(env["ENSEMBLE_HOME"], "logs", "units", u, f"{u}.log")
+                    for u in ("tooltime-0", "tooltime-1")]
+            deadline = time.monotonic() + timeout
+            while True:
+                found = {}
+                for path in logs:
+                    try:
+                        with open(path) as f:
+                            for line in f:
+                                if line.startswith("TOOLTIME "):
+                                    for tool, times in json.loads(line[len("TOOLTIME "):]).items():
+                                        found.setdefault(tool, []).extend(times)
+                    except FileNotFoundError:
+                        pass
+                if len(found) >= 8 and all(len(t) >= 2 * calls for t in found.values()):
+                    return found
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"no figures from the units after {timeout}s: {sorted(found)}")
+                time.sleep(1)
+        finally:
+            ensemble(env, "destroy-environment", "-y")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=300, help="calls per tool")
+    parser.add_argument("--calls", type=int, default=300, help="calls per tool (per unit with --in-unit)")
+    parser.add_argument("--in-unit", action="store_true", help="measure inside real units (see above)")
+    parser.add_argument("--network", default="10.241.0.0/16", help="the --in-unit environment's network")
     parser.add_argument("--serve", metavar="SOCKET", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         return serve(args.serve)
+    if args.in_unit:
+        result = {}
+        for tool, times in sorted(in_unit(args.calls, args.network).items()):
+            key = tool.replace("-", "_")
+            result[f"{key}_p50_ms"] = round(statistics.median(times), 1)
+            result[f"{key}_p99_ms"] = round(percentile(times, 99), 1)
+        result["calls"] = 2 * args.calls
+        print(json.dumps(result))
+        return
 
     with tempfile.TemporaryDirectory(prefix="hook-tools-") as tmp:
         socket_path = os.path.join(tmp, "agent.sock")
