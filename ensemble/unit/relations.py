@@ -182,10 +182,15 @@ class UnitRelations:
         return {**self._leaving, **{r.relation_id: r.scheduler for r in self._joined.values()}}
 
     async def start(self):
+        """Join and follow the relations; again after a start cut short (ZooKeeper
+        lost), a no-op once started."""
+        if self._watch is not None:
+            return
         os.makedirs(self.state_dir, exist_ok=True)
         self._errors = dict(self.unit.data.get(RELATION_ERRORS) or {})
+        watch = await ChildrenWatch(self.client, nodes.RELATIONS, self._relations_changed).start()
+        self._watch = watch
         self._unsubscribe = self.client.on_session_event(self._on_session)
-        self._watch = await ChildrenWatch(self.client, nodes.RELATIONS, self._relations_changed).start()
         self._break_forgotten()
 
     async def stop(self):
@@ -230,11 +235,17 @@ class UnitRelations:
         address = self.unit.data.get("private-address")
         try:
             await joined.join(address)
+            await joined.watch()
         except NoNode:
             # Removed while joining; the /relations watch says so next.
             log.info("%s: relation %s went while joining", self.unit.name, joined.relation_id)
             return
-        await joined.watch()
+        except Exception:
+            # ZooKeeper lost, say: forget it, so that the watch's next delivery (the
+            # re-read after reconnecting) joins it again from the start.
+            joined.stop_watching()
+            del self._joined[relation.key]
+            raise
         joined.scheduler.start()
         log.info("%s: joined relation %s (%s)", self.unit.name, joined.relation_id, relation.describe())
 
