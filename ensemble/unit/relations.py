@@ -122,12 +122,20 @@ class JoinedRelation:
         for unit in [u for u in self._settings_watches if u not in self._members]:
             self._settings_watches.pop(unit).stop()
             self._versions.pop(unit, None)
-        for unit in self._members:
-            if unit not in self._settings_watches:
-                self._settings_watches[unit] = None  # claimed: one watch per member
-                self._settings_watches[unit] = await DataWatch(
-                    self.client, settings_path(self.key, unit),
-                    lambda value, unit=unit: self._settings_changed(unit, value)).start()
+        new = [u for u in self._members if u not in self._settings_watches]
+        for unit in new:
+            self._settings_watches[unit] = None  # claimed: one watch per member
+        # Read in parallel: a burst of joins (a service of 50 units related at once) must
+        # not wait on 50 round trips in a row before the first hook.
+        watches = await defer.gatherResults([defer.ensureDeferred(DataWatch(
+            self.client, settings_path(self.key, unit),
+            lambda value, unit=unit: self._settings_changed(unit, value)).start()) for unit in new],
+            consumeErrors=True)
+        for unit, watch in zip(new, watches):
+            if self._stopped or self._settings_watches.get(unit, 0) is not None:
+                watch.stop()  # left meanwhile, or the relation is going
+            else:
+                self._settings_watches[unit] = watch
         self._feed()
 
     def _settings_changed(self, unit, value):
@@ -235,6 +243,8 @@ class UnitRelations:
         address = self.unit.data.get("private-address")
         try:
             await joined.join(address)
+            # Hooks run as remote units are seen, not once all of them are.
+            joined.scheduler.start()
             await joined.watch()
         except NoNode:
             # Removed while joining; the /relations watch says so next.
@@ -244,9 +254,9 @@ class UnitRelations:
             # ZooKeeper lost, say: forget it, so that the watch's next delivery (the
             # re-read after reconnecting) joins it again from the start.
             joined.stop_watching()
+            await joined.scheduler.stop()
             del self._joined[relation.key]
             raise
-        joined.scheduler.start()
         log.info("%s: joined relation %s (%s)", self.unit.name, joined.relation_id, relation.describe())
 
     def _scheduler(self, relation_name, relation_id):
