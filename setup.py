@@ -1,19 +1,12 @@
+import os
+import runpy
+
 from setuptools import find_packages, setup
 
-# The names of the hook tools' console scripts, as pyjuju's charms call them. Kept in
-# ensemble/unit/tools/cli.py too; setup.py cannot import the package it installs.
-TOOLS = {
-    "relation-get": "relation_get",
-    "relation-set": "relation_set",
-    "relation-list": "relation_list",
-    "relation-ids": "relation_ids",
-    "config-get": "config_get",
-    "unit-get": "unit_get",
-    "open-port": "open_port",
-    "close-port": "close_port",
-    "juju-log": "juju_log",
-    "ensemble-log": "ensemble_log",
-}
+# The hook tools' names, from a module that imports nothing (the package is not installed
+# yet while setup.py runs).
+TOOLS = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ensemble", "unit", "tools",
+                                    "names.py"))["TOOLS"]
 
 setup(
     name="ensemble",

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from stats import percentile  # noqa: E402
 
-from ensemble.unit.tools.cli import TOOLS  # noqa: E402
+from ensemble.unit.tools.names import TOOLS  # noqa: E402
 
 CLIENT_ID = "bench"
 CALLS = {  # what each measured tool is given

@@ -20,7 +20,7 @@ from twisted.protocols import amp
 
 from ensemble.errors import EnsembleError
 from ensemble.unit.tools import commands, wire
-from ensemble.unit.tools.cli import TOOLS
+from ensemble.unit.tools.names import TOOLS
 from ensemble.unit.tools.context import CachedHookContext
 from ensemble.unit.tools.memory import MemoryState
 from ensemble.unit.tools.server import HookToolFactory, listen
@@ -587,7 +587,7 @@ def test_tools_import_no_twisted():
 
 
 def test_every_tool_is_a_console_script_of_the_installed_package():
-    # setup.py lists the tools apart from TOOLS (it cannot import the package).
+    # setup.py reads TOOLS from its file, before the package is installed.
     from importlib.metadata import distribution
 
     scripts = {e.name: e.value for e in distribution("ensemble").entry_points if e.group == "console_scripts"}

@@ -13,7 +13,7 @@ import ensemble.unit.lifecycle as lifecycle_module
 from ensemble.state.client import ZKClient
 from ensemble.state.unit import UnitStateManager
 from ensemble.unit.agent import UnitAgent
-from ensemble.unit.tools.cli import TOOLS
+from ensemble.unit.tools.names import TOOLS
 
 from conftest import SESSION_TIMEOUT, deploy_charm, make_charm
 from conftest import eventually

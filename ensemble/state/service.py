@@ -200,12 +200,7 @@ class ServiceStateManager:
         """Add `n` units of a service; returns their names."""
         machines = await self._placements(n, to)
         while True:
-            try:
-                data, version = await nodes.read(self.client, service_path(name))
-            except NoNode:
-                raise ServiceNotFound(name)
-            if data.get("life") == DYING:
-                raise ServiceDying(name)
+            data, version = await self._read_alive(name)
             first = int(data.get("unit-sequence", 0))
             policy = auth.admin_policy(self.client)
             if policy is not None:
@@ -235,12 +230,7 @@ class ServiceStateManager:
     async def set_exposed(self, name, exposed):
         """Expose the service (or stop); returns whether it was exposed before."""
         while True:
-            try:
-                data, version = await nodes.read(self.client, service_path(name))
-            except NoNode:
-                raise ServiceNotFound(name)
-            if data.get("life") == DYING:
-                raise ServiceDying(name)
+            data, version = await self._read_alive(name)
             before = data.get("exposed") is True
             if before == bool(exposed):
                 return before
@@ -254,6 +244,16 @@ class ServiceStateManager:
                 continue
             except NoNode:
                 raise ServiceNotFound(name)
+
+    async def _read_alive(self, name):
+        """(data, version) of a service that exists and is not being destroyed."""
+        try:
+            data, version = await nodes.read(self.client, service_path(name))
+        except NoNode:
+            raise ServiceNotFound(name)
+        if data.get("life") == DYING:
+            raise ServiceDying(name)
+        return data, version
 
     async def get_service(self, name):
         try:

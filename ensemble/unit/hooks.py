@@ -9,6 +9,7 @@ from collections import deque
 from twisted.internet import defer, protocol
 
 from ensemble.errors import EnsembleError
+from ensemble.unit.tools.names import TOOLS
 
 HOOK_TIMEOUT = 600.0
 TAIL_LINES = 5
@@ -43,8 +44,6 @@ def link_tools(directory, scripts_dir):
     """A directory holding the hook tools alone (links to their console scripts in
     `scripts_dir`), for hooks' PATH: the venv they live in also holds a `python3` that
     must not shadow the container's own (charms' Python hooks import what apt installs)."""
-    from ensemble.unit.tools.cli import TOOLS
-
     os.makedirs(directory, exist_ok=True)
     for tool in TOOLS:
         link = os.path.join(directory, tool)

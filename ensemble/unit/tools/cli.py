@@ -17,19 +17,6 @@ import sys
 from ensemble.errors import EnsembleError
 from ensemble.unit.tools import output, wire
 
-# Console scripts: tool name -> function of this module.
-TOOLS = {
-    "relation-get": "relation_get",
-    "relation-set": "relation_set",
-    "relation-list": "relation_list",
-    "relation-ids": "relation_ids",
-    "config-get": "config_get",
-    "unit-get": "unit_get",
-    "open-port": "open_port",
-    "close-port": "close_port",
-    "juju-log": "juju_log",
-    "ensemble-log": "ensemble_log",  # the 2011 name; same tool
-}
 
 FORMATS = {"smart": output.smart, "json": output.as_json}
 LEVELS = {"CRITICAL": 50, "FATAL": 50, "ERROR": 40, "WARNING": 30, "WARN": 30, "INFO": 20, "DEBUG": 10, "NOTSET": 0}
