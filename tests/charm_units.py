@@ -7,11 +7,19 @@ relation settings live in one shared dict, as they live in ZooKeeper.
     async with charm_environment(tmp_path) as env:
         db = env.unit("db", config={"port": 7070})
         await db.hook("install")
+
+The options naming the system's places a unit keeps its state in (`data-dir`,
+`state-dir`: any whose default is an absolute path) get a directory of the test's own
+unless the test gives one. A unit keeps nothing in its charm directory, which an
+upgrade of the charm replaces whole: after every hook it must hold exactly what was
+unpacked.
 """
 
 import contextlib
+import hashlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,12 +56,18 @@ class Unit:
     def __init__(self, env, charm_name, number, config, extra_env, path_first):
         charm = Charm.load(os.path.join(CHARMS, charm_name))
         self.env = env
+        self.charm_name = charm_name
         self.name = f"{charm.name}/{number}"
         self.home = os.path.join(env.base, f"{charm.name}-{number}")
         self.charm_dir = os.path.join(self.home, "charm")
         extract_bundle(charm.bundle(), self.charm_dir)
-        values = {key: option.get("default") for key, option in charm.options.items()}
-        values.update(charm.config({key: str(value) for key, value in (config or {}).items()}))
+        self.unpacked = snapshot(self.charm_dir)
+        config = config or {}
+        values = charm.config({key: str(value) for key, value in config.items()})  # defaults applied
+        # Stand-ins for /var/lib/…: a test's hooks never write the host's system places.
+        self.system_dir = os.path.join(env.base, "system", f"{charm.name}-{number}")
+        values.update({key: os.path.join(self.system_dir, key) for key, value in values.items()
+                       if key not in config and isinstance(value, str) and value.startswith("/")})
         self.state = MemoryState(self.name, config=values,
                                  addresses={"private-address": ADDRESS, "public-address": None})
         self.state.settings = env.settings
@@ -64,8 +78,15 @@ class Unit:
         self.logger.propagate = False
         self.logger.setLevel(logging.DEBUG)
         self.logger.addHandler(self.messages)
-        self.pid_files = [os.path.join(self.charm_dir, "run", name) for name in ("server.pid", "echo.pid")]
         self.seen_pids = set()
+
+    @property
+    def pid_files(self):
+        """Where the charms keep their server's pid file: db in its data-dir, web and
+        echo in their state-dir (as configured now)."""
+        return [os.path.join(self.state.config_values[key], name)
+                for key in ("data-dir", "state-dir") if key in self.state.config_values
+                for name in ("server.pid", "echo.pid")]
 
     def environment(self, client_id, relation_id, remote_unit):
         """The unit agent's hook environment, `path_first` and `extra_env` added."""
@@ -97,7 +118,28 @@ class Unit:
             self._commit(context.changes)
         if check:
             assert result.returncode == 0, f"{self.name} {hook} failed:\n{result.stdout}{result.stderr}"
+        self.check_charm_dir(hook)
         return result
+
+    def replace_charm(self):
+        """What the agent does with a new charm (upgrade-charm): unpack it beside the
+        charm directory, remove the old directory whole, put the new one in its place.
+        Whatever a unit kept in there is gone."""
+        staging = self.charm_dir + ".new"
+        extract_bundle(Charm.load(os.path.join(CHARMS, self.charm_name)).bundle(), staging)
+        shutil.rmtree(self.charm_dir)
+        os.replace(staging, self.charm_dir)
+        self.unpacked = snapshot(self.charm_dir)
+
+    def check_charm_dir(self, hook):
+        """The hook left the charm directory as unpacked: it keeps no state there."""
+        now = snapshot(self.charm_dir)
+        changes = sorted(
+            [f"+ {path}" for path in now.keys() - self.unpacked.keys()]
+            + [f"- {path}" for path in self.unpacked.keys() - now.keys()]
+            + [f"~ {path}" for path in now.keys() & self.unpacked.keys() if now[path] != self.unpacked[path]]
+        )
+        assert not changes, f"{self.name} {hook} changed its charm directory:\n" + "\n".join(changes)
 
     def _commit(self, changes):
         for relation_id, writes in changes.items():
@@ -131,21 +173,45 @@ class Unit:
         return process.alive(pid) and self.charm_dir.encode() in b" ".join(process.cmdline(pid))
 
     async def cleanup(self):
-        """Stop hook, then SIGKILL whatever server of ours still runs; each by its pid."""
+        """Stop hook, then SIGKILL whatever server of ours still runs; each by its pid.
+        Returns why the stop hook must fail the test (it wrote into the charm
+        directory), or None."""
+        failure = None
         try:
             await self.hook("stop", check=False)
         except subprocess.TimeoutExpired:
             pass
+        except AssertionError as e:
+            failure = str(e)
         for pid in self.seen_pids:
             if self.ours(pid):
                 os.kill(pid, signal.SIGKILL)
         self.logger.removeHandler(self.messages)
+        return failure
 
     def leftovers(self):
         deadline = time.monotonic() + 3
         while any(self.ours(pid) for pid in self.seen_pids) and time.monotonic() < deadline:
             time.sleep(0.05)
         return [pid for pid in self.seen_pids if self.ours(pid)]
+
+
+def snapshot(directory):
+    """{relative path: what it is} of everything in `directory`."""
+    entries = {}
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            info = os.lstat(path)
+            if os.path.islink(path):
+                what = ("link", os.readlink(path))
+            elif os.path.isdir(path):
+                what = ("dir", info.st_mode)
+            else:
+                with open(path, "rb") as f:
+                    what = ("file", info.st_mode, hashlib.sha256(f.read()).hexdigest())
+            entries[os.path.relpath(path, directory)] = what
+    return entries
 
 
 class Environment:
@@ -198,11 +264,14 @@ async def charm_environment(base):
     port = listen(reactor, socket_path, factory)
     # The agent's directory of the hook tools alone: links to the venv's console scripts.
     env = Environment(base, factory, socket_path, link_tools(os.path.join(base, "tools"), VENV_BIN))
+    failures = []
     try:
         yield env
     finally:
         for unit in reversed(env.units):
-            await unit.cleanup()
+            failures.append(await unit.cleanup())
         await defer.maybeDeferred(port.stopListening)
     left = {unit.name: unit.leftovers() for unit in env.units if unit.leftovers()}
     assert not left, f"processes left running: {left}"
+    failures = [failure for failure in failures if failure]
+    assert not failures, "\n".join(failures)

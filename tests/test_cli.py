@@ -67,7 +67,7 @@ async def test_deploy_add_remove_and_status(env_client, cli):
     assert {n: u["machine"] for n, u in db["units"].items()} == {"db/0": 0, "db/1": 0, "db/2": 1, "db/3": 1}
     assert db["units"]["db/0"]["agent-state"] == "pending"
     front = report["services"]["front"]
-    assert front["config"] == {"port": 8080}
+    assert front["config"] == {"port": 8080, "state-dir": "/var/lib/example-web"}
     assert front["units"]["front/1"]["machine"] == 1
 
     result = cli("remove-unit", "db/0", "db/3")

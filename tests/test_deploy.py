@@ -170,6 +170,15 @@ async def test_two_services_on_one_machine_are_started_connected_and_isolated(en
         assert code != 0, "web sees db's files"
         code, _, _ = await sh(driver, web["container"], "test -e /tmp/db.sock")
         assert code != 0, "web sees db's unix socket"
+        # The charms keep their state in the system's places (web its db units in its
+        # state-dir): the charm directory, which an upgrade of the charm replaces whole,
+        # has nothing newer than the agent's stamp of the charm it unpacked.
+        code, out, _ = await sh(driver, web["container"], "cat /var/lib/example-web/backends.json")
+        assert code == 0 and '"db/0"' in out, out
+        for unit in (db, web):
+            code, out, err = await sh(driver, unit["container"],
+                                      "find /var/lib/ensemble/charm -newer /var/lib/ensemble/charm/.ensemble-charm")
+            assert (code, out) == (0, ""), (out, err)
         code, out, _ = await sh(driver, web["container"], "hostname")
         assert out.strip() == "web-0"
         # Each unit's root is host id 100000, not host root: its processes, and the
@@ -212,9 +221,10 @@ async def test_remove_unit_frees_the_machine_for_the_next_unit(environment):
         second = (await all_started(env, ["db/1"]))["db/1"]
         assert second["container"] != first["container"]
         assert await driver.list() == [second["container"]]
-        # A fresh container: nothing of the old unit's data.
-        code, _, _ = await sh(driver, second["container"], "grep -q db/0 /var/lib/ensemble/unit/db/data.json")
-        assert code != 0
+        # A fresh container: the new unit's data, nothing of the old unit's.
+        code, _, _ = await sh(driver, second["container"], (
+            "grep -q db/1 /var/lib/example-db/data.json && ! grep -q db/0 /var/lib/example-db/data.json"))
+        assert code == 0
     finally:
         await client.close()
         await driver.close()
@@ -273,8 +283,9 @@ async def test_a_killed_unit_agent_is_restarted_and_reports_started(environment)
         code, out, _ = await sh(driver, container, "cat /etc/ensemble/service/agent/supervise/pid")
         old_pid = out.strip()
         assert code == 0 and old_pid.isdigit()
-        code, out, _ = await sh(driver, container, "cat /var/lib/ensemble/unit/db/server.pid")
+        code, out, _ = await sh(driver, container, "cat /var/lib/example-db/server.pid")
         server_pid = out.strip()
+        assert code == 0 and server_pid.isdigit(), out
         await sh(driver, container, f"kill -9 {old_pid}")
 
         async def new_agent():

@@ -80,8 +80,11 @@ def test_charms_load():
     assert endpoints == {"db": {"db": ("kv", "server")}, "web": {"db": ("kv", "client")},
                          "echo": {"ring": ("echo-ring", "peer")}}
     defaults = {name: Charm.load(os.path.join(CHARMS, name)).config({}) for name in ("db", "web", "echo")}
-    assert defaults == {"db": {"port": 7070, "data-dir": "/var/lib/example-db"}, "web": {"port": 80},
-                        "echo": {"port": 7000}}
+    # Each keeps its state in the system's places, not in its charm directory (which an
+    # upgrade replaces): the harness points these into the test's own directory.
+    assert defaults == {"db": {"port": 7070, "data-dir": "/var/lib/example-db"},
+                        "web": {"port": 80, "state-dir": "/var/lib/example-web"},
+                        "echo": {"port": 7000, "state-dir": "/var/lib/example-echo"}}
     # Each charm ships on its own; the two copies of the helpers must not drift apart.
     assert filecmp.cmp(os.path.join(CHARMS, "db/hooks/hooklib.py"), os.path.join(CHARMS, "web/hooks/hooklib.py"),
                        shallow=False)
@@ -98,6 +101,9 @@ async def test_db_serves_and_persists(env, tmp_path):
     pid = db.pid()
     assert pid and process.alive(pid)
     assert db.state.ports == set()  # related units reach it; nobody else needs to
+    # Its pid file and log are kept with its data, not in the charm directory.
+    assert sorted(os.listdir(data)) == ["data.json", "server.log", "server.pid"]
+    assert (data / "server.pid").read_text() == f"{pid}\n"
 
     assert db_request(port, "SET color deep  blue", "GET color", "GET nothing") == ["OK", "deep  blue", "ERR no such key"]
     assert db_request(port, "SET doomed x", "DEL doomed", "GET doomed") == ["OK", "OK", "ERR no such key"]
@@ -153,6 +159,9 @@ async def test_db_config_changed_moves_the_server(env, tmp_path):
     assert db_request(new_port, "GET where", "GET greeting") == ["ERR no such key", "hello from db/0"]
     assert json.loads((tmp_path / "one" / "data.json").read_text())["where"] == "one"
     assert db.settings("db:0")["port"] == str(new_port)  # the client is told
+    # Its pid file moved with it; the old directory keeps its data and log.
+    assert sorted(os.listdir(tmp_path / "one")) == ["data.json", "server.log"]
+    assert (tmp_path / "two" / "server.pid").read_text() == f"{db.pid()}\n"
 
     pid = db.pid()
     await db.hook("config-changed")  # nothing changed: the same server
@@ -175,7 +184,7 @@ async def test_db_config_changed_before_start_starts_nothing(env, tmp_path):
 async def db_and_web(env, tmp_path):
     db_port, web_port = free_port(), free_port()
     db = await started(env.unit("db", config={"port": db_port, "data-dir": str(tmp_path / "data")}))
-    web = await started(env.unit("web", config={"port": web_port}))
+    web = await started(env.unit("web", config={"port": web_port, "state-dir": str(tmp_path / "web")}))
     return db, web, db_port, web_port
 
 
@@ -197,6 +206,11 @@ async def test_web_shows_db_through_the_relation(env, tmp_path):
     assert "fish &amp; &lt;chips&gt;" in body and "<chips>" not in body
     assert f"Served by web unit web/0, reading from db/0 at 127.0.0.1:{db_port}." in body
     assert web.messages.lines[-1] == f"web/0 db-relation-changed: reading from db/0 at 127.0.0.1:{db_port}"
+    # Its state is in its state-dir, not in the charm directory.
+    state = tmp_path / "web"
+    assert sorted(os.listdir(state)) == ["backends.json", "server.log", "server.pid"]
+    assert json.loads((state / "backends.json").read_text()) == {"db:0": {"db/0": {"host": "127.0.0.1", "port": db_port}}}
+    assert (state / "server.pid").read_text() == f"{web.pid()}\n"
 
     await db.hook("stop")
     status, body = fetch(web_port)
@@ -254,6 +268,53 @@ async def test_web_uses_the_next_db_unit_when_one_departs(env, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_servers_and_relations_outlive_a_new_charm_directory(env, tmp_path):
+    """An upgrade of the charm replaces the charm directory whole: the running servers
+    are still found by their pid files, and web still knows its db units."""
+    db, web, db_port, web_port = await db_and_web(env, tmp_path)
+    env.relate("db:0", db, web)
+    await env.join("db:0", db, web)
+    await env.join("db:0", web, db)
+    pids = db.pid(), web.pid()
+    db.replace_charm()
+    web.replace_charm()
+    for unit in (db, web):
+        for hook in ("config-changed", "start"):
+            await unit.hook(hook)  # the same servers: none started beside them
+    assert (db.pid(), web.pid()) == pids and all(process.alive(pid) for pid in pids)
+    status, body = fetch(web_port)
+    assert status == 200 and "reading from db/0" in body, body
+
+    await env.depart("db:0", web, db)
+    assert fetch(web_port)[0] == 503
+    for unit, pid in zip((db, web), pids):
+        await unit.hook("stop")
+        assert not process.alive(pid) and unit.pid() is None
+    assert not port_open(db_port) and not port_open(web_port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_web_config_changed_moves_its_state(env, tmp_path):
+    db, web, db_port, web_port = await db_and_web(env, tmp_path)
+    env.relate("db:0", db, web)
+    await env.join("db:0", db, web)
+    await env.join("db:0", web, db)
+    old_pid = web.pid()
+    web.state.config_values["state-dir"] = str(tmp_path / "moved")
+    await web.hook("config-changed")
+    assert not process.alive(old_pid) and web.pid() != old_pid
+    # The server reads the db units from the new directory, which has them all.
+    status, body = fetch(web_port)
+    assert status == 200 and "reading from db/0" in body, body
+    assert sorted(os.listdir(tmp_path / "moved")) == ["backends.json", "server.log", "server.pid"]
+    assert sorted(os.listdir(tmp_path / "web")) == ["server.log"]
+    assert web.state.ports == {(web_port, "tcp")}
+
+    await env.depart("db:0", web, db)  # the relation hooks use the new one too
+    assert fetch(web_port)[0] == 503
+
+
+@pytest_twisted.ensureDeferred
 async def test_web_config_changed_moves_the_port(env, tmp_path):
     web = await started(env.unit("web", config={"port": free_port()}))
     old_port, new_port = web.state.config_values["port"], free_port()
@@ -267,12 +328,14 @@ async def test_web_config_changed_moves_the_port(env, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_echo_peers_reach_each_other(env):
+async def test_echo_peers_reach_each_other(env, tmp_path):
     ports = [free_port(), free_port()]
-    units = [await started(env.unit("echo", n, config={"port": ports[n]})) for n in range(2)]
+    units = [await started(env.unit("echo", n, config={"port": ports[n], "state-dir": str(tmp_path / f"echo-{n}")}))
+             for n in range(2)]
     for n, unit in enumerate(units):
         assert read_line(ports[n]) == f"echo/{n}\n"
         assert unit.state.ports == {(ports[n], "tcp")}
+        assert sorted(os.listdir(tmp_path / f"echo-{n}")) == ["echo.log", "echo.pid"]
 
     env.relate("ring:0", *units)
     first, second = units
@@ -286,6 +349,9 @@ async def test_echo_peers_reach_each_other(env):
 
     pid = first.pid()
     await first.hook("start")  # running: the same server
+    assert first.pid() == pid
+    first.replace_charm()  # an upgrade of the charm: the server is still found
+    await first.hook("start")
     assert first.pid() == pid
     await first.hook("stop")
     assert not port_open(ports[0]) and not process.alive(pid)

@@ -21,7 +21,9 @@ def prepare(config):
 
 def server(config, address):
     port = config["port"]
-    return hooklib.Server(["--data", config["data-dir"], "--host", address, "--port", port], address, port)
+    # Its pid file and log are kept with its data.
+    args = ["--data", config["data-dir"], "--host", address, "--port", port]
+    return hooklib.Server(args, address, port, config["data-dir"])
 
 
 def publish(config, address, relation_id=None):

@@ -1,6 +1,9 @@
 # Sourced by the hooks: where the server's pid file is, and finding the server by it.
-RUN_DIR="$CHARM_DIR/run"
-PID_FILE="$RUN_DIR/echo.pid"
+# The pid file and the log are in the state-dir option's directory: an upgrade of the
+# charm replaces $CHARM_DIR whole, so nothing is kept there.
+STATE_DIR=$(config-get state-dir)
+PID_FILE="$STATE_DIR/echo.pid"
+LOG_FILE="$STATE_DIR/echo.log"
 SERVER="$CHARM_DIR/server.py"
 
 # The server's pid if it runs: the pid in the file must still be our server's, since

@@ -1,5 +1,6 @@
 """What the pgclient charm's hooks share: the hook tools, the credentials kept, and
-the round trip through the database."""
+the round trip through the database. The hooks run `python3 -B`: importing this
+writes no __pycache__ into the charm directory."""
 
 import functools
 import json

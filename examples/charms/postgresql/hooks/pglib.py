@@ -1,6 +1,7 @@
 """What the postgresql charm's hooks share: the hook tools they use, the cluster that
 Debian's package creates, its pg_hba.conf entries for related units, and SQL run as
-the postgres superuser."""
+the postgres superuser. The hooks run `python3 -B`: importing this writes no
+__pycache__ into the charm directory."""
 
 import ipaddress
 import json

@@ -1,6 +1,8 @@
 """What this charm's hooks share: the hook tools, and running the charm's server.
 
 Each charm ships on its own, so the db and web charms each carry this same file.
+The hooks run `python3 -B`, so importing it leaves no __pycache__ in the charm
+directory: nothing is written there.
 """
 
 import json
@@ -11,10 +13,9 @@ import subprocess
 import sys
 import time
 
+# Read only: an upgrade of the charm replaces this directory whole, so nothing is kept
+# in it (the server's pid file and log go to the state directory the charm is given).
 CHARM_DIR = os.environ.get("CHARM_DIR") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The server's pid file and log. The charm directory is the one place that is this
-# unit's alone and outlives every hook (the agent replaces it only with a new charm).
-RUN_DIR = os.path.join(CHARM_DIR, "run")
 
 
 # -- the hook tools --------------------------------------------------------------------
@@ -74,29 +75,32 @@ def log(message, level="INFO"):
 
 
 class Server:
-    """This charm's server.py as a daemon: started detached, found again by its pid
-    file, restarted when it should run with other arguments."""
+    """This charm's server.py as a daemon: started detached, its pid file and log in
+    `state_dir` (which is its working directory too), found again by its pid file,
+    restarted when it should run with other arguments."""
 
-    def __init__(self, args, host, port):
+    def __init__(self, args, host, port, state_dir):
         self.script = os.path.join(CHARM_DIR, "server.py")
         self.args = [str(arg) for arg in args]
         # A server bound to every address is probed on loopback.
         self.host = "127.0.0.1" if host in ("", "0.0.0.0") else host
         self.port = int(port)
-        self.pid_file = os.path.join(RUN_DIR, "server.pid")
-        self.log_file = os.path.join(RUN_DIR, "server.log")
+        self.state_dir = state_dir
+        self.pid_file = os.path.join(state_dir, "server.pid")
+        self.log_file = os.path.join(state_dir, "server.log")
 
     def running(self):
         """(pid, its arguments) of our server, or None. The pid must still be our
-        script's: pids get recycled."""
-        try:
-            with open(self.pid_file) as f:
-                pid = int(f.read())
-        except (OSError, ValueError):
+        script's: pids get recycled. When the pid file here names none, the state
+        directory may have been changed under a running server, whose pid file is in the
+        old one: it is the process running this unit's server.py (no other unit shares
+        the charm directory)."""
+        pid = _read_pid(self.pid_file)
+        if pid is None or not self._ours(pid):
+            pid = next((pid for pid in _pids() if self._ours(pid)), None)
+        if pid is None:
             return None
         argv = _cmdline(pid)
-        if not _alive(pid) or self.script not in argv:
-            return None
         return pid, argv[argv.index(self.script) + 1:]
 
     def ensure(self, timeout=10.0):
@@ -111,22 +115,32 @@ class Server:
 
     def stop(self, timeout=5.0):
         running = self.running()
+        pid_files = [self.pid_file]
         if running:
+            # Its pid file is in its working directory, the state directory it started in.
+            cwd = _cwd(running[0])
+            if cwd:
+                pid_files.append(os.path.join(cwd, "server.pid"))
             _kill(running[0], timeout)
             log(f"stopped the server (pid {running[0]})")
-        try:
-            os.unlink(self.pid_file)
-        except FileNotFoundError:
-            pass
+        for path in pid_files:
+            if path == self.pid_file or (running and _read_pid(path) == running[0]):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+    def _ours(self, pid):
+        return _alive(pid) and self.script in _cmdline(pid)
 
     def _start(self, timeout):
         if _accepts(self.host, self.port):
             sys.exit(f"cannot start the server: {self.host}:{self.port} is in use by another process")
-        os.makedirs(RUN_DIR, exist_ok=True)
+        os.makedirs(self.state_dir, exist_ok=True)
         with open(self.log_file, "ab") as out:
             process = subprocess.Popen(
                 [sys.executable, "-u", self.script, *self.args],
-                cwd=RUN_DIR, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.state_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         write_atomic(self.pid_file, f"{process.pid}\n")
@@ -138,6 +152,11 @@ class Server:
                 sys.exit(f"the server did not come up on {self.host}:{self.port}; its log:\n{_tail(self.log_file)}")
             time.sleep(0.05)
         log(f"started the server (pid {process.pid}) on {self.host}:{self.port}")
+
+
+def argument(args, name):
+    """The value of option `name` in a server's arguments (as running() gives them)."""
+    return args[args.index(name) + 1] if name in args[:-1] else None
 
 
 def write_atomic(path, text):
@@ -154,6 +173,25 @@ def _accepts(host, port):
             return True
     except OSError:
         return False
+
+
+def _read_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _pids():
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def _cwd(pid):
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
 
 
 def _alive(pid):
