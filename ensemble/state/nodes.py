@@ -22,6 +22,10 @@ RELATIONS = "/relations"  # {next-id}; children relation-NNNNNNNNNN (ensemble/st
 TREE = [MACHINES, SERVICES, UNITS, CHARMS, NETWORK, SUBNETS, ADDRESSES, RELATIONS]
 
 
+def service_path(name):
+    return f"{SERVICES}/{name}"
+
+
 def dump(mapping):
     return yaml.safe_dump(mapping, default_flow_style=False, sort_keys=True).encode()
 

@@ -32,6 +32,8 @@ from ensemble.names import unit_key
 from ensemble.relations import IMPLICIT, match, parse_descriptor, parse_endpoints, stored
 from ensemble.state import auth, nodes
 from ensemble.state.client import BadVersion, NodeExists, NoNode, NotEmpty
+from ensemble.state.nodes import service_path
+from ensemble.state.unit import DYING, UnitStateManager, unit_path
 
 SETTINGS = "settings"
 ROLES = ("server", "client", "peer")
@@ -228,8 +230,6 @@ class RelationStateManager:
 
     async def _service(self, name):
         """(service data, version, endpoints, {unit: machine})."""
-        from ensemble.state.service import service_path
-
         try:
             data, version = await nodes.read(self.client, service_path(name))
         except NoNode:
@@ -241,8 +241,6 @@ class RelationStateManager:
         return data, version, endpoints, await self._units(name)
 
     async def _units(self, service):
-        from ensemble.state.unit import UnitStateManager, unit_path
-
         units = {}
         for unit in await UnitStateManager(self.client).unit_names():
             if unit.rpartition("/")[0] != service:
@@ -259,9 +257,6 @@ class RelationStateManager:
         """Relate descriptors `a` and `b` ('service' or 'service:relation'); returns
         (RelationState, (endpoint of a), (endpoint of b)) with endpoints as
         (service, relation name, {interface, role, scope})."""
-        from ensemble.state.service import service_path
-        from ensemble.state.unit import DYING
-
         da, db = parse_descriptor(a), parse_descriptor(b)
         while True:
             sa, va, ea, ua = await self._service(da[0])

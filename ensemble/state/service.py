@@ -17,13 +17,10 @@ from ensemble.errors import (
 from ensemble.names import machine_key, unit_name
 from ensemble.relations import stored
 from ensemble.state import auth, nodes, relation
+from ensemble.state.nodes import service_path
 from ensemble.state.client import BadVersion, NodeExists, NoNode, NotEmpty
 from ensemble.state.machine import MachineStateManager
 from ensemble.state.unit import ALIVE, DYING, PENDING, UnitStateManager, assignment_path, unit_path
-
-
-def service_path(name):
-    return f"{nodes.SERVICES}/{name}"
 
 
 def config_path(name):
