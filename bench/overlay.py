@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 from ensemble.lab import Lab  # noqa: E402
 from ensemble.network.ipam import lease_key, subnet_from_key  # noqa: E402
 from ensemble.network.netns import inside  # noqa: E402
-from ensemble.state import nodes  # noqa: E402
-from ensemble.state.client import ZKClient  # noqa: E402
+from ensemble import connection  # noqa: E402
+from ensemble.state import auth, nodes  # noqa: E402
 from ensemble.state.watch import ChildrenWatch  # noqa: E402
 
 ECHO = os.path.join(os.path.dirname(HERE), "examples", "charms", "echo")
@@ -130,7 +130,9 @@ async def run_mode(reactor, mode, hosts, units, joins, directory):
         ok, total, failures = await threads.deferToThread(mesh, lab)
         # kazoo's threads must be born in the lab, where ZooKeeper is reachable.
         with inside(lab.network.lab):
-            connecting = defer.ensureDeferred(ZKClient(lab.zookeeper_address.split("/")[0], "/ensemble").connect())
+            # As the admin: nothing of the environment is open to a session without a credential.
+            connecting = defer.ensureDeferred(connection.connect(
+                lab.zookeeper_address, credential=auth.Credential.parse(lab.admin_auth)))
         client = await connecting
         leases = Leases()
         watch = await ChildrenWatch(client, nodes.SUBNETS, leases.changed).start()

@@ -15,7 +15,7 @@ import netaddr
 from ensemble.errors import InvalidValue
 from ensemble.home import EnsembleHome
 from ensemble.state import auth
-from ensemble.state.client import DEFAULT_ROOT, NoNode, ZKClient
+from ensemble.state.client import DEFAULT_ROOT, ZKClient
 
 AUTH_VARIABLE = "ENSEMBLE_AUTH"
 _UNSET = object()
@@ -89,19 +89,23 @@ async def connect(zookeeper=None, home=None, timeout=None, session_timeout=None,
     await client.connect(
         timeout if timeout is not None else _seconds("ENSEMBLE_CONNECT_TIMEOUT", "5"), create_root=create_root
     )
-    if credential is not None and client.default_acl is None:
+    try:
         await use_environment_acl(client)
+    except BaseException:
+        await client.close()
+        raise
     return client
 
 
 async def use_environment_acl(client):
-    """Give the nodes `client` creates the environment's admin and its own credential
-    (an environment made before credentials has no admin: its nodes stay open)."""
-    from ensemble.state import nodes
+    """Make the session what its credential is (auth.join: the nodes it creates name the
+    environment's admin and machines, a machine reads as the machines' reader); the
+    admin's first connection to an environment of an older version puts its ACLs right."""
+    from ensemble.state.repair import upgrade
 
-    try:
-        settings, _ = await nodes.read(client, nodes.ENVIRONMENT)
-    except NoNode:
+    if client.credential is None:
         return
-    if settings.get("admin-id"):
-        client.default_acl = auth.default_acl(client.credential, settings["admin-id"])
+    if client.credential.user == auth.ADMIN_USER:
+        await upgrade(client)
+    else:
+        await auth.join(client)

@@ -95,3 +95,21 @@ class RelationExists(EnsembleError):
 
 class RelationNotFound(EnsembleError):
     pass
+
+
+class UnsafeFile(EnsembleError):
+    """A path a unit can write that is not what the host expects there (a link, a FIFO,
+    a device, a directory): host tools refuse it rather than follow it."""
+
+    def __init__(self, path, kind="regular file the unit wrote", action="read"):
+        super().__init__(f"{path} is not a {kind}: refusing to {action} it")
+        self.path = path
+
+
+class SettingsTooLarge(EnsembleError):
+    """A hook's relation-set would take the unit's settings past what ZooKeeper lets a
+    unit keep in one relation (its quota: ensemble/state/quota.py)."""
+
+    def __init__(self, relation_id, limit):
+        super().__init__(f"relation {relation_id}: this unit's settings would exceed {limit} bytes, "
+                         f"the most a unit may keep in one relation")

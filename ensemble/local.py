@@ -18,6 +18,7 @@ from ensemble.state import auth
 from ensemble.state.client import ZKClient
 from ensemble.state.environment import DEFAULT_NETWORK, DEFAULT_PACKAGE_CACHE, initialize
 from ensemble.state.machine import MachineStateManager
+from ensemble.state.repair import upgrade
 from ensemble import process
 from ensemble.network import bridge
 from ensemble.network.ipam import SubnetPlan
@@ -227,7 +228,15 @@ async def _admin_client(servers, root, admin, create_root=False):
     client = ZKClient(servers, root, credential=admin)
     if admin is not None:
         client.default_acl = auth.default_acl(admin, admin.id)
-    return await client.connect(create_root=create_root)
+    await client.connect(create_root=create_root)
+    try:
+        # An environment bootstrapped by an older version gets its ACLs and quotas put
+        # right (and its ZooKeeper closed) on the admin's first connection.
+        await upgrade(client)
+    except BaseException:
+        await client.close()
+        raise
+    return client
 
 
 async def admin_client(home):

@@ -14,6 +14,16 @@ from ensemble.errors import ZooKeeperStartFailed
 from ensemble.network.netns import inside, netns_path
 
 JARS = ["/usr/share/java/zookeeper.jar", "/usr/share/java/slf4j-simple.jar"]
+# Connections one client address may hold. Units reach ZooKeeper each from its own
+# address and hold one session (two across an agent's restart); the host's address
+# carries its machine agent's session and the admin's commands (up to two sessions
+# each, and status's `srvr` probe). 64 leaves that room to spare, while one unit can
+# hold no more than 64 sockets open however it tries.
+MAX_CLIENT_CONNECTIONS = 64
+# The four-letter words the project uses: `srvr` (is it serving, and as what: start-up,
+# status) and `ruok` (tests from inside units). No `stat` or `cons`: they list every
+# client's address, and `dump` every session's ephemeral nodes.
+FOUR_LETTER_WORDS = ("ruok", "srvr")
 MAIN_CLASS = "org.apache.zookeeper.server.ZooKeeperServerMain"
 QUORUM_MAIN_CLASS = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
 
@@ -57,7 +67,7 @@ class ZooKeeperServer:
 
     def __init__(
         self, directory, host="127.0.0.1", port=None, tick_time=2000, heap_mb=256, netns=None,
-        server_id=None, peers=None,
+        server_id=None, peers=None, max_client_connections=MAX_CLIENT_CONNECTIONS,
     ):
         self.directory = os.path.abspath(directory)
         self.host = host
@@ -69,6 +79,7 @@ class ZooKeeperServer:
         self.peers = peers or []
         self.tick_time = tick_time
         self.heap_mb = heap_mb
+        self.max_client_connections = max_client_connections
 
     @property
     def address(self):
@@ -94,9 +105,9 @@ class ZooKeeperServer:
             f"dataDir={data_dir}",
             f"clientPort={self.port}",
             f"clientPortAddress={self.host}",
-            "maxClientCnxns=0",
+            f"maxClientCnxns={self.max_client_connections}",
             "admin.enableServer=false",
-            "4lw.commands.whitelist=ruok,srvr,mntr,envi,stat",
+            f"4lw.commands.whitelist={','.join(FOUR_LETTER_WORDS)}",
             # Local environments and tests create many small transactions; keep the disk bounded.
             "autopurge.snapRetainCount=3",
             "autopurge.purgeInterval=1",
@@ -158,6 +169,9 @@ class ZooKeeperServer:
             "-XX:TieredStopAtLevel=1",
             "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
             "-Dzookeeper.jmx.log4j.disable=true",
+            # Hard quotas refuse writes past them (ensemble/state/quota.py): without
+            # this ZooKeeper only logs that a quota was passed.
+            "-Dzookeeper.enforceQuota=true",
             "-cp",
             ":".join(JARS),
             QUORUM_MAIN_CLASS if self.peers else MAIN_CLASS,

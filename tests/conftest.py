@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 
 from ensemble.state.client import ZKClient
 from ensemble.state.environment import initialize
@@ -22,8 +23,20 @@ SESSION_TIMEOUT = 2.0
 def zk_server(tmp_path_factory):
     server = ZooKeeperServer(str(tmp_path_factory.mktemp("zookeeper")), tick_time=TICK_MS)
     server.start()
+    # Every test's environment has a root on this one server: a node of the suite's own
+    # at `/` tells an admin that `/` is shared, so none closes it to the others
+    # (ensemble/state/repair.py closes only a server its environment has to itself).
+    pytest_twisted.blockon(defer.ensureDeferred(_mark_shared(server)))
     yield server
     server.stop()
+
+
+async def _mark_shared(server):
+    client = await ZKClient(server.address, "").connect()
+    try:
+        await client.create("/shared-by-the-test-suite", b"")
+    finally:
+        await client.close()
 
 
 @pytest.fixture

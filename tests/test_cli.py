@@ -249,18 +249,29 @@ def test_bad_zookeeper_spec(tmp_path):
     assert "invalid ZooKeeper address 'localhost'" in one_line_error(run_ensemble("status", env=env))
 
 
+def admin_env(tmp_path, zk_spec):
+    """An environment for commands run as an admin known to the test (create-environment
+    takes the admin's credential from $ENSEMBLE_AUTH), and that credential."""
+    from ensemble.state import auth
+
+    admin = auth.new_admin()
+    return ensemble_env(tmp_path / "home", zk_spec, ENSEMBLE_AUTH=str(admin)), admin
+
+
 @pytest_twisted.ensureDeferred
-async def test_create_environment_records_mode_and_units_zookeeper(client, cli):
+async def test_create_environment_records_mode_and_units_zookeeper(client, tmp_path, zk_spec):
     from ensemble.state.environment import get_environment
 
-    result = cli("create-environment", "--name", "multi", "--network", "10.88.0.0/16", "--network-mode", "vxlan",
-                 "--units-zookeeper", "10.88.0.1:2181")
+    env, admin = admin_env(tmp_path, zk_spec)
+    result = run_ensemble("create-environment", "--name", "multi", "--network", "10.88.0.0/16", "--network-mode",
+                          "vxlan", "--units-zookeeper", "10.88.0.1:2181", env=env)
     assert result.returncode == 0, result.stderr
     assert "created environment multi" in result.stdout and "(10.88.0.0/16, vxlan)" in result.stdout
+    await client.add_credential(admin)  # nobody else may read the environment
     environment = await get_environment(client)
     assert environment["network"] == {"cidr": "10.88.0.0/16", "host-prefix": 24, "mode": "vxlan"}
     assert environment["units-zookeeper"] == "10.88.0.1:2181"
-    assert status(cli)["network"]["mode"] == "vxlan"
+    assert status(lambda *a: run_ensemble(*a, env=env))["network"]["mode"] == "vxlan"
 
 
 def test_create_environment_needs_a_zookeeper(tmp_path):
@@ -270,6 +281,8 @@ def test_create_environment_needs_a_zookeeper(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_create_environment_makes_an_admin_whose_credential_the_commands_need(tmp_path, zk_spec, client):
+    from ensemble.state import auth
+
     anonymous = ensemble_env(tmp_path / "home", zk_spec)
     result = run_ensemble("create-environment", "--name", "guarded", env=anonymous)
     assert result.returncode == 0, result.stderr
@@ -278,6 +291,7 @@ async def test_create_environment_makes_an_admin_whose_credential_the_commands_n
     admin = dict(anonymous, ENSEMBLE_AUTH=line.rpartition("ENSEMBLE_AUTH=")[2])
     # Without it: a one-line refusal, and nothing changed.
     assert "ZooKeeper refused" in one_line_error(run_ensemble("add-machine", env=anonymous))
+    await client.add_credential(auth.Credential.parse(admin["ENSEMBLE_AUTH"]))
     assert await client.get_children("/machines") == []
     # With it: the machine is added, and its agent's credential can be printed.
     assert run_ensemble("add-machine", env=admin).stdout.strip() == "0"
@@ -297,8 +311,9 @@ async def test_create_environment_makes_an_admin_whose_credential_the_commands_n
     assert result.stderr.strip().splitlines()[-1] == (
         "error: this environment has credentials: run the agent with $ENSEMBLE_AUTH set to what "
         "'ensemble machine-credential 0' prints")
-    # Anyone may still read the environment's status, but not a service's config.
-    assert status(lambda *a: run_ensemble(*a, env=anonymous))["machines"]["0"]["agent"] == "down"
+    # Nobody without it reads the environment's status either; the admin does.
+    assert "ZooKeeper refused: this session has no credential" in one_line_error(run_ensemble("status", env=anonymous))
+    assert status(lambda *a: run_ensemble(*a, env=admin))["machines"]["0"]["agent"] == "down"
 
 
 @pytest_twisted.ensureDeferred
@@ -308,9 +323,12 @@ async def test_create_environment_makes_an_admin_whose_credential_the_commands_n
      {"enabled": True, "mirror": "http://mirror.internal/debian", "proxy": "http://proxy.internal:3128"}),
     (["--no-package-cache"], {"enabled": False, "mirror": None, "proxy": None}),
 ])
-async def test_the_package_cache_settings_are_recorded_in_the_environment(client, cli, options, recorded):
-    result = cli("create-environment", "--name", "pkgs", *options)
+async def test_the_package_cache_settings_are_recorded_in_the_environment(client, tmp_path, zk_spec, options,
+                                                                          recorded):
+    env, admin = admin_env(tmp_path, zk_spec)
+    result = run_ensemble("create-environment", "--name", "pkgs", *options, env=env)
     assert result.returncode == 0, result.stderr
     from ensemble.state.environment import get_environment
 
+    await client.add_credential(admin)
     assert (await get_environment(client))["package-cache"] == recorded

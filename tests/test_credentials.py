@@ -21,11 +21,15 @@ from conftest import SESSION_TIMEOUT, make_charm
 DB, WEB = "examples/charms/db", "examples/charms/web"
 
 
-async def _connect(zk_server, zk_root, credential, admin_id=None, create_root=False):
+async def _connect(zk_server, zk_root, credential, create_root=False, join=True):
+    """A session as `credential`, set up as the agents' are (auth.join) unless not `join`."""
     client = ZKClient(zk_server.address, zk_root, session_timeout=SESSION_TIMEOUT, credential=credential)
-    if credential is not None:
-        client.default_acl = auth.default_acl(credential, admin_id or credential.id)
-    return await client.connect(create_root=create_root)
+    if credential is not None and credential.user == auth.ADMIN_USER:
+        client.default_acl = auth.default_acl(credential, credential.id)
+    await client.connect(create_root=create_root)
+    if join:
+        await auth.join(client)
+    return client
 
 
 async def _deploy(client, charm_dir, to, config=None):
@@ -44,8 +48,8 @@ class Secured:
         self.zk_server, self.zk_root, self.admin = zk_server, zk_root, admin
         self.clients = []
 
-    async def as_(self, credential):
-        client = await _connect(self.zk_server, self.zk_root, credential, self.admin.id)
+    async def as_(self, credential, join=True):
+        client = await _connect(self.zk_server, self.zk_root, credential, join=join)
         self.clients.append(client)
         return client
 
@@ -122,9 +126,11 @@ async def test_a_unit_changes_only_its_own_unit(secured):
     await _refused(web.delete("/network/addresses/machine-0000000000/ips/10.77.0.2"))
     await _refused(web.set("/machines/machine-0000000001", b""))
     await _refused(web.delete("/units/db-0"))
-    # Nor read another service's config (it may hold secrets), nor change an ACL.
-    db = await ServiceStateManager(web).get_service("db")
-    await _refused(db.get_config())
+    # Nor its own guard (which would let a machine that does not run it delete it).
+    await _refused(web.delete("/units/web-0/guard"))
+    # Nor read another service or its config (it may hold secrets), nor change an ACL.
+    await _refused(ServiceStateManager(web).get_service("db"))
+    await _refused(web.get("/services/db/config"))
     await _refused(web.set_acl("/units/db-0", [auth.WORLD_READ]))
     assert (await UnitStateManager(secured.admin_client).get_unit("db/0")).data.get("open-ports") is None
 
@@ -167,14 +173,14 @@ async def test_a_machine_changes_only_its_own_machine_and_units(secured):
 @pytest_twisted.ensureDeferred
 async def test_a_wrong_secret_or_no_credential_changes_nothing(secured):
     forged = auth.Credential("machine-1", "x" * 32)
-    intruder = await secured.as_(forged)
+    intruder = await secured.as_(forged, join=False)
     await _refused(intruder.set("/machines/machine-0000000001", b""))
-    anonymous = await _connect(secured.zk_server, secured.zk_root, None)
-    secured.clients.append(anonymous)
-    assert "secured" in (await anonymous.get("/environment"))[0].decode()  # everyone may read
+    await _refused(auth.join(intruder))  # it may not read the environment either
+    anonymous = await secured.as_(None)
+    await _refused(anonymous.get("/environment"))  # nobody without a credential reads anything
     await _refused(anonymous.set("/units/db-0", b""))
     await _refused(anonymous.create("/units/evil", b""))
-    await _refused((await ServiceStateManager(anonymous).get_service("db")).get_config())
+    await _refused(anonymous.get("/services/db/config"))
 
 
 @pytest_twisted.ensureDeferred

@@ -18,6 +18,7 @@ from ensemble.machine.container.config import host_cgroups
 from ensemble.machine.container.names import container_name, veth_name
 from ensemble.network.bridge import attached_veths, bridge_name
 from ensemble.network.overlay import ROUTE_PROTO
+from ensemble.state import auth
 from ensemble.state.client import ConnectionLost, ZKClient
 from ensemble.state.network import ZooKeeperAddressStore
 from ensemble.zookeeper import ZooKeeperEnsemble
@@ -141,7 +142,7 @@ async def test_an_ensemble_serves_through_the_loss_of_its_leader(tmp_path):
         assert (await client.get("/before"))[0] == b"1"
         assert zookeeper.leader() not in (None, leader)
         # The CLI takes the same comma-separated list and reports each server.
-        env = ensemble_env(tmp_path / "home", f"{zookeeper.address}/t")
+        env = ensemble_env(tmp_path / "home", f"{zookeeper.address}/t", ENSEMBLE_AUTH=str(auth.new_admin()))
         result = run_ensemble("create-environment", "--name", "ha", env=env)
         assert result.returncode == 0, result.stderr
         result = run_ensemble("status", "--format", "json", env=env)

@@ -6,6 +6,10 @@ machine N's is derived from the admin's, and each unit's from its machine's. A m
 agent can thus hand its units their credentials, and the admin can name any agent in
 an ACL before the agent exists.
 
+Nothing is granted to a session without a credential: each principal reads what it
+needs and no more (docs/zookeeper-layout.md, "Who may do what", has the table; the
+server's own nodes are closed by ensemble/state/repair.py, quotas in quota.py).
+
 Grants are (permissions, scheme, id) triples; client.py turns them into kazoo's ACLs.
 """
 
@@ -17,14 +21,30 @@ import re
 import secrets
 
 from ensemble.errors import InvalidValue
-from ensemble.names import unit_key
+from ensemble.names import machine_key, unit_key
 
 READ, WRITE, CREATE, DELETE, ADMIN = 1, 2, 4, 8, 16
 ALL = READ | WRITE | CREATE | DELETE | ADMIN
-# What an agent gets on its own nodes: everything but changing who else may.
+# What an agent gets on the nodes it creates: everything but changing who else may.
 OWN = READ | WRITE | CREATE | DELETE
+# A unit on its own node: no DELETE. ZooKeeper checks a delete against the parent's
+# ACL, so DELETE here would let the unit delete its guard; nothing of the unit's needs
+# it (its presence node is ephemeral and goes with its session).
+UNIT_OWN = READ | WRITE | CREATE
+# A unit on its settings in a relation: it rewrites them, and makes nothing below.
+SETTINGS_OWN = READ | WRITE
 
 ADMIN_USER = "admin"
+# Every machine agent is also this reader: one grant lets all machines read what each
+# needs of the whole environment (every unit for names and the firewall, services,
+# relations, leases, other machines' addresses), and a machine added later reads it
+# too without a grant on every node. Its secret is derived from the admin's and waits
+# for each machine in that machine's reader node (`reader_path`).
+MACHINES_USER = "machines"
+READER = "reader"
+# What `/environment` says of its ACLs (`acl-version`): older ones are repaired by the
+# admin's next connection (ensemble/state/repair.py).
+ACL_VERSION = 2
 _USER_RE = re.compile(r"^[a-z][a-z0-9-]{0,80}$")
 _SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 
@@ -81,6 +101,21 @@ def unit_credential(machine, unit_name):
     return machine.derive(f"unit-{unit_key(unit_name)}")
 
 
+def machines_reader(admin):
+    return admin.derive(MACHINES_USER)
+
+
+def machine_id_of(credential):
+    """N for machine N's credential, else None."""
+    prefix, _, number = credential.user.partition("-")
+    return int(number) if prefix == "machine" and number.isdigit() else None
+
+
+def reader_path(machine_id):
+    """Where machine N finds the machines' reader credential (only it and the admin may read)."""
+    return f"/machines/{machine_key(machine_id)}/{READER}"
+
+
 def digest(perms, identity):
     """A grant to a credential, or to a digest id (user:hash) such as the admin's."""
     return (perms, "digest", identity.id if isinstance(identity, Credential) else identity)
@@ -89,18 +124,32 @@ def digest(perms, identity):
 WORLD_READ = (READ, "world", "anyone")
 
 
-def default_acl(credential, admin_id):
-    """What a node created with `credential` gets unless its creator says otherwise:
-    the admin everything, its creator all but ADMIN, everyone else READ."""
-    grants = [digest(ALL, admin_id), WORLD_READ]
+def merged(grants):
+    """`grants` with one entry per identity, its permissions the union of its entries
+    (ZooKeeper would take either; one entry each keeps ACLs short and comparable)."""
+    perms = {}
+    for p, scheme, identity in grants:
+        perms[(scheme, identity)] = perms.get((scheme, identity), 0) | p
+    return [(p, scheme, identity) for (scheme, identity), p in perms.items()]
+
+
+def default_acl(credential, admin_id, machines_id=None):
+    """What a node created with `credential` gets unless its creator says otherwise: the
+    admin everything, the machines READ (`machines_id`: their reader's digest id; the
+    admin derives it), its creator all but ADMIN. Nobody else anything."""
+    if machines_id is None and credential.id == admin_id:
+        machines_id = machines_reader(credential).id
+    grants = [digest(ALL, admin_id)]
+    if machines_id:
+        grants.append(digest(READ, machines_id))
     if credential.id != admin_id:
         grants.append(digest(OWN, credential))
     return grants
 
 
-def environment_acl(admin_id):
-    """The admin's nodes everyone may read (the tree's parents, machines, assignments)."""
-    return [digest(ALL, admin_id), WORLD_READ]
+def environment_acl(admin_id, machines_id=None):
+    """The admin's nodes every machine may read (the tree's parents, machines, assignments)."""
+    return [digest(ALL, admin_id), *([digest(READ, machines_id)] if machines_id else [])]
 
 
 def private_acl(admin_id, *readers):
@@ -110,11 +159,12 @@ def private_acl(admin_id, *readers):
 
 class AdminPolicy:
     """The ACLs the admin gives the nodes it creates (None where the environment is
-    open: see `admin_policy`)."""
+    open: see `admin_policy`). docs/zookeeper-layout.md has them as a table."""
 
     def __init__(self, admin):
         self.admin = admin
         self.admin_id = admin.id
+        self.machines_id = machines_reader(admin).id
 
     def machine(self, machine_id):
         return machine_credential(self.admin, machine_id)
@@ -122,27 +172,49 @@ class AdminPolicy:
     def unit(self, machine_id, unit_name):
         return unit_credential(self.machine(machine_id), unit_name)
 
+    def units(self, placements):
+        """The credentials of units {name: machine id}, in name order."""
+        return [self.unit(m, u) for u, m in sorted(placements.items())]
+
+    def private(self):
+        """The admin alone: `/`, `/zookeeper`, the root, quotas."""
+        return [digest(ALL, self.admin_id)]
+
     def public(self):
-        return environment_acl(self.admin_id)
+        return environment_acl(self.admin_id, self.machines_id)
+
+    def for_units(self, placements):
+        """`/environment` and `/relations`: every unit reads the first (the environment's
+        public settings, the admin's id) and lists the second (its relations)."""
+        return [*self.public(), *(digest(READ, u) for u in self.units(placements))]
 
     def machine_node(self, machine_id):
         """A machine's node and its address tree: that machine's agent writes them."""
         return [*self.public(), digest(OWN, self.machine(machine_id))]
 
+    def machine_reader(self, machine_id):
+        """Machine N's reader node: the machines' reader secret, for machine N alone."""
+        return [*self.private(), digest(READ, self.machine(machine_id))]
+
     def unit_node(self, machine_id, unit_name):
         """The machine agent sets a unit's address and state; the unit agent its own
-        state and ports, and its presence below."""
-        return [*self.public(), digest(OWN, self.machine(machine_id)), digest(OWN, self.unit(machine_id, unit_name))]
+        state and ports, and makes its presence below."""
+        return [*self.public(), digest(OWN, self.machine(machine_id)), digest(UNIT_OWN, self.unit(machine_id, unit_name))]
 
     def service_node(self, placements):
-        """Also a charm's. DELETE: the agent that removes a dying service's last unit
-        removes the service (its config first) and perhaps its charm (its guard first)."""
-        return [*self.public(), *(digest(DELETE, self.machine(m)) for m in sorted(set(placements.values())))]
+        """Also a charm's. Its units read it (their charm, their service). DELETE: the
+        agent that removes a dying service's last unit removes the service (its config
+        first) and perhaps its charm (its guard first)."""
+        return [
+            *self.public(),
+            *(digest(DELETE, self.machine(m)) for m in sorted(set(placements.values()))),
+            *(digest(READ, u) for u in self.units(placements)),
+        ]
 
     def service_config(self, placements):
         """Readable by the machines and units of the service only: config holds secrets."""
         readers = [self.machine(m) for m in sorted(set(placements.values()))]
-        readers += [self.unit(m, u) for u, m in sorted(placements.items())]
+        readers += self.units(placements)
         return private_acl(self.admin_id, *readers)
 
 
@@ -159,23 +231,79 @@ def admin_policy(client):
 MACHINE_PARENT_GRANTS = {"/units": DELETE, "/services": DELETE, "/charms": DELETE, "/network/subnets": CREATE}
 # That parent grant would let any machine delete any childless unit or charm. So each
 # gets a child only the admin may make: deleting it, and so the node, takes DELETE on
-# the node itself, which only the machines that run (or ran) it have. Services already
-# have one (`config`).
+# the node itself, which only the machines that run (or ran) it have (and not the
+# unit: see UNIT_OWN). Services already have one (`config`).
 GUARD = "guard"
 
 
-async def change_grants(client, path, add=(), remove_ids=()):
-    """Add grants to, or drop every grant of the ids in `remove_ids` from, `path`'s
-    ACL; version-checked, so concurrent changes are not lost."""
+async def join(client):
+    """Make an agent's session what its credential entitles it to: a machine also
+    authenticates as the machines' reader (from its reader node; in an environment made
+    before there was one, as soon as the admin makes it), and every session names the
+    admin and the machines in the ACLs of the nodes it creates. Nothing to do for an
+    anonymous session, or in an environment without credentials (its nodes stay open)."""
+    from ensemble.state import nodes
+    from ensemble.state.client import NoNode
+
+    credential = client.credential
+    if credential is None:
+        return
+    machine_id = machine_id_of(credential)
+    if machine_id is not None:
+        await _join_machines(client, reader_path(machine_id))
+    try:
+        settings, _ = await nodes.read(client, nodes.ENVIRONMENT)
+    except NoNode:
+        return
+    if settings.get("admin-id"):
+        client.default_acl = default_acl(credential, settings["admin-id"], settings.get("machines-id"))
+
+
+async def _join_machines(client, path):
+    from ensemble.state import nodes
+    from ensemble.state.watch import DataWatch
+
+    joined = []
+
+    async def found(value):
+        if value is None or joined:
+            return
+        reader = Credential.parse(str(nodes.load(value[0], path).get("credential", "")))
+        await client.add_credential(reader)
+        joined.append(reader)
+        if watch is not None:
+            watch.stop()
+
+    watch = None
+    watch = await DataWatch(client, path, found).start()
+    if joined:
+        watch.stop()
+
+
+async def change_grants(client, path, add=(), remove_ids=(), drop_gone_units=False):
+    """Add grants to (an identity already there gets the union), or drop every grant
+    of the ids in `remove_ids` from, `path`'s ACL; version-checked, so concurrent
+    changes are not lost. `drop_gone_units`: also drop the grants of units that no
+    longer exist (their machines removed them), so that ACLs every unit is in stay as
+    long as the units are many, not as every unit ever was. The units are listed after
+    the ACL is read and the ACL set at the version read: a unit added meanwhile (whose
+    admin grants it again once it exists) makes the round start over and keeps it."""
+    from ensemble.state import nodes
     from ensemble.state.client import BadVersion
 
     while True:
         grants, version = await client.get_acl(path)
         kept = [g for g in grants if g[2] not in remove_ids]
-        wanted = kept + [g for g in add if g not in kept]
-        if wanted == grants:
+        if drop_gone_units:
+            live = {f"unit-{key}" for key in await client.get_children(nodes.UNITS)}
+            added = {g[2] for g in add}
+            kept = [g for g in kept if not (g[1] == "digest" and g[2].startswith("unit-") and g[2] not in added
+                                            and g[2].partition(":")[0] not in live)]
+        wanted = merged(kept + list(add))
+        if sorted(wanted) == sorted(grants):
             return
         try:
+            # (Each set is a write to ZooKeeper's log: 25 ms for an ACL of 1000 grants.)
             await client.set_acl(path, wanted, version)
             return
         except BadVersion:

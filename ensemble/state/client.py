@@ -58,6 +58,11 @@ class NoAuth(StateError):
     pass
 
 
+class QuotaExceeded(StateError):
+    """The write would take a subtree past the size or node count the admin allows it
+    (ZooKeeper's hard quotas: ensemble/state/quota.py)."""
+
+
 _TRANSLATE = {
     kz.NoNodeError: NoNode,
     kz.NodeExistsError: NodeExists,
@@ -68,6 +73,7 @@ _TRANSLATE = {
     kz.OperationTimeoutError: ConnectionLost,
     kz.SessionExpiredError: SessionExpired,
     kz.NoAuthError: NoAuth,
+    kz.QuotaExceededError: QuotaExceeded,
 }
 
 
@@ -173,6 +179,8 @@ class ZKClient:
         self._session_listeners = []
         self._session_id = None
         self._kazoo = None
+        self._outside = None
+        self._outside_lock = defer.DeferredLock()
         self._closing = False
         self.connected = False
 
@@ -240,7 +248,30 @@ class ZKClient:
         self._closing = True
         self.connected = False
         self._session_listeners = []
+        outside, self._outside = self._outside, None
+        if outside is not None:
+            await outside.close()
         await self._stop_kazoo()
+
+    async def outside(self):
+        """A session on the whole server as the same credential, for the few nodes
+        outside the root (the server's `/` and `/zookeeper`, which hold quotas); opened
+        on first use, closed with this client. Its nodes get the default ACL given."""
+        # One session however many callers ask at once.
+        await self._outside_lock.acquire()
+        try:
+            if self._outside is None:
+                other = ZKClient(self.servers, "", self.session_timeout, self._reactor, self.credential)
+                other.default_acl = self.default_acl
+                self._outside = await other.connect()
+            return self._outside
+        finally:
+            self._outside_lock.release()
+
+    async def add_credential(self, credential):
+        """Authenticate this session as `credential` too (ZooKeeper then grants it what
+        either identity may do); kazoo sends it again on every reconnection."""
+        await self._bridge(self._kz().add_auth_async("digest", str(credential)))
 
     @property
     def session_id(self):

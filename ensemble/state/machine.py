@@ -1,6 +1,7 @@
 """Machines: /machines/machine-NNNNNNNNNN holds the host's details; its `units` children
 are the units assigned to it (the only thing its agent watches); `agent` is present
-while its machine agent runs."""
+while its machine agent runs; `reader` (where the environment has credentials) holds
+the machines' reader credential, for this machine's agent alone (auth.join)."""
 
 from twisted.internet import defer
 
@@ -72,6 +73,11 @@ class MachineState:
         return await presence.owner(self.client, self.agent_path)
 
 
+def reader_data(policy):
+    """A reader node's data: the machines' reader credential."""
+    return nodes.dump({"credential": str(auth.machines_reader(policy.admin))})
+
+
 def _unit_names(keys):
     names = []
     for key in keys:
@@ -108,10 +114,11 @@ class MachineStateManager:
             tx = self.client.transaction()
             tx.set(nodes.MACHINES, nodes.dump({**counter, "next-id": machine_id + 1}), version)
             tx.create(machine.path, nodes.dump(data), acl=policy and policy.machine_node(machine_id))
-            tx.create(machine.units_path, b"")
+            tx.create(machine.units_path, b"", acl=policy and policy.public())
             if policy is not None:
                 # Its address reservations: made here so no other machine can make them.
                 tx.create(f"{nodes.ADDRESSES}/{machine_key(machine_id)}", b"", acl=policy.machine_node(machine_id))
+                tx.create(auth.reader_path(machine_id), reader_data(policy), acl=policy.machine_reader(machine_id))
             try:
                 await tx.commit()
             except BadVersion:
@@ -140,6 +147,8 @@ class MachineStateManager:
             raise MachineBusy(f"machine {machine_id}'s agent is running; stop it first")
         tx = self.client.transaction()
         await release_ops(self.client, machine_id, tx)
+        if await self.client.exists(auth.reader_path(machine_id)) is not None:
+            tx.delete(auth.reader_path(machine_id))
         tx.delete(machine.units_path)
         tx.delete(machine.path)
         try:

@@ -9,7 +9,7 @@ from twisted.internet import defer, task
 from ensemble import __version__
 from ensemble.errors import EnsembleError
 from ensemble.state import nodes
-from ensemble.state.client import NodeExists, NoNode
+from ensemble.state.client import NoAuth, NodeExists, NoNode
 from ensemble import process
 
 
@@ -65,9 +65,13 @@ async def register(client, path, info, who, reactor=None, wait=None):
                 )
             try:
                 await client.delete(path, stat.version)
+                continue
             except NoNode:
+                continue
+            except NoAuth:
+                # A unit may not delete below its node (its guard is there): its dead
+                # agent's node goes when that session expires, as a stranger's would.
                 pass
-            continue
         if reactor.seconds() >= deadline:
             raise AgentAlreadyRunning(
                 f"an agent for {who} on {other.get('host', '?')} is still present; is it running?"

@@ -30,7 +30,7 @@ from ensemble.errors import (
 )
 from ensemble.names import unit_key
 from ensemble.relations import IMPLICIT, match, parse_descriptor, parse_endpoints, stored
-from ensemble.state import auth, nodes
+from ensemble.state import auth, nodes, quota
 from ensemble.state.client import BadVersion, NodeExists, NoNode, NotEmpty
 from ensemble.state.nodes import service_path
 from ensemble.state.unit import DYING, UnitStateManager, unit_path
@@ -123,39 +123,76 @@ class RelationAcls:
 
     def __init__(self, admin, units_by_service):
         self.admin = admin
+        self.policy = auth.AdminPolicy(admin)
         self.units_by_service = units_by_service  # {service: {unit: machine}}
 
     def _units(self, services):
         return [(u, m) for s in sorted(set(services)) for u, m in sorted(self.units_by_service.get(s, {}).items())]
 
+    def _all(self):
+        return self._units(self.units_by_service)
+
     def public(self):
-        return auth.environment_acl(self.admin.id)
+        return self.policy.public()
+
+    def relation(self):
+        """The relation node: its units read it (which services, which roles)."""
+        return [*self.public(), *(auth.digest(auth.READ, _unit_id(self.admin, m, u)) for u, m in self._all())]
 
     def role(self, services):
-        """The role container: units of the services in that role may create members."""
-        return [*self.public(), *(auth.digest(auth.CREATE, _unit_id(self.admin, m, u)) for u, m in self._units(services))]
+        """A role container: the relation's units list its members; units of the
+        services in that role may create members."""
+        creators = {u for u, _ in self._units(services)}
+        return [*self.public(), *(
+            auth.digest(auth.READ | auth.CREATE if u in creators else auth.READ, _unit_id(self.admin, m, u))
+            for u, m in self._all()
+        )]
 
     def settings(self, unit, machine, services):
-        """A unit's settings: its own; readable by the units of the relation's services
-        (settings carry passwords, like config)."""
+        """A unit's settings: its own to rewrite; readable by the units of the relation's
+        services (settings carry passwords, like config)."""
         own = _unit_id(self.admin, machine, unit)
         readers = [_unit_id(self.admin, m, u) for u, m in self._units(services) if u != unit]
-        return [auth.digest(auth.ALL, self.admin.id), auth.digest(auth.OWN, own),
+        return [auth.digest(auth.ALL, self.admin.id), auth.digest(auth.SETTINGS_OWN, own),
                 *(auth.digest(auth.READ, r) for r in readers)]
+
+
+def _roles(data):
+    """{role: [services in it]} of relation `data`."""
+    roles = {}
+    for e in data["endpoints"]:
+        roles.setdefault(e["role"], []).append(e["service"])
+    return roles
 
 
 def _relation_ops(tx, key, data, units_by_service, policy):
     """Create a relation's node tree in `tx`; `policy`: the admin's AdminPolicy or None."""
     acls = RelationAcls(policy.admin, units_by_service) if policy is not None else None
     services = [e["service"] for e in data["endpoints"]]
-    tx.create(relation_path(key), nodes.dump(data), acl=acls and acls.public())
+    tx.create(relation_path(key), nodes.dump(data), acl=acls and acls.relation())
     tx.create(f"{relation_path(key)}/{SETTINGS}", b"", acl=acls and acls.public())
     for service in sorted(set(services)):
         for unit, machine in sorted(units_by_service.get(service, {}).items()):
             tx.create(settings_path(key, unit), b"", acl=acls and acls.settings(unit, machine, services))
-    for role in sorted({e["role"] for e in data["endpoints"]}):
-        in_role = [e["service"] for e in data["endpoints"] if e["role"] == role]
+    for role, in_role in sorted(_roles(data).items()):
         tx.create(role_path(key, role), b"", acl=acls and acls.role(in_role))
+
+
+def _relation_quotas(key, data, units_by_service):
+    """The quotas of what the relation's units write: their settings, and the role
+    containers they join in (see ensemble/state/quota.py)."""
+    limits = [quota.settings_limits(settings_path(key, u))
+              for s in sorted({e["service"] for e in data["endpoints"]}) for u in units_by_service.get(s, {})]
+    for role, in_role in _roles(data).items():
+        members = sum(len(units_by_service.get(s, {})) for s in set(in_role))
+        limits.append(quota.role_limits(role_path(key, role), members))
+    return limits
+
+
+async def _prepare(client, policy, key, data, units_by_service):
+    """Before the transaction that makes relation `key`: its quotas."""
+    if policy is not None:
+        await quota.ensure_all(client, _relation_quotas(key, data, units_by_service), acl=policy.private())
 
 
 def relation_data(number, a, b=None):
@@ -186,13 +223,15 @@ async def counter(client):
     return int(data.get("next-id", 0)), version
 
 
-def peer_ops(tx, service, endpoints, placements, first_id, policy):
-    """Deploy's part: a peer relation per `peers:` endpoint; returns how many ids it used."""
+async def peer_ops(client, tx, service, endpoints, placements, first_id, policy):
+    """Deploy's part: a peer relation per `peers:` endpoint (their quotas made now);
+    returns how many ids it used."""
     number = first_id
     for name, endpoint in sorted(endpoints.items()):
         if endpoint["role"] != "peer":
             continue
         data = relation_data(number, (service, name, endpoint))
+        await _prepare(client, policy, relation_key(number), data, {service: dict(placements)})
         _relation_ops(tx, relation_key(number), data, {service: dict(placements)}, policy)
         number += 1
     return number - first_id
@@ -279,7 +318,9 @@ class RelationStateManager:
             # Units added meanwhile bump the service's version: they would miss their settings.
             tx.check(service_path(da[0]), va)
             tx.check(service_path(db[0]), vb)
-            _relation_ops(tx, relation_key(number), data, {da[0]: ua, db[0]: ub}, auth.admin_policy(self.client))
+            policy = auth.admin_policy(self.client)
+            await _prepare(self.client, policy, relation_key(number), data, {da[0]: ua, db[0]: ub})
+            _relation_ops(tx, relation_key(number), data, {da[0]: ua, db[0]: ub}, policy)
             try:
                 await tx.commit()
             except (BadVersion, NodeExists):
@@ -334,25 +375,37 @@ class RelationStateManager:
             try:
                 await _delete_tree_ops(self.client, tx, relation_path(key))
             except NoNode:
-                return  # gone already
+                break  # gone already
             try:
                 await tx.commit()
-                return
+                break
             except (NotEmpty, NoNode):
                 continue  # a unit joined or a node went meanwhile: read the tree again
+        await self.forget_quotas([key])
+
+    async def forget_quotas(self, keys):
+        """Drop the quotas of relations that are gone (numbers are never reused)."""
+        if auth.admin_policy(self.client) is not None:
+            for key in keys:
+                await quota.forget(self.client, relation_path(key))
 
     async def delete_ops(self, tx, service):
-        """destroy-service's part: delete in `tx` every relation `service` is in."""
+        """destroy-service's part: delete in `tx` every relation `service` is in; returns
+        their keys (for `forget_quotas` once `tx` is committed)."""
+        keys = []
         for relation in await self.relations_of(service):
             try:
                 await _delete_tree_ops(self.client, tx, relation_path(relation.key))
             except NoNode:
                 continue
+            keys.append(relation.key)
+        return keys
 
     async def units_added_ops(self, tx, service, placements):
         """add-unit's part: grant the new units {unit: machine} their place in each
-        relation of `service` (before `tx`), and create their settings nodes in `tx`.
-        The caller checks /relations' version in `tx` too (see `counter`)."""
+        relation of `service` and size its quotas for them (before `tx`), and create
+        their settings nodes in `tx`. The caller checks /relations' version in `tx`
+        too (see `counter`)."""
         policy = auth.admin_policy(self.client)
         for relation in await self.relations_of(service):
             services = [e["service"] for e in relation.endpoints]
@@ -360,16 +413,29 @@ class RelationStateManager:
             units[service] = {**units.get(service, {}), **placements}
             acls = RelationAcls(policy.admin, units) if policy is not None else None
             if acls is not None:
-                mine = relation.endpoint(service)["role"]
-                new = [auth.digest(auth.CREATE, _unit_id(policy.admin, m, u)) for u, m in sorted(placements.items())]
-                await auth.change_grants(self.client, role_path(relation.key, mine), add=new)
-                readers = [auth.digest(auth.READ, _unit_id(policy.admin, m, u)) for u, m in sorted(placements.items())]
-                for child in await self.client.get_children(f"{relation_path(relation.key)}/{SETTINGS}"):
-                    try:
-                        await auth.change_grants(self.client, f"{relation_path(relation.key)}/{SETTINGS}/{child}",
-                                                 add=readers)
-                    except NoNode:
-                        pass
+                await self._grant_new_units(relation, service, placements, policy)
+                await quota.ensure_all(
+                    self.client, [q for q in _relation_quotas(relation.key, relation.data, units)
+                                  if not q[0].startswith(f"{relation_path(relation.key)}/{SETTINGS}/")
+                                  or q[0] in {settings_path(relation.key, u) for u in placements}],
+                    acl=policy.private())
             for unit, machine in sorted(placements.items()):
                 tx.create(settings_path(relation.key, unit), b"",
                           acl=acls and acls.settings(unit, machine, services))
+
+    async def _grant_new_units(self, relation, service, placements, policy):
+        """New units of `service` read `relation`'s node, its role containers and the
+        settings there, and create members in their own role's container."""
+        ids = [_unit_id(policy.admin, m, u) for u, m in sorted(placements.items())]
+        readers = [auth.digest(auth.READ, i) for i in ids]
+        mine = relation.endpoint(service)["role"]
+        await auth.change_grants(self.client, relation_path(relation.key), add=readers)
+        for role in sorted({e["role"] for e in relation.endpoints}):
+            perms = auth.READ | auth.CREATE if role == mine else auth.READ
+            await auth.change_grants(self.client, role_path(relation.key, role),
+                                     add=[auth.digest(perms, i) for i in ids])
+        for child in await self.client.get_children(f"{relation_path(relation.key)}/{SETTINGS}"):
+            try:
+                await auth.change_grants(self.client, f"{relation_path(relation.key)}/{SETTINGS}/{child}", add=readers)
+            except NoNode:
+                pass

@@ -16,7 +16,7 @@ from ensemble.errors import (
 )
 from ensemble.names import machine_key, unit_name
 from ensemble.relations import stored
-from ensemble.state import auth, nodes, relation
+from ensemble.state import auth, nodes, quota, relation
 from ensemble.state.nodes import service_path
 from ensemble.state.client import BadVersion, NodeExists, NoNode, NotEmpty
 from ensemble.state.machine import MachineStateManager
@@ -102,18 +102,48 @@ def _placements(service, first_number, machines):
     return {unit_name(service, first_number + i): m for i, m in enumerate(machines)}
 
 
-async def _grant_service(client, policy, name, charm_id, placements):
-    """Let the new units and their machines read the config, and the machines remove
-    the service and its charm when done (before the units exist)."""
-    await auth.change_grants(client, service_path(name), add=policy.service_node(placements))
-    try:
-        await auth.change_grants(client, charm_path(charm_id), add=policy.service_node(placements))
-    except NoNode:
-        pass  # a new charm: created with these grants
-    try:
-        await auth.change_grants(client, config_path(name), add=policy.service_config(placements))
-    except NoNode:
-        pass  # a service stored before config had its own node
+async def prepare_units(client, policy, placements):
+    """What units {name: machine id} need before the transaction that makes them (so
+    that they never exist without it): READ on the environment's settings and on the
+    list of relations, and their nodes' quotas. Grants of units gone meanwhile go. A
+    transaction that then fails leaves grants and quotas that later rounds drop, or the
+    same units' retry reuses."""
+    await relation.ensure_root(client)
+    await grant_units(client, policy, placements, drop_gone_units=True)
+    await quota.ensure_all(client, [quota.unit_limits(unit_path(u)) for u in placements], acl=policy.private())
+
+
+async def grant_units(client, policy, placements, drop_gone_units=False):
+    """READ on `/environment` and `/relations` for units {name: machine id}; again once
+    they exist (a read, unless another admin's `drop_gone_units` ran between)."""
+    readers = [auth.digest(auth.READ, u) for u in policy.units(placements)]
+    for path in (nodes.ENVIRONMENT, nodes.RELATIONS):
+        await auth.change_grants(client, path, add=readers, drop_gone_units=drop_gone_units)
+
+
+async def prune_unit_quotas(client):
+    """Forget the quotas of units that are gone (their machines removed them)."""
+    from ensemble.state.repair import QUOTA_GRACE
+
+    return await quota.prune(client, nodes.UNITS, await client.get_children(nodes.UNITS), QUOTA_GRACE)
+
+
+async def _grant_service(client, policy, name, charm_id, placements, drop=True):
+    """Let the new units and their machines read the config, the units their service and
+    charm, and the machines remove the service and its charm when done (before the units
+    exist; again after, without `drop`: see `grant_units`). `drop`: the grants of units
+    gone meanwhile go."""
+    if drop:
+        await prepare_units(client, policy, placements)
+    else:
+        await grant_units(client, policy, placements)
+    for path, grants in ((service_path(name), policy.service_node(placements)),
+                         (charm_path(charm_id), policy.service_node(placements)),
+                         (config_path(name), policy.service_config(placements))):
+        try:
+            await auth.change_grants(client, path, add=grants, drop_gone_units=drop)
+        except NoNode:
+            pass  # a new charm (created with these grants), or config stored in the service node
 
 
 def _add_unit_ops(tx, service, first_number, machines, policy=None):
@@ -158,10 +188,13 @@ class ServiceStateManager:
         }
         policy = auth.admin_policy(self.client)
         placements = _placements(name, 0, machines)
+        if policy is not None:
+            await prune_unit_quotas(self.client)
+            await prepare_units(self.client, policy, placements)
         tx = self.client.transaction()
         if any(e["role"] == "peer" for e in endpoints.values()):
             first_id, relations_version = await relation.counter(self.client)
-            used = relation.peer_ops(tx, name, endpoints, placements, first_id, policy)
+            used = await relation.peer_ops(self.client, tx, name, endpoints, placements, first_id, policy)
             tx.set(nodes.RELATIONS, nodes.dump({"next-id": first_id + used}), relations_version)
         if await self.client.exists(charm_path(charm_bundle_id)) is None:
             tx.create(charm_path(charm_bundle_id), bundle, acl=policy and policy.service_node(placements))
@@ -191,11 +224,15 @@ class ServiceStateManager:
             return await self.deploy(name, charm_bundle_id, bundle, config, limits, n, to, _retry, endpoints)
         except NoNode:
             raise MachineNotFound(to if to is not None else machines[0])
+        if policy is not None:
+            await grant_units(self.client, policy, placements)
         return ServiceState(self.client, name, data), names
 
     async def add_units(self, name, n=1, to=None):
         """Add `n` units of a service; returns their names."""
         machines = await self._placements(n, to)
+        if auth.admin_policy(self.client) is not None:
+            await prune_unit_quotas(self.client)
         while True:
             data, version = await self._read_alive(name)
             first = int(data.get("unit-sequence", 0))
@@ -214,7 +251,6 @@ class ServiceStateManager:
                 tx, name, _placements(name, first, machines))
             try:
                 await tx.commit()
-                return names
             except BadVersion:
                 continue
             except NoNode:
@@ -223,6 +259,10 @@ class ServiceStateManager:
                 continue  # a relation went meanwhile
             except NodeExists:
                 raise ServiceDying(name)
+            if policy is not None:
+                await _grant_service(self.client, policy, name, data.get("charm"),
+                                     _placements(name, first, machines), drop=False)
+            return names
 
     async def set_exposed(self, name, exposed):
         """Expose the service (or stop); returns whether it was exposed before."""
@@ -302,7 +342,8 @@ class ServiceStateManager:
                     if await self.client.exists(assignment) is not None:
                         tx.delete(assignment)
             # Its relations go now, in the same transaction (the units' agents see them go).
-            await relation.RelationStateManager(self.client).delete_ops(tx, name)
+            relations = relation.RelationStateManager(self.client)
+            gone = await relations.delete_ops(tx, name)
             if units:
                 tx.set(service_path(name), nodes.dump({**data, "life": DYING}), version)
             else:
@@ -313,6 +354,7 @@ class ServiceStateManager:
                 await tx.commit()
             except (BadVersion, NoNode, NotEmpty):
                 continue
+            await relations.forget_quotas(gone)
             if not units:
                 await self._remove_charm_if_unused(service.charm_id)
             return units

@@ -13,6 +13,9 @@ from ensemble.unit.tools.names import TOOLS
 
 HOOK_TIMEOUT = 600.0
 TAIL_LINES = 5
+# A failed hook's last lines go to the unit node (`error`, `relation-errors`), which a
+# quota keeps small (ensemble/state/quota.py): each is cut there; the log has it whole.
+TAIL_LINE_CHARS = 400
 
 
 class HookFailed(EnsembleError):
@@ -84,6 +87,11 @@ def hook_environment(unit_name, charm_dir, home, socket_path, client_id, path_pr
     return env
 
 
+def _cut(line):
+    text = line.decode(errors="replace").strip()
+    return text if len(text) <= TAIL_LINE_CHARS else text[:TAIL_LINE_CHARS] + "…"
+
+
 class _HookProcess(protocol.ProcessProtocol):
     def __init__(self, log_file, done):
         self.log_file = log_file
@@ -102,13 +110,13 @@ class _HookProcess(protocol.ProcessProtocol):
         self._partial = lines.pop()
         for line in lines:
             if line.strip():
-                self.tail.append(line.decode(errors="replace").strip())
+                self.tail.append(_cut(line))
 
     errReceived = outReceived
 
     def processEnded(self, reason):
         if self._partial.strip():
-            self.tail.append(self._partial.decode(errors="replace").strip())
+            self.tail.append(_cut(self._partial))
         self.done.callback(reason.value.exitCode if reason.value.exitCode is not None else -1)
 
 

@@ -24,7 +24,7 @@ from twisted.internet import defer
 from ensemble.errors import MalformedState
 from ensemble.names import unit_key, unit_name_from_key
 from ensemble.state import nodes
-from ensemble.state.client import NodeExists, NoNode
+from ensemble.state.client import NoAuth, NodeExists, NoNode
 from ensemble.state.relation import RelationState, relation_path, role_path, settings_path
 from ensemble.state.unit import RELATION_ERRORS
 from ensemble.state.watch import ChildrenWatch, DataWatch
@@ -227,6 +227,10 @@ class UnitRelations:
                 data, _ = await nodes.read(self.client, relation_path(key))
             except NoNode:
                 continue  # created and removed meanwhile
+            except NoAuth:
+                # Only the units of a relation's services may read it: not ours.
+                self._others.add(key)
+                continue
             except MalformedState as e:
                 log.error("%s: %s", self.unit.name, e)
                 self._others.add(key)

@@ -11,10 +11,11 @@ import logging
 from typing import Protocol
 
 from ensemble.charm import config_values, read_options
-from ensemble.errors import EnsembleError, MalformedState
+from ensemble.errors import EnsembleError, MalformedState, SettingsTooLarge
 from ensemble.network.firewall import parse_port
 from ensemble.state import nodes
-from ensemble.state.client import NoNode
+from ensemble.state.client import NoNode, QuotaExceeded
+from ensemble.state.quota import SETTINGS_BYTES
 from ensemble.state.relation import settings_path
 from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import OPEN_PORTS
@@ -106,6 +107,8 @@ class ZooKeeperHookState:
                 await nodes.update(self.client, settings_path(relation.key, self.unit_name), nodes.merge(settings))
             except NoNode:
                 log.info("%s: relation %s went before its settings were committed", self.unit_name, relation_id)
+            except QuotaExceeded as e:
+                raise SettingsTooLarge(relation_id, SETTINGS_BYTES) from e
             except MalformedState as e:
                 raise SettingsUnreadable(relation_id, e) from e
 
