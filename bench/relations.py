@@ -45,7 +45,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -60,7 +59,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from stats import percentile  # noqa: E402
 
-from ensemble import connection, local  # noqa: E402
+from ensemble import connection, hostfs, local  # noqa: E402
+from ensemble.errors import UnsafeFile  # noqa: E402
 from ensemble.home import EnsembleHome  # noqa: E402
 from ensemble.lab import Lab  # noqa: E402
 from ensemble.names import unit_key  # noqa: E402
@@ -82,6 +82,9 @@ HOOK_EXIT = re.compile(r"^--- (\S+) hook exited with status (-?\d+)$")
 AGENT_LINE = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ \S+: (\S+): (?:joined relation (\S+) |relation (\S+) removed)")
 
+# The most read of one log a unit writes (its agent's, or any kept with --keep-logs):
+# a whole run's worth, yet bounded whatever the unit does to it.
+AGENT_LOG_LIMIT = 64 << 20
 CLEANUPS = []  # blocking undo steps still owed, run by main() if the reactor stops first
 
 
@@ -124,10 +127,12 @@ def summary(values, digits=4):
 # -- hook logs, as the host sees them ---------------------------------------------------
 
 class HookLog:
-    """A unit's hook log: the lines appended since the last read."""
+    """A unit's hook log: the lines appended since the last read. The unit writes it:
+    opened through ensemble.hostfs (no links, a regular file), read a bounded amount
+    at a time."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, root, relative):
+        self.root, self.relative = root, relative
         self.fd = None
         self.offset = 0
         self.partial = b""
@@ -135,20 +140,21 @@ class HookLog:
     def read(self):
         if self.fd is None:
             try:
-                self.fd = os.open(self.path, os.O_RDONLY)
+                self.fd = hostfs.open_regular(self.root, self.relative)
             except FileNotFoundError:
                 return []
-        chunks = []
-        while True:
+        chunks, size = [], 0
+        while size < hostfs.TAIL_LIMIT:
             data = os.pread(self.fd, 1 << 16, self.offset)
             if not data:
                 break
             self.offset += len(data)
+            size += len(data)
             chunks.append(data)
         if not chunks:
             return []
         lines = (self.partial + b"".join(chunks)).split(b"\n")
-        self.partial = lines.pop()
+        self.partial = lines.pop()[-hostfs.TAIL_LIMIT:]
         return [line.decode(errors="replace") for line in lines]
 
     def close(self):
@@ -226,7 +232,7 @@ class Cycler:
         self.logs = logs  # {unit: HookLog}
         self.expected = expected  # {unit: -changed hooks owed per add}
         self.args = args
-        self.agent_logs = agent_logs or {}  # {unit: path of its agent log}
+        self.agent_logs = agent_logs or {}  # {unit: (directory, path below it) of its agent log}
         self.stray = []
         self.starts = {}  # relation id number -> wall time of the add (for the agent logs)
         self.removes = {}
@@ -313,12 +319,13 @@ class Cycler:
         """{unit: {"joined": [s], "removed": [s]}}: from the add (remove) to the unit
         agent's `joined relation x:N` (`relation x:N removed`) log line."""
         found = {}
-        for unit, path in self.agent_logs.items():
+        for unit, (root, relative) in self.agent_logs.items():
             joined, removed = [], []
             try:
-                lines = open(path, errors="replace").read().splitlines()
-            except OSError:
+                data, _ = hostfs.read_tail(root, relative, AGENT_LOG_LIMIT)
+            except (OSError, UnsafeFile):
                 continue
+            lines = data.decode(errors="replace").splitlines()
             for line in lines:
                 m = AGENT_LINE.match(line)
                 if not m or m.group(3) != unit:
@@ -441,19 +448,33 @@ async def wait_started(reactor, client, names, timeout):
 
 
 def unit_logs(home, units):
-    """{unit: HookLog} and {unit: agent log path}, where the machine agent of `home`
-    bind-mounts each unit's /var/log/ensemble (ensemble/machine/deploy.py)."""
+    """{unit: HookLog} and {unit: (directory, path below it) of its agent log}, where the
+    machine agent of `home` bind-mounts each unit's /var/log/ensemble
+    (ensemble/machine/deploy.py)."""
     base = os.path.join(EnsembleHome(home).logs_dir, "units")
-    hooks = {u: HookLog(os.path.join(base, unit_key(u), f"{unit_key(u)}.log")) for u in units}
-    agents = {u: os.path.join(base, unit_key(u), "agent.log") for u in units}
+    hooks = {u: HookLog(base, os.path.join(unit_key(u), f"{unit_key(u)}.log")) for u in units}
+    agents = {u: (base, os.path.join(unit_key(u), "agent.log")) for u in units}
     return hooks, agents
 
 
 # -- scenarios ---------------------------------------------------------------------------
 
 def keep_logs(args, logs_dir, name):
-    if args.keep_logs and os.path.isdir(logs_dir):
-        shutil.copytree(logs_dir, os.path.join(args.keep_logs, name), dirs_exist_ok=True)
+    """Copy the environment's logs to --keep-logs. Units write theirs: each file is read
+    through ensemble.hostfs (a link, a FIFO or a device is skipped; a bounded tail)."""
+    if not (args.keep_logs and os.path.isdir(logs_dir)):
+        return
+    for directory, _, files in os.walk(logs_dir):
+        for file in files:
+            relative = os.path.relpath(os.path.join(directory, file), logs_dir)
+            try:
+                data, _ = hostfs.read_tail(logs_dir, relative, AGENT_LOG_LIMIT)
+            except (OSError, UnsafeFile):
+                continue
+            target = os.path.join(args.keep_logs, name, relative)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(data)
 
 
 def cli(env, *args, timeout=300):

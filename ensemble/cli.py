@@ -274,40 +274,49 @@ async def cmd_service_addresses(reactor, args):
 
 
 async def cmd_debug_log(reactor, args):
-    from ensemble.machine.deploy import unit_log_path
+    from ensemble import hostfs
     from ensemble.names import unit_key
 
     parse_unit_name(args.unit)
+    if args.lines < 0:
+        raise InvalidValue(f"invalid -n {args.lines}: give a number of lines, or 0 for all")
     async with _environment(args) as client:
         unit = await UnitStateManager(client).get_unit(args.unit)
-    directory = unit_log_path(os.path.join(EnsembleHome().logs_dir, "units"), args.unit)
-    path = os.path.join(directory, f"{unit_key(args.unit)}.log")
-    if not os.path.exists(path):
+    # The unit's root writes in this directory: read through hostfs (no links, regular
+    # files only, a bounded tail), or it could print any host file, or never end.
+    root = os.path.join(EnsembleHome().logs_dir, "units")
+    relative = os.path.join(unit_key(args.unit), f"{unit_key(args.unit)}.log")
+    try:
+        text, end, cut = hostfs.tail_lines(root, relative, args.lines)
+    except FileNotFoundError:
         raise EnsembleError(
             f"no log for {args.unit} on this host (it runs on machine {unit.machine_id}; "
             f"its hooks have not run yet, or its log is on that machine's host)"
         )
-    with open(path, errors="replace") as f:
-        lines = f.readlines()
-    sys.stdout.write("".join(lines[-args.lines:] if args.lines else lines))
+    if cut:
+        print(f"(earlier output left out: showing the last {hostfs.TAIL_LIMIT >> 20} MiB of the log)",
+              file=sys.stderr)
+    sys.stdout.write(text)
     sys.stdout.flush()
     if args.follow:
-        await _follow(reactor, path, len("".join(lines).encode()))
+        await _follow(reactor, root, relative, end)
 
 
-async def _follow(reactor, path, offset):
+async def _follow(reactor, root, relative, offset):
     from twisted.internet import task
+
+    from ensemble import hostfs
 
     while True:
         await task.deferLater(reactor, 0.5, lambda: None)
         try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
+            data, begin = hostfs.read_tail(root, relative, hostfs.TAIL_LIMIT, start=offset)
         except FileNotFoundError:
             return  # the unit was removed
+        if begin > offset:
+            print(f"({begin - offset} bytes left out)", file=sys.stderr)
+        offset = begin + len(data)
         if data:
-            offset += len(data)
             sys.stdout.write(data.decode(errors="replace"))
             sys.stdout.flush()
 
@@ -370,8 +379,12 @@ async def cmd_machine_agent(reactor, args):
 
 
 async def _environment_settings(client):
+    from ensemble.state.client import NoAuth
+
     try:
         return await get_environment(client)
+    except NoAuth:
+        return {"admin-id": True}  # closed to this session: an environment with credentials
     except EnsembleError:
         return {}  # no environment there: the agent says so itself
 
@@ -611,7 +624,7 @@ def _report(exc):
         message = str(exc)
     elif isinstance(exc, NoAuth):
         user = os.environ.get(connection.AUTH_VARIABLE, "").partition(":")[0]
-        need = f"changes need the admin's credential (from ENSEMBLE_HOME, or ${connection.AUTH_VARIABLE})"
+        need = f"commands need the admin's credential (from ENSEMBLE_HOME, or ${connection.AUTH_VARIABLE})"
         if user == auth.ADMIN_USER:
             message = f"ZooKeeper refused: the admin credential in ${connection.AUTH_VARIABLE} is not this environment's"
         elif user:

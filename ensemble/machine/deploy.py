@@ -9,11 +9,12 @@ import os
 import netaddr
 from twisted.internet import task
 
+from ensemble import hostfs
+from ensemble.errors import UnsafeFile
 from ensemble.machine.container.config import AGENT_LOG
 from ensemble.machine.container.driver import ContainerSpec
 from ensemble.machine.container.names import container_name, hostname
 from ensemble.machine.content import agent_python, ensemble_mounts, unit_files
-from ensemble.machine.container.template import shift_owners
 from ensemble.names import unit_key
 from ensemble.connection import AUTH_VARIABLE
 from ensemble.state.auth import unit_credential
@@ -23,6 +24,7 @@ log = logging.getLogger("ensemble.machine")
 
 STOP_HOOK_TIMEOUT = 60.0
 AGENT_LOG_TAIL = 3
+AGENT_LOG_BYTES = 8192
 # Root in every unit is host id 100000 (ids 0-65535 inside map to 100000-165535): a
 # user namespace. scripts/install grants root this range in /etc/subuid and /etc/subgid.
 UNIT_IDS = (100000, 65536)
@@ -33,6 +35,22 @@ UNIT_SESSION_TIMEOUT = "4"
 def unit_log_path(unit_log_dir, unit_name):
     """The host directory holding a unit's log (hook output and its agent's log)."""
     return os.path.join(unit_log_dir, unit_key(unit_name))
+
+
+def agent_log_tail(unit_log_dir, unit_name, lines=AGENT_LOG_TAIL):
+    """The last `lines` lines of the unit agent's log in `unit_log_dir`, on one line.
+    The unit writes that file (and may put a link, a FIFO or a device in its place):
+    read through ensemble.hostfs, a few KiB at most, as it goes into the unit's status."""
+    relative = os.path.join(unit_key(unit_name), os.path.basename(AGENT_LOG))
+    path = os.path.join(unit_log_dir, relative)
+    try:
+        data, _ = hostfs.read_tail(unit_log_dir, relative, AGENT_LOG_BYTES)
+    except UnsafeFile as e:
+        return str(e)
+    except OSError:
+        return f"no log at {path}"
+    tail = [line.strip() for line in data.decode("utf-8", "replace").splitlines() if line.strip()][-lines:]
+    return " | ".join(tail) if tail else f"{path} is empty"
 
 
 class UnitDeployer:
@@ -61,9 +79,10 @@ class UnitDeployer:
         if self.unit_log_dir:
             # Each unit its own directory: a shared one would let units read each other's logs.
             log_dir = unit_log_path(self.unit_log_dir, unit.name)
-            os.makedirs(log_dir, exist_ok=True)
-            # Written by the unit's root, which is not host root.
-            shift_owners(log_dir, *UNIT_IDS)
+            os.makedirs(self.unit_log_dir, exist_ok=True)
+            # Written by the unit's root, which is not host root. Only the directory
+            # itself: what is in it is the unit's (see ensemble/hostfs.py).
+            hostfs.own_directory(self.unit_log_dir, unit_key(unit.name), UNIT_IDS[0], UNIT_IDS[0])
             mounts.append((log_dir, "/var/log/ensemble", False))
         network = netaddr.IPNetwork(self.host.subnet)
         gateway = self.host.gateway
@@ -119,16 +138,7 @@ class UnitDeployer:
         """The last lines of the unit agent's log, on one line, as the host sees it."""
         if not self.unit_log_dir:
             return "its log is not kept on this host"
-        path = os.path.join(unit_log_path(self.unit_log_dir, unit_name), os.path.basename(AGENT_LOG))
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 8192))
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            return f"no log at {path}"
-        tail = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
-        return " | ".join(tail) if tail else f"{path} is empty"
+        return agent_log_tail(self.unit_log_dir, unit_name, lines)
 
     async def teardown(self, unit_name):
         """Give the unit's stop hook a chance, then destroy its container. Idempotent."""

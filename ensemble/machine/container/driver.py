@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import select
 import shutil
 import signal
 import stat
@@ -570,16 +571,21 @@ class LXCDriver:
         """Stop if running, remove the container's directory (config, overlay delta,
         service directory, log), its cgroup directories and its host veth. Idempotent."""
         container = self.container_dir(name)
-        if os.path.exists(os.path.join(container, "config")):
-            try:
-                await self.stop(name, timeout)
-            except ContainerError as e:
-                log.warning("destroying container %s: %s", name, e)
-        if os.path.exists(container):
-            if self._running_anyway(name):
-                raise ContainerError(f"cannot destroy container {name}: it is still running")
-            await threads.deferToThread(remove_tree, container)
-        await self._remove_cgroups(name)
+        # Found before the stop, while LXC still reports the container's init.
+        monitor = await self._monitor(name)
+        try:
+            if os.path.exists(os.path.join(container, "config")):
+                try:
+                    await self.stop(name, timeout)
+                except ContainerError as e:
+                    log.warning("destroying container %s: %s", name, e)
+            if os.path.exists(container):
+                if self._running_anyway(name):
+                    raise ContainerError(f"cannot destroy container {name}: it is still running")
+                await threads.deferToThread(remove_tree, container)
+            await self._remove_cgroups(name, monitor)
+        finally:
+            monitor.close()
         await threads.deferToThread(_remove_link, veth_name(name), self.netns)
         log.debug("destroyed container %s in %s", name, self.lxc_path)
 
@@ -591,35 +597,43 @@ class LXCDriver:
         except (OSError, TypeError):
             return False
 
-    async def _remove_cgroups(self, name):
-        """Remove the container's cgroup directories once LXC's monitor for it has
+    async def _remove_cgroups(self, name, monitor):
+        """Remove the container's cgroup directories once LXC's `monitor` for it has
         gone (it moves itself to lxc.pivot.<name> on the way out, so the set of
         directories can change until then)."""
         deadline = time.monotonic() + CGROUP_WAIT
         while True:
             busy = [d for d in self.cgroup_dirs(name) if os.path.isdir(d) and not _rmdir_cgroup(d)]
-            if not busy and not self._monitor_alive(name):
+            if not busy and not monitor.alive():
                 if not any(os.path.isdir(d) for d in self.cgroup_dirs(name)):
                     return
                 continue
             if time.monotonic() > deadline:
-                what = busy[0] if busy else f"LXC's monitor for {name}"
+                what = busy[0] if busy else f"LXC's monitor for {name} (pid {monitor.pids()[0]})"
                 raise ContainerError(f"cannot remove the cgroups of container {name}: {what} is still busy")
             await task.deferLater(self.reactor, 0.02, lambda: None)
 
-    def _monitor_alive(self, name):
-        """Whether LXC's monitor process for this container still runs (it renames
-        itself '[lxc monitor] <lxc path> <name>')."""
+    async def _monitor(self, name):
+        """LXC's monitor process for this container (none if it has none), held by
+        pidfd. Known by what a unit cannot forge (its processes show in the host's /proc
+        under any title they like): the parent of the init pid LXC reports, root in our
+        user and pid namespaces. A stopped container's monitor may still be on its way
+        out: then processes with its title, with those same credentials."""
+        try:
+            init = await self.init_pid(name)
+        except ContainerError:  # no such container (any more)
+            init = None
+        if init is not None:
+            parent = _parent_pid(init)
+            if parent is not None:
+                monitor = _Processes([parent])
+                # Still init's parent once held: the pidfd is not a recycled pid's.
+                if monitor.pids() == [parent] and _parent_pid(init) == parent and _host_root(parent):
+                    return monitor
+                monitor.close()
         title = f"[lxc monitor] {self.lxc_path} {name}".encode()
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                try:
-                    with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                        if f.read(len(title) + 1).rstrip(b"\0") == title:
-                            return True
-                except OSError:
-                    pass
-        return False
+        # Credentials first: reading a command line waits on that process's memory.
+        return _Processes(pid for pid in _pids() if _host_root(pid) and _title(pid, len(title)) == title)
 
     async def list(self):
         """Names of this lxc path's containers made by ensemble."""
@@ -725,6 +739,77 @@ def _is_ours(path):
     except OSError:
         pass
     return os.path.isdir(os.path.join(path, lxc_config.SERVICE_DIR))
+
+
+class _Processes:
+    """Processes held by pidfd, so a pid recycled after one exits is not taken for it."""
+
+    def __init__(self, pids):
+        self._fds = {}
+        for pid in pids:
+            try:
+                self._fds[pid] = os.pidfd_open(pid)
+            except ProcessLookupError:
+                pass
+
+    def pids(self):
+        return sorted(self._fds)
+
+    def alive(self):
+        """Whether any of them has not exited yet (a pidfd polls readable once it has)."""
+        poll = select.poll()
+        for fd in self._fds.values():
+            poll.register(fd, select.POLLIN)
+        return len(poll.poll(0)) < len(self._fds)
+
+    def close(self):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+def _pids():
+    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()]
+
+
+def _title(pid, size):
+    """The first `size` bytes of a process's command line, NULs stripped."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read(size + 1).rstrip(b"\0")
+    except OSError:
+        return b""
+
+
+def _parent_pid(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("PPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _host_root(pid):
+    """Whether process `pid` is root in our user namespace and lives in our pid
+    namespace: true of LXC's monitor, never of a unit's process (those live in their
+    container's pid namespace, and their root is an unprivileged host id)."""
+    try:
+        for kind in ("pid", "user"):
+            theirs, ours = os.stat(f"/proc/{pid}/ns/{kind}"), os.stat(f"/proc/self/ns/{kind}")
+            if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+                return False
+        with open(f"/proc/{pid}/status") as f:
+            # Name (the first line) is the process's to choose, but the kernel escapes
+            # newlines in it: a line starting with Uid: is the kernel's.
+            for line in f:
+                if line.startswith("Uid:"):
+                    return line.split()[1:3] == ["0", "0"]
+    except (OSError, IndexError):
+        pass
+    return False
 
 
 def _rmdir_cgroup(path):
