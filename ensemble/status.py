@@ -43,7 +43,7 @@ async def collect(client):
             "subnet": machine.data.get("subnet"),
             "agent": "alive" if alive else "down",
         }
-        for field in ("package-cache", "name-server", "template", "error", "network-error"):
+        for field in ("package-cache", "name-server", "template", "error", "network-error", "security-error"):
             if field in machine.data:
                 entry[field] = machine.data[field]
         if not alive:

@@ -9,6 +9,7 @@ scenarios on these fakes and on a real ZooKeeper so that any divergence shows.
 - InMemoryAddressStore: the store ensemble.network.ipam.Allocator reserves addresses in.
 - FakeContainerDriver: ensemble.machine.container.driver.LXCDriver, as a dict.
 - FakeTemplate: the container template the machine agent ensures before deploying.
+- FakeNftables: Debian's python3-nftables binding, as a module to put in sys.modules.
 
 Timing model (a decision, see MemoryClient): every call of the fakes does its work at
 once and returns a Deferred that has already fired. Nothing waits on a reactor unless
@@ -814,3 +815,34 @@ class FakeTemplate:
         if self.error is not None:
             raise self.error
         self.ensured += 1
+
+
+# -- nftables ---------------------------------------------------------------------------------
+
+
+class FakeNftables:
+    """Debian's python3-nftables binding as ensemble.network.firewall uses it:
+    `module` goes into sys.modules['nftables'] (None there makes the import fail, as a
+    missing binding does). `Nftables().json_cmd(batch)` answers (0, {'nftables': []},
+    '') and keeps the batch in `batches`, or, while `refusal` is set, (1, '', refusal)
+    as nftables does for a batch it rejects (and then changes nothing).
+
+    Does not model: the kernel's tables (listing them answers nothing), netns."""
+
+    def __init__(self):
+        self.refusal = None
+        self.batches = []
+        self.module = types.ModuleType("nftables")
+        binding = self
+
+        class Nftables:
+            def set_json_output(self, flag):
+                pass
+
+            def json_cmd(self, batch):
+                if binding.refusal is not None:
+                    return 1, "", binding.refusal
+                binding.batches.append(batch)
+                return 0, {"nftables": []}, ""
+
+        self.module.Nftables = Nftables

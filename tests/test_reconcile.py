@@ -37,10 +37,13 @@ class Host:
         await initialize(self.admin, "fast")
         await MachineStateManager(self.admin).add_machine(address=self.address)
 
-    async def start_agent(self):
+    async def start_agent(self, client=None, **options):
+        """Machine 0's agent, on its own session (`client`) unless given one;
+        `options`: MachineAgent's (no bridge unless asked)."""
+        options.setdefault("manage_bridge", False)
         self.agent = MachineAgent(
-            self.zookeeper.client(), 0, self.clock, manage_bridge=False, driver=self.driver, template=self.template,
-            unit_log_dir=str(self.log_dir),
+            client or self.zookeeper.client(), 0, self.clock, driver=self.driver, template=self.template,
+            unit_log_dir=str(self.log_dir), **options,
         )
         await self.agent.start()
         return self.agent

@@ -1,6 +1,8 @@
 """The machine agent: presence for its machine, its subnet and bridge, and one
 reconciler per concern (ensemble/machine/reconcilers/), all driven by their watches
-and by one resync tick."""
+and by one resync tick. The reconcilers that put a layer of the units' isolation in
+place (the bridge, the id range, the firewall) report into the host's safeguards,
+which every unit's container passes before it is created or started (safeguards.py)."""
 
 import logging
 
@@ -10,8 +12,10 @@ from ensemble.agent import BaseAgent
 from ensemble.errors import EnsembleError
 from ensemble.machine import host as hosts
 from ensemble.machine.content import UnrunnableInstallation, check_installation
-from ensemble.machine.deploy import UnitDeployer
+from ensemble.machine.deploy import UNIT_IDS, UnitDeployer
+from ensemble.machine.reconcilers.bridge import BridgeReconciler
 from ensemble.machine.reconcilers.firewall import FirewallReconciler
+from ensemble.machine.reconcilers.id_range import IdRangeReconciler
 from ensemble.machine.reconcilers.names import NamesReconciler
 from ensemble.machine.reconcilers.package_cache import PackageCacheReconciler
 from ensemble.machine.reconcilers.overlay import OverlayReconciler
@@ -32,7 +36,10 @@ class MachineAgent(BaseAgent):
     units of related services reach each other, opened ports of exposed services are
     reachable from anywhere, and nothing else reaches a unit. With `names`, it serves
     units' names to its units on its bridge address; with `package_cache_dir`, a
-    package cache there (unless the environment turned it off)."""
+    package cache there (unless the environment turned it off). A unit's container
+    is created or started only while each of these layers (and the units' id range,
+    credentials and limits) is in place; the machine node's `security-error` says
+    which is not."""
 
     lease_retry_delay = 10.0
     template_retry_delay = 30.0
@@ -109,6 +116,7 @@ class MachineAgent(BaseAgent):
             refusal = await self._template(host)
             if self._stopping:
                 return
+            await self._start(IdRangeReconciler(host, *UNIT_IDS))
             deployer = UnitDeployer(
                 host, self.driver, self.unit_log_dir,
                 name_domain=names.domain if names else None, apt_proxy=cache.apt_config if cache else None,
@@ -119,6 +127,9 @@ class MachineAgent(BaseAgent):
         await self._start(self.units)
         if self._overlay is not None and self._overlay.overlay is not None:
             await self._start(self._overlay)
+        # Last: every layer has made its first pass, so the machine node says at once
+        # what holds the units (and no longer what held them before a restart).
+        await self._start(host.safeguards)
         if self._stopping:
             return
         self._resync = task.LoopingCall(self._tick)
@@ -141,7 +152,9 @@ class MachineAgent(BaseAgent):
             self._overlay = OverlayReconciler(host)
             host.mtu = await self._overlay.prepare()  # the bridge takes the containers' MTU
         if self.manage_bridge:
-            await hosts.ensure_bridge(host)
+            # A bridge that cannot be made holds the units, not the agent: it says why
+            # on the machine, and its next pass tries again.
+            await self._start(BridgeReconciler(host))
         await hosts.publish_network(host)
         return host
 

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from twisted.internet import task, threads
 
+from ensemble.machine.safeguards import Safeguards
 from ensemble.network import bridge
 from ensemble.network.ipam import Allocator, SubnetsExhausted
 from ensemble.state.environment import get_environment
@@ -28,6 +29,11 @@ class Host:
     netns: Optional[str] = None
     mtu: Optional[int] = None     # the containers' (lowered under VXLAN); None: default
     reported: set = dataclasses.field(default_factory=set)
+    safeguards: Any = None        # the gate every unit's container passes (safeguards.py)
+
+    def __post_init__(self):
+        if self.safeguards is None:
+            self.safeguards = Safeguards(self)
 
     @property
     def machine_id(self):

@@ -5,7 +5,11 @@ node, its private-address included, so an address never comes from there.
 
 Watches make a change apply at once: /relations' children, the service node of each
 service with units here, their unit nodes, and the reservations of each other machine
-that runs units of a related service. The agent's tick re-reads the rest."""
+that runs units of a related service. The agent's tick re-reads the rest.
+
+Until a pass has loaded the tables, and whenever one cannot (no nftables binding, a
+batch nftables refuses), the firewall is not in place: no unit's container is created
+or started here (safeguards.py)."""
 
 import collections
 import ipaddress
@@ -15,6 +19,7 @@ import logging
 from twisted.internet import defer
 
 from ensemble.errors import MalformedState
+from ensemble.machine import safeguards
 from ensemble.machine.reconciler import Reconciler
 from ensemble.network.firewall import Firewall, parse_port, zookeeper_ports
 from ensemble.state import nodes
@@ -87,6 +92,8 @@ class FirewallReconciler(Reconciler):
         """`host_ports`: what else units may reach on their gateway besides ZooKeeper
         (the host's name server and package cache: 'PORT/proto')."""
         super().__init__(host)
+        # Until its first pass has loaded the tables, no unit starts.
+        host.safeguards.require(safeguards.FIREWALL)
         self.firewall = Firewall(
             host.environment["name"], host.bridge, host.gateway,
             [*zookeeper_ports(host.unit_zookeeper, host.gateway), *host_ports], host.netns, subnet=host.subnet,
@@ -192,7 +199,10 @@ class FirewallReconciler(Reconciler):
         try:
             await host.in_thread(self.firewall.sync, openings, related)
         except Exception as e:
-            host.report_once(f"firewall: {e}")
+            # Each sync is one atomic batch: a refused one leaves the tables as they were.
+            host.safeguards.report(safeguards.FIREWALL, f"{e}; units running here keep the rules loaded last")
+        else:
+            host.safeguards.report(safeguards.FIREWALL, None)
 
     async def _read_relations(self):
         """The services of each relation; a relation's node is read once."""

@@ -1,6 +1,8 @@
 """The units assigned to this machine: each has its address reserved and published
 and its container running; units leaving are torn down (container, address, nodes);
-containers nobody owns are destroyed."""
+containers nobody owns are destroyed. A container is created or started only through
+the host's safeguards: while a layer of the units' isolation is not in place, the unit
+waits (`pending`) and the machine says why (safeguards.py)."""
 
 import ipaddress
 import logging
@@ -8,9 +10,10 @@ import logging
 from twisted.internet import defer
 
 from ensemble.errors import EnsembleError, MalformedState, UnitNotFound
+from ensemble.machine import safeguards
 from ensemble.machine.reconciler import Reconciler
 from ensemble.network.ipam import AddressesExhausted
-from ensemble.state.client import NoNode
+from ensemble.state.client import NoAuth, NoNode
 from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import DYING, ERROR, PENDING, UnitStateManager
 
@@ -60,6 +63,12 @@ class UnitsReconciler(Reconciler):
         self._watch = None
         self._started_at = {}     # unit -> when this agent saw its container start
         self._deploys = defer.DeferredSemaphore(self.max_concurrent_deploys)
+        # Units that waited start as soon as the last missing layer is back.
+        host.safeguards.opened.append(self._gate_opened)
+
+    def _gate_opened(self):
+        if self.deployer is not None:
+            defer.ensureDeferred(self.sync_quietly())
 
     async def start(self):
         await self.finish_orphaned_removals()
@@ -122,6 +131,9 @@ class UnitsReconciler(Reconciler):
         # One unit's trouble must never stop the others.
         try:
             await work
+        except NoAuth:
+            # Nothing can be written to the unit: not even its error. The machine says it.
+            self.host.safeguards.report(safeguards.CREDENTIALS, safeguards.REFUSED, unit=name)
         except Exception as e:
             log.exception("%s: unit %s failed", self.host.name, name)
             await self._mark_error(name, f"machine agent: {e}")
@@ -156,6 +168,13 @@ class UnitsReconciler(Reconciler):
                 await unit.update(state=ERROR, error=self.refusal)
             return
         if self.deployer is not None:
+            running = self.deployer.container_for(name) in (self._running_containers or ())
+            if not running or self.host.safeguards.held(name):
+                # About to create or start it (or it waits already): the gate. What runs
+                # keeps running; only a start waits.
+                waiting = await self.host.safeguards.clear_to_start(unit, self._limits.get(unit.service_name))
+                if waiting is not None and not running:
+                    return
             started = await self.deployer.deploy(
                 unit, address, self._limits.get(unit.service_name), self._running_containers
             )
@@ -206,6 +225,11 @@ class UnitsReconciler(Reconciler):
         """The unit is no longer assigned here: destroy its container (after its stop
         hook), free its address, and if it is dying remove its nodes (and its
         service's, if that was the last unit). Each step is safe to repeat."""
+        await self._finish_removal(name)
+        # Done with it here: what held it no longer matters.
+        self.host.safeguards.forget(name)
+
+    async def _finish_removal(self, name):
         self._started_at.pop(name, None)
         for listener in self.listeners:
             await listener.unit_leaving(name)
