@@ -140,24 +140,23 @@ def role_limits(role_path, members):
     return (role_path, MEMBER_BYTES, 1 + members, True)
 
 
-async def limits_of(client, path):
-    """{byteHardLimit, countHardLimit, ...} of `path`'s quota, or None."""
+async def _quota_node(client, path, name):
     outside = await client.outside()
     try:
-        data, _ = await outside.get(f"{quota_path(client, path)}/{LIMITS}")
+        data, _ = await outside.get(f"{quota_path(client, path)}/{name}")
     except NoNode:
         return None
     return parse_limits(data)
+
+
+async def limits_of(client, path):
+    """{byteHardLimit, countHardLimit, ...} of `path`'s quota, or None."""
+    return await _quota_node(client, path, LIMITS)
 
 
 async def usage(client, path):
     """{count, bytes} the server counts for `path`'s quota, or None."""
-    outside = await client.outside()
-    try:
-        data, _ = await outside.get(f"{quota_path(client, path)}/{STATS}")
-    except NoNode:
-        return None
-    return parse_limits(data)
+    return await _quota_node(client, path, STATS)
 
 
 async def forget(client, path):

@@ -301,7 +301,7 @@ class UnitRelations:
         """Record a relation hook's outcome: `error` (why it failed) or None."""
         if hook.kind == BROKEN and error is None:
             self._leaving.pop(hook.relation_id, None)
-        if self._errors.get(hook.relation_id) == error and not (hook.kind == BROKEN and error is None):
+        if self._errors.get(hook.relation_id) == error:
             return
         if error is None:
             self._errors.pop(hook.relation_id, None)
