@@ -2,10 +2,12 @@
 (create, start, stop, destroy), side by side with plain `lxc-copy -s` + `lxc-start` of
 the same template. Prints one JSON object on stdout; progress goes to stderr.
 
-    .venv/bin/python bench/containers.py [--clones 50] [--warm] [--unprivileged]
+    .venv/bin/python bench/containers.py [--clones 50] [--warm] [--unprivileged] [--disk 4G]
 
---unprivileged gives the driver's containers a user namespace, as units get (the plain
-LXC side stays privileged: plain lxc-copy cannot clone a template for one).
+--unprivileged gives the driver's containers a user namespace and an id range of their
+own, as units get: the shared template seen through an idmapped mount under each one's
+writable layer (the plain LXC side stays privileged: plain lxc-copy cannot clone a
+template for one).
 
 The cold build uses a temporary cache directory (the shared cache stays warm);
 --warm skips it and clones the shared template instead. Everything runs in a network
@@ -33,9 +35,8 @@ from pyroute2 import netns as pyroute2_netns
 from twisted.internet import defer, task
 
 from ensemble.machine.container import config as lxc_config
-from ensemble.machine.container.driver import ContainerSpec, LXCDriver
+from ensemble.machine.container.driver import OWN_RANGE, ContainerSpec, LXCDriver
 from ensemble.machine.content import ensemble_mounts
-from ensemble.machine.deploy import UNIT_IDS
 from ensemble.machine.container.names import container_name, hostname
 from ensemble.machine.container.template import Template
 from ensemble.network.bridge import ensure_bridge
@@ -156,17 +157,15 @@ async def run(reactor, args):
         gateway = ensure_bridge(BRIDGE, f"{SUBNET_PREFIX}.0.0/16", netns)
         idmap = None
         if args.unprivileged:
-            # As units run: user-namespaced, from a template copy with shifted owners
-            # (made once; timed here), in storage their root can search.
-            idmap = UNIT_IDS
-            started = time.perf_counter()
-            await template.ensure_shifted(*idmap)
-            result["shifted_template_copy_s"] = round(time.perf_counter() - started, 1)
+            # As units run: user-namespaced, each with an id range of its own from the
+            # host's pool, in storage their root can search.
+            idmap = OWN_RANGE
             storage = os.path.join("/var/lib/ensemble", f"bench-{os.getpid()}")
             driver = LXCDriver(os.path.join(storage, "lxc"), template, netns=netns)
         else:
             driver = LXCDriver(os.path.join(work, "lxc"), template, netns=netns)
         result["unprivileged"] = bool(idmap)
+        result["disk"] = args.disk
         prefix = await driver.command_prefix()
         plain = Plain(template, os.path.join(work, "plain"), prefix, gateway)
         mounts = ensemble_mounts()
@@ -174,7 +173,7 @@ async def run(reactor, args):
         def spec(i):
             unit = f"bench/{i}"
             return ContainerSpec(container_name("bench", unit), hostname(unit), f"{SUBNET_PREFIX}.0.{10 + i}", 16,
-                                 gateway, BRIDGE, mounts=mounts, idmap=idmap, **LIMITS)
+                                 gateway, BRIDGE, mounts=mounts, idmap=idmap, disk=args.disk, **LIMITS)
 
         # Warm up both paths once (page cache, the driver's namespace helper).
         warm = spec(199)
@@ -267,6 +266,9 @@ def main():
     parser.add_argument("--warm", action="store_true", help="clone the shared template; no cold build")
     parser.add_argument("--unprivileged", action="store_true",
                         help="user-namespaced containers, as units get (plain LXC stays privileged)")
+    parser.add_argument("--disk", metavar="SIZE", default=None,
+                        help="give each of the driver's containers its own filesystem of SIZE (e.g. 4G), as units "
+                             "get: the writable layer in an ext4 image on a loop device (disk.py)")
     args = parser.parse_args()
 
     async def go(reactor):

@@ -18,7 +18,7 @@ from ensemble import __version__, connection
 from ensemble.charm import Charm, bundle_id
 from ensemble.errors import EnsembleError, InvalidValue
 from ensemble.home import EnsembleHome
-from ensemble.limits import parse_cpu_weight, parse_memory, parse_pids
+from ensemble.limits import parse_cpu_weight, parse_disk, parse_memory, parse_pids
 from ensemble.names import parse_machine_id, parse_unit_name, validate_service_name
 from ensemble.state import auth
 from ensemble.state.environment import DEFAULT_NETWORK, get_environment
@@ -148,6 +148,8 @@ def _parse_limits(args):
         limits["cpu-weight"] = parse_cpu_weight(args.cpu_weight)
     if args.pids is not None:
         limits["pids"] = parse_pids(args.pids)
+    if args.disk is not None:
+        limits["disk"] = parse_disk(args.disk)
     return limits
 
 
@@ -341,6 +343,8 @@ async def cmd_machine_agent(reactor, args):
     from ensemble.machine.agent import MachineAgent
 
     machine_id = parse_machine_id(args.machine_id)
+    units_memory = parse_memory(args.units_memory) if args.units_memory is not None else None
+    units_pids = parse_pids(args.units_pids) if args.units_pids is not None else None
     driver = template = None
     home = EnsembleHome()
     if not args.no_containers:
@@ -374,6 +378,7 @@ async def cmd_machine_agent(reactor, args):
         unit_log_dir=os.path.join(home.logs_dir, "units"), overlay=not (args.no_bridge or args.no_overlay),
         firewall=not (args.no_bridge or args.no_firewall), names=not args.no_bridge,
         package_cache_dir=None if args.no_bridge or driver is None else os.path.join(home.storage_dir, "packages", f"machine-{machine_id}"),
+        units_memory=units_memory, units_pids=units_pids,
     )
     await _run_agent(reactor, args.agent)
 
@@ -487,9 +492,11 @@ def build_parser():
     sub.add_argument("service", metavar="SERVICE", nargs="?", help="service name (default: the charm's)")
     _placement_arguments(sub)
     sub.add_argument("--config", action="append", metavar="KEY=VALUE", help="set a charm option")
-    sub.add_argument("--memory", metavar="SIZE", help="memory limit per unit, e.g. 512M")
+    sub.add_argument("--memory", metavar="SIZE", help="memory (and swap) limit per unit, e.g. 512M (default 1G)")
     sub.add_argument("--cpu-weight", metavar="N", help="relative CPU weight per unit, 1-10000 (100 is the norm; unset: no weight)")
-    sub.add_argument("--pids", metavar="N", help="process limit per unit")
+    sub.add_argument("--pids", metavar="N", help="process limit per unit (default 1024)")
+    sub.add_argument("--disk", metavar="SIZE",
+                     help="disk per unit: its writable layer and its logs, e.g. 10G (default 4G)")
 
     sub = command("add-unit", cmd_add_unit, "add units to a service")
     sub.add_argument("service", metavar="SERVICE")
@@ -550,6 +557,14 @@ def build_parser():
     sub.add_argument(
         "--no-firewall", action="store_true",
         help="let units reach every port of each other and of this host (implied by --no-bridge)",
+    )
+    sub.add_argument(
+        "--units-memory", metavar="SIZE",
+        help="memory (and swap) all units of this machine may use together (default: 80%% of the host's)",
+    )
+    sub.add_argument(
+        "--units-pids", metavar="N",
+        help="processes all units of this machine may run together (default: 80%% of the host's pid space)",
     )
 
     sub = command("unit-agent", cmd_unit_agent, "run a unit agent in the foreground")

@@ -107,7 +107,8 @@ def tail_lines(root, relative, lines, limit=TAIL_LIMIT):
 
 def own_directory(root, name, uid, gid, mode=0o755):
     """Make directory `name` in `root` (the host's own directory) if it is missing, and
-    give it to uid:gid, through its descriptor: never through a link put in its place."""
+    give it to uid:gid with `mode`, through its descriptor: never through a link put
+    in its place."""
     parent = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         try:
@@ -122,7 +123,25 @@ def own_directory(root, name, uid, gid, mode=0o755):
             raise
         try:
             os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
         finally:
             os.close(fd)
     finally:
         os.close(parent)
+
+
+def disown_tree(root, name):
+    """Give directory `name` in `root` and everything in it to host root, following no
+    link: once its unit is gone. Nothing the unit could run is left to race this."""
+    top = os.path.join(root, name)
+    try:
+        st = os.lstat(top)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeFile(top, "directory", "use")
+    for dirpath, dirnames, filenames in os.walk(top):
+        for entry in [dirpath] + [os.path.join(dirpath, n) for n in filenames + dirnames]:
+            st = os.lstat(entry)
+            if st.st_uid or st.st_gid:
+                os.lchown(entry, 0, 0)

@@ -14,13 +14,15 @@ def make_searchable(path, top):
         path = os.path.dirname(path)
 
 
-def unsearchable(path, uid):
+def unsearchable(path, uid, gid=None):
     """The first directory on the way to `path` (itself included, if a directory) that
-    host id `uid`, owning none of them but its own, may not search; None if none."""
+    host id `uid` (with group `gid` only), owning none of them but its own, may not
+    search; None if none."""
     current = path if os.path.isdir(path) else os.path.dirname(path)
     while True:
         st = os.stat(current)
-        if not st.st_mode & (0o100 if st.st_uid == uid else 0o001):
+        bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+        if not st.st_mode & bit:
             return current
         if current == "/":
             return None

@@ -28,7 +28,9 @@ from kazoo.exceptions import BadArgumentsError, NoChildrenForEphemeralsError
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from ensemble.machine.container.driver import ContainerError, ContainerExists, ContainerNotFound, ContainerSpec
+from ensemble.machine.container.driver import (
+    OWN_RANGE, ContainerError, ContainerExists, ContainerNotFound, ContainerSpec,
+)
 from ensemble.machine.container.names import validate_container_name
 from ensemble.names import unit_key
 from ensemble.network.ipam import AddressTaken, UnitHasAddress
@@ -605,6 +607,7 @@ class InMemoryAddressStore:
         self.subnet = None
         self.units = {}       # unit -> address
         self.addresses = {}   # address -> unit
+        self.hwaddrs = {}     # unit -> MAC
         self.tickets = None   # None until ensure()
 
     async def ensure(self, subnet):
@@ -631,7 +634,14 @@ class InMemoryAddressStore:
         self.tickets += 1
         return self.tickets
 
-    async def take(self, unit, address):
+    async def macs(self):
+        return dict(self.hwaddrs)
+
+    async def record_mac(self, unit, mac):
+        unit_key(unit)
+        self.hwaddrs[unit] = mac
+
+    async def take(self, unit, address, mac=None):
         unit_key(unit)
         self._require()
         if unit in self.units:
@@ -640,12 +650,15 @@ class InMemoryAddressStore:
             raise AddressTaken(address)
         self.units[unit] = address
         self.addresses[address] = unit
+        if mac is not None:
+            self.hwaddrs[unit] = mac
         self.tickets += 1
         return self.tickets
 
     async def free(self, unit):
         unit_key(unit)
         address = self.units.pop(unit, None)
+        self.hwaddrs.pop(unit, None)
         if address is not None:
             del self.addresses[address]
         return address
@@ -659,6 +672,35 @@ class FakeContainer:
     spec: ContainerSpec
     state: str = "STOPPED"
     starts: int = 0
+
+
+class FakeIdRangeStore:
+    """HostIdRangeStore's claims in a dict: {index: owner}, the same pool policy."""
+
+    def __init__(self, pool=None):
+        from ensemble.machine.container.id_ranges import POOL
+        self.pool = pool or POOL
+        self.held = {}
+
+    def claims(self):
+        return dict(self.held)
+
+    def owned_by(self, owner):
+        return next((self.pool.range(i) for i, o in self.held.items() if o == owner), None)
+
+    def claim(self, owner):
+        found = self.owned_by(owner)
+        if found is None:
+            index = self.pool.choose(self.held)
+            self.held[index] = owner
+            found = self.pool.range(index)
+        return found
+
+    def release(self, owner):
+        doomed = [i for i, o in self.held.items() if o == owner]
+        for i in doomed:
+            del self.held[i]
+        return bool(doomed)
 
 
 class FakeContainerDriver:
@@ -688,6 +730,7 @@ class FakeContainerDriver:
         self.calls = []
         self.delays = {}
         self.exec_handler = None
+        self.id_ranges = FakeIdRangeStore()
         self._failures = {}   # (operation, name or None) -> [error, times left or None]
 
     def __repr__(self):
@@ -747,8 +790,13 @@ class FakeContainerDriver:
         await self._enter("create", spec.name)
         if spec.name in self.containers:
             raise ContainerExists(spec.name)
+        if spec.idmap == OWN_RANGE:
+            spec = dataclasses.replace(spec, idmap=self.id_ranges.claim(self.container_dir(spec.name)))
         self.containers[spec.name] = FakeContainer(spec)
         return self.container_dir(spec.name)
+
+    async def id_range(self, name):
+        return self.id_ranges.owned_by(self.container_dir(name))
 
     async def start(self, name, timeout=10):
         await self._enter("start", name)
@@ -764,6 +812,7 @@ class FakeContainerDriver:
     async def destroy(self, name, timeout=10):
         await self._enter("destroy", name)
         self.containers.pop(name, None)
+        self.id_ranges.release(self.container_dir(name))
 
     async def list(self):
         await self._enter("list")

@@ -20,10 +20,13 @@ import ensemble
 from ensemble.errors import InvalidName, InvalidValue
 from ensemble.machine.container import config as lxc_config
 from ensemble.machine.container import driver as driver_module
+from ensemble.machine.container import id_ranges
+from ensemble.machine.container.id_ranges import IdRangeError
 from ensemble.machine.container.driver import (
     ContainerError,
     ContainerExists,
     ContainerNotFound,
+    OWN_RANGE,
     ContainerSpec,
     LXCDriver,
 )
@@ -635,26 +638,28 @@ async def test_interrupted_build_leaves_nothing_then_concurrent_builds_build_onc
 @pytest_twisted.ensureDeferred
 async def test_unprivileged_container_refuses_an_lxc_path_its_root_cannot_search(driver, lab):
     # driver's lxc path is under tmp_path, whose parents are 0700.
-    spec = lab.spec("web/0", idmap=(100000, 65536))
-    with pytest.raises(ContainerError, match="cannot be searched by host id 100000"):
+    spec = lab.spec("web/0", idmap=OWN_RANGE)
+    with pytest.raises(ContainerError, match=r"cannot be searched by host id \d+, the root of unprivileged"):
         await driver.create(spec)
     assert await driver.list() == [] and not os.path.exists(driver.container_dir(spec.name))
+    # Nor does it keep the range it claimed.
+    assert await driver.id_range(spec.name) is None
 
 
 def test_unprivileged_ids_must_be_granted_to_root(tmp_path, monkeypatch):
     subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
     subuid.write_text("alice:100000:65536\nroot:200000:65536\n")
     subgid.write_text("root:100000:65536\n")
-    with pytest.raises(ContainerError, match=r"subuid does not grant root host ids 100000-165535.*root:100000:65536"):
-        driver_module._require_granted(100000, 65536, (str(subuid), str(subgid)))
+    with pytest.raises(IdRangeError, match=r"subuid does not grant root host ids 100000-165535.*root:100000:65536"):
+        id_ranges.require_granted(100000, 65536, (str(subuid), str(subgid)))
     subuid.write_text("root:100000:131072\n")
-    driver_module._require_granted(100000, 65536, (str(subuid), str(subgid)))
-    with pytest.raises(ContainerError, match="subgid"):
-        driver_module._require_granted(165536, 65536, (str(subuid), str(subgid)))
+    id_ranges.require_granted(100000, 65536, (str(subuid), str(subgid)))
+    with pytest.raises(IdRangeError, match="subgid"):
+        id_ranges.require_granted(165536, 65536, (str(subuid), str(subgid)))
     # And the tools that apply the grant must be there.
-    monkeypatch.setattr(driver_module, "PATH", str(tmp_path))
-    with pytest.raises(ContainerError, match="newuidmap is missing: install the 'uidmap' package"):
-        driver_module._require_granted(100000, 65536, (str(subuid), str(subgid)))
+    monkeypatch.setattr(id_ranges, "PATH", str(tmp_path))
+    with pytest.raises(IdRangeError, match="newuidmap is missing: install the 'uidmap' package"):
+        id_ranges.require_granted(100000, 65536, (str(subuid), str(subgid)))
 
 
 @pytest_twisted.ensureDeferred
@@ -664,17 +669,19 @@ async def test_unprivileged_start_binds_what_its_root_cannot_reach_for_itself_on
     hidden = tmp_path / "hidden"  # under pytest's 0700 tmp: the container's root cannot reach it
     hidden.mkdir()
     (hidden / "note").write_text("from the host\n")
-    spec = lab.spec("web/0", idmap=(100000, 65536), mounts=[*ensemble_mounts(), (str(hidden), "/hidden", True)])
+    spec = lab.spec("web/0", idmap=OWN_RANGE, mounts=[*ensemble_mounts(), (str(hidden), "/hidden", True)])
     await driver.create(spec)
     await driver.start(spec.name)
+    first, count = await driver.id_range(spec.name)
     config = open(driver.config_path(spec.name)).read()
-    assert "lxc.idmap = u 0 100000 65536" in config and "lxc.idmap = g 0 100000 65536" in config
+    assert f"lxc.idmap = u 0 {first} {count}" in config and f"lxc.idmap = g 0 {first} {count}" in config
     # The unreachable mount goes through a stage mountpoint; what its root can reach
-    # (the shifted template, the container directory, the venv) is named directly.
+    # (the container directory, the venv) is named directly; the root filesystem is
+    # the overlay the start mounts.
     staged = [line for line in config.splitlines() if line.startswith("lxc.mount.entry") and "hidden" in line]
     assert len(staged) == 1 and re.fullmatch(
         rf"lxc.mount.entry = {lxc_config.STAGE_DIR}/dir-\d+ hidden none bind,ro,create=dir 0 0", staged[0]), staged
-    assert f"overlay:{driver.template.shifted_rootfs(100000)}:{driver.container_dir(spec.name)}/overlay/delta" in config
+    assert f"lxc.rootfs.path = dir:{lxc_config.STAGE_ROOTFS}" in config
     for host_path, container_path, _ in ensemble_mounts():
         assert f"lxc.mount.entry = {host_path} {container_path.lstrip('/')} " in config
     # It runs, sees the file, and the bind exists in its own mount namespace only.

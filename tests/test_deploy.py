@@ -19,7 +19,6 @@ from ensemble import local, process
 from ensemble.home import EnsembleHome
 from ensemble.machine.container.driver import LXCDriver
 from ensemble.machine.content import agent_python
-from ensemble.machine.deploy import UNIT_IDS
 from ensemble.machine.container.template import Template
 from ensemble.state.network import ZooKeeperAddressStore
 
@@ -181,11 +180,15 @@ async def test_two_services_on_one_machine_are_started_connected_and_isolated(en
             assert (code, out) == (0, ""), (out, err)
         code, out, _ = await sh(driver, web["container"], "hostname")
         assert out.strip() == "web-0"
-        # Each unit's root is host id 100000, not host root: its processes, and the
-        # logs it writes to its directory the host shares, belong to that id.
+        # Each unit's root is the first id of a range of its own, not host root: its
+        # processes, and the logs it writes to its directory the host shares, belong
+        # to that id, which is no other unit's.
+        ids = {}
         for unit in (db, web):
+            ids[unit["container"]] = (await driver.id_range(unit["container"])).first
             init = await driver.init_pid(unit["container"])
-            assert os.stat(f"/proc/{init}").st_uid == UNIT_IDS[0]
+            assert os.stat(f"/proc/{init}").st_uid == ids[unit["container"]]
+        assert len(set(ids.values())) == 2
         # web's agent's own ZooKeeper credential, used from inside web, may change web's
         # node but not db's.
         assert await write_as_unit(driver, web["container"], "/units/web-0", {"touched": True}) == "changed"
@@ -198,9 +201,11 @@ async def test_two_services_on_one_machine_are_started_connected_and_isolated(en
             assert "ENSEMBLE_AUTH=" not in out and "ENSEMBLE_ZOOKEEPER=" not in out, out
         assert "touched" not in env.units()["db/0"]
         logs = env.home / "logs" / "units"
-        for unit_dir in ("db-0", "web-0"):
+        for unit_dir, unit in (("db-0", db), ("web-0", web)):
             files = list((logs / unit_dir).iterdir())
-            assert files and all(f.stat().st_uid == UNIT_IDS[0] for f in files), files
+            assert files and all(f.stat().st_uid == ids[unit["container"]] for f in files), files
+            # Its directory is open to it alone: another unit's ids cannot read its hooks' output.
+            assert os.stat(logs / unit_dir).st_mode & 0o077 == 0
     finally:
         await driver.close()
 
@@ -210,13 +215,22 @@ async def test_remove_unit_frees_the_machine_for_the_next_unit(environment):
     env = environment
     env.cli("deploy", DB, "--to", "0")
     first = (await all_started(env, ["db/0"]))["db/0"]
+    driver = env.driver()
+    ids = await driver.id_range(first["container"])
+    assert ids is not None
     env.cli("remove-unit", "db/0")
     await until(lambda: env.units() == {}, what="db/0 removed")
-    driver = env.driver()
     client = await env.client()
     try:
         assert await driver.list() == []
         assert await ZooKeeperAddressStore(client, 0).taken() == []
+        # Its id range is free, and nothing in the environment's home (containers,
+        # logs) is owned by it: a unit given that range later finds nothing of db/0's.
+        assert await driver.id_range(first["container"]) is None
+        owned = [os.path.join(d, n) for d, dirs, files in os.walk(env.home) for n in dirs + files
+                 if ids.first <= os.lstat(os.path.join(d, n)).st_uid < ids.first + ids.count]
+        assert owned == []
+        assert (env.home / "logs" / "units" / "db-0").exists()  # its log stays, host root's
         env.cli("add-unit", "db", "--to", "0")
         second = (await all_started(env, ["db/1"]))["db/1"]
         assert second["container"] != first["container"]

@@ -67,9 +67,11 @@ class Recorder:
 
     def __init__(self):
         self.syncs = []
+        self.ports = []
 
-    def sync(self, openings, related=()):
+    def sync(self, openings, related=(), ports=None):
         self.syncs.append((openings, set(related)))
+        self.ports.append(ports)
 
     @property
     def openings(self):

@@ -3,15 +3,18 @@ test creates: processes, files, unix sockets, hostnames, TCP between their addre
 a memory limit that kills inside one container only, and root inside that is not root
 on the host. The containers are user-namespaced, as units are."""
 
+import json
 import os
 import socket
+import subprocess
 
 import pytest
 import pytest_twisted
+from twisted.internet import threads
 
 from ensemble.machine.container import config as lxc_config
+from ensemble.machine.container.driver import OWN_RANGE
 from ensemble.machine.content import ensemble_mounts
-from ensemble.machine.deploy import UNIT_IDS
 from ensemble.machine.container.template import shift_owners
 
 from conftest import eventually
@@ -80,17 +83,23 @@ def shared(tmp_path):
     under tmp_path, whose 0700 parents the containers' root cannot search."""
     path = tmp_path / "shared"
     path.mkdir()
-    shift_owners(str(path), *UNIT_IDS)  # as the deployer gives a unit its log directory
     return path
 
 
 @pytest_twisted.async_yield_fixture
 async def pair(unprivileged_driver, lab, shared):
     driver = unprivileged_driver
-    a = lab.spec("web/0", idmap=UNIT_IDS, mounts=[*ensemble_mounts(), (str(shared), "/shared", False)])
-    b = lab.spec("db/0", memory="64M", idmap=UNIT_IDS)
+    # Each with a supervised "agent" whose run file holds a credential, as units' do.
+    agent = {"agent_command": ["/bin/sleep", "infinity"]}
+    a = lab.spec("web/0", idmap=OWN_RANGE, mounts=[*ensemble_mounts(), (str(shared), "/shared", False)],
+                 agent_environment={"ENSEMBLE_AUTH": "credential-of-a"}, **agent)
+    b = lab.spec("db/0", memory="64M", idmap=OWN_RANGE, agent_environment={"ENSEMBLE_AUTH": "credential-of-b"},
+                 **agent)
     for spec in (a, b):
         await driver.create(spec)
+    # As the deployer gives a unit its log directory.
+    shift_owners(str(shared), *await driver.id_range(a.name))
+    for spec in (a, b):
         await driver.start(spec.name)
     yield driver, a, b
 
@@ -229,7 +238,7 @@ async def test_memory_limit_kills_inside_that_container_only(pair):
 @pytest_twisted.ensureDeferred
 async def test_root_inside_is_an_unprivileged_id_on_the_host(pair, shared):
     driver, a, _ = pair
-    first, count = UNIT_IDS
+    first, count = await driver.id_range(a.name)
     assert (await sh(driver, a.name, "id -u")).strip() == "0"
     assert (await sh(driver, a.name, "cat /proc/self/uid_map")).split() == ["0", str(first), str(count)]
     assert (await sh(driver, a.name, "cat /proc/self/gid_map")).split() == ["0", str(first), str(count)]
@@ -292,3 +301,83 @@ async def test_root_inside_cannot_reach_the_host_kernel(pair):
     assert code != 0
     with open("/proc/sys/kernel/core_pattern") as f:
         assert f.read() == core_pattern
+
+
+# What a host process can do to one unit: run as another unit's root id (as one that
+# escaped its container would be), it prints {what: "ok" or the error's name}.
+DRILL = r"""
+import errno, json, os, signal, sys
+container, pid = sys.argv[1], int(sys.argv[2])
+delta = os.path.join(container, "overlay", "delta")
+results = {}
+def attempt(what, action):
+    try:
+        action()
+        results[what] = "ok"
+    except OSError as e:
+        results[what] = errno.errorcode[e.errno]
+def write(path):
+    with open(path, "w") as f:
+        f.write("planted")
+attempt("read its secret", lambda: open(os.path.join(delta, "root/secret")).read())
+attempt("read its world-readable file", lambda: open(os.path.join(delta, "srv/data")).read())
+attempt("read its credential", lambda: open(os.path.join(container, "ensemble/service/agent/run")).read())
+attempt("write into its root", lambda: write(os.path.join(delta, "planted")))
+attempt("read through /proc", lambda: open(f"/proc/{pid}/root/srv/data").read())
+attempt("read its environment", lambda: open(f"/proc/{pid}/environ").read())
+attempt("signal it", lambda: os.kill(pid, 0))
+print(json.dumps(results))
+"""
+
+
+def agent_pid(first):
+    """The host pid of the supervised "agent" (sleep) of the unit whose root is `first`:
+    a process of the unit's own, as a charm's daemon is (LXC's init is not dumpable)."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+        except (OSError, ValueError):
+            continue
+        if status.get("Name") == "sleep" and status["Uid"].split()[0] == str(first):
+            return int(entry)
+    raise AssertionError(f"no agent of host id {first} running")
+
+
+async def drill(driver, as_ids, target):
+    """DRILL against container `target`, run on the host as `as_ids`' root id."""
+    pid = agent_pid((await driver.id_range(target)).first)
+    argv = ["setpriv", f"--reuid={as_ids.first}", f"--regid={as_ids.first}", "--clear-groups",
+            "/usr/bin/python3", "-c", DRILL, driver.container_dir(target), str(pid)]
+    done = await threads.deferToThread(subprocess.run, argv, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_unit_has_ids_of_its_own_and_they_reach_nothing_of_another_unit(pair):
+    driver, a, b = pair
+    ids = {spec.name: await driver.id_range(spec.name) for spec in (a, b)}
+    first_a, first_b = ids[a.name].first, ids[b.name].first
+    # Two disjoint ranges, each root's inside its own container.
+    assert abs(first_a - first_b) >= ids[a.name].count
+    for spec in (a, b):
+        first = ids[spec.name].first
+        assert (await sh(driver, spec.name, "cat /proc/self/uid_map")).split() == ["0", str(first), "65536"]
+        assert os.stat(f"/proc/{await driver.init_pid(spec.name)}").st_uid == first
+        await sh(driver, spec.name, "umask 077 && echo secret > /root/secret && mkdir -p /srv && "
+                                    "umask 022 && echo data > /srv/data")
+    everything = {"read its secret", "read its world-readable file", "read its credential",
+                  "write into its root", "read through /proc", "read its environment", "signal it"}
+    # Unit a's root id on the host reaches a's files and processes ... (but not
+    # through /proc: a's processes hold capabilities in a's namespace, which the bare
+    # id on the host lacks, so the kernel refuses it that access even to a's own.)
+    through_proc = {"read through /proc", "read its environment"}
+    own = await drill(driver, ids[a.name], a.name)
+    assert own == {what: "EACCES" if what in through_proc else "ok" for what in everything}, own
+    # ... and nothing of b's: not its files, its credential, its processes.
+    other = await drill(driver, ids[a.name], b.name)
+    assert set(other) == everything and "ok" not in other.values(), other
+    # The same the other way round.
+    assert "ok" not in (await drill(driver, ids[b.name], a.name)).values()
+    assert await drill(driver, ids[b.name], b.name) == own

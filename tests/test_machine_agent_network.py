@@ -16,6 +16,7 @@ from ensemble.state.unit import UnitStateManager
 from ensemble.status import collect
 
 from conftest import SESSION_TIMEOUT, eventually
+from fakes import FakeContainerDriver
 from netns import temporary_netns
 
 
@@ -206,8 +207,9 @@ class _FailingTemplate:
 async def test_a_failed_template_build_is_a_machine_error_and_retried(env_client, zk_server, zk_root):
     agent_client = await ZKClient(zk_server.address, zk_root, session_timeout=SESSION_TIMEOUT).connect()
     template = _FailingTemplate()
-    # The driver is never reached here: the test is about what the agent does around the build.
-    agent = MachineAgent(agent_client, 0, manage_bridge=False, driver=object(), template=template)
+    # The driver is never asked for a container here: the test is about what the agent
+    # does around the build.
+    agent = MachineAgent(agent_client, 0, manage_bridge=False, driver=FakeContainerDriver(), template=template)
     agent.template_retry_delay = 0.2
     started = defer.ensureDeferred(agent.start())
     try:

@@ -6,6 +6,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
+from ensemble.machine import host as hosts
 from ensemble.machine.agent import MachineAgent
 from ensemble.machine.container.names import container_name
 from ensemble.machine.reconciler import Reconciler
@@ -60,7 +61,10 @@ class Host:
 
 
 @pytest.fixture
-def clock():
+def clock(monkeypatch):
+    # A Clock has no threads: the agent's blocking work (a removed unit's log given
+    # back to root) runs inline.
+    monkeypatch.setattr(hosts.Host, "in_thread", lambda self, f, *args: defer.maybeDeferred(f, *args))
     return task.Clock()
 
 

@@ -17,6 +17,7 @@ from ensemble.machine import safeguards
 from ensemble.machine.agent import MachineAgent
 from ensemble.machine.container import config
 from ensemble.machine.container.config import HostCgroups
+from ensemble.machine.container.id_ranges import POOL
 from ensemble.machine.reconcilers.id_range import IdRangeReconciler
 from ensemble.network import bridge
 from ensemble.network.bridge import BridgeError
@@ -55,7 +56,7 @@ def id_files(tmp_path, monkeypatch):
     units' range."""
     files = [tmp_path / "subuid", tmp_path / "subgid"]
     for f in files:
-        f.write_text("root:100000:65536\n")
+        f.write_text(POOL.subid_line() + "\n")
     monkeypatch.setattr(IdRangeReconciler, "files", tuple(str(f) for f in files))
     return files
 
@@ -205,14 +206,14 @@ async def test_no_unit_starts_while_root_lacks_the_units_id_range(clock, tmp_pat
     agent = await host.start_agent()
     await assert_waiting(host, "db/0")
     assert (await shown(host))["id-range"].startswith(
-        f"{id_files[0]} does not grant root host ids 100000-165535, the ids of unprivileged containers")
+        f"{id_files[0]} does not grant root host ids {POOL.first}-{POOL.last}, the ids of units' containers")
 
-    id_files[0].write_text("root:100000:65536\n")  # scripts/install run again
+    id_files[0].write_text(POOL.subid_line() + "\n")  # scripts/install run again
     host.tick()
     assert "db/0" not in str(await shown(host))
     assert (await shown(host))["id-range"].startswith(f"{id_files[1]} does not grant")
     assert host.driver.containers == {}
-    id_files[1].write_text("root:100000:65536\n")
+    id_files[1].write_text(POOL.subid_line() + "\n")
     host.tick()
     assert running(host) == {host.container("db/0")} and await shown(host) is None
     await agent.stop()
@@ -253,11 +254,15 @@ async def test_a_unit_whose_limits_this_host_cannot_enforce_waits(clock, tmp_pat
     await ServiceStateManager(host.admin).deploy(
         "capped", bundle_id(charm.name, charm.bundle()), charm.bundle(), charm.config({}), {"pids": 100}, n=1, to=0)
     agent = await host.start_agent()
-    # Only the unit whose service sets a limit waits: the others have none to enforce.
-    assert running(host) == {host.container("db/0")}
+    # Every unit has limits (its service's, else the defaults): none starts on a host
+    # that cannot enforce them, and each shows what it lacks.
+    assert running(host) == set()
     await assert_waiting(host, "capped/0")
-    assert await shown(host) == {
-        "limits": "capped/0: pids limit 100 not enforced: no pids cgroup controller on this host"}
+    await assert_waiting(host, "db/0")
+    no_memory = "memory limit 1073741824 not enforced: no memory cgroup controller on this host"
+    assert await shown(host) == {"limits": (
+        f"capped/0: {no_memory}; pids limit 100 not enforced: no pids cgroup controller on this host; "
+        f"db/0: {no_memory}; pids limit 1024 not enforced: no pids cgroup controller on this host")}
     monkeypatch.setattr(config, "_host_cgroups", None)  # read again: this host's own
     if not config.host_cgroups().has("pids"):
         pytest.skip("this host has no pids controller")

@@ -8,14 +8,17 @@ import logging
 
 from twisted.internet import defer, task
 
+from ensemble import limits
 from ensemble.agent import BaseAgent
 from ensemble.errors import EnsembleError
 from ensemble.machine import host as hosts
 from ensemble.machine.content import UnrunnableInstallation, check_installation
-from ensemble.machine.deploy import UNIT_IDS, UnitDeployer
+from ensemble.machine.deploy import UnitDeployer
 from ensemble.machine.reconcilers.bridge import BridgeReconciler
 from ensemble.machine.reconcilers.firewall import FirewallReconciler
 from ensemble.machine.reconcilers.id_range import IdRangeReconciler
+from ensemble.machine.reconcilers.layer2 import Layer2Reconciler
+from ensemble.machine.reconcilers.limits import LimitsReconciler
 from ensemble.machine.reconcilers.names import NamesReconciler
 from ensemble.machine.reconcilers.package_cache import PackageCacheReconciler
 from ensemble.machine.reconcilers.overlay import OverlayReconciler
@@ -36,10 +39,11 @@ class MachineAgent(BaseAgent):
     units of related services reach each other, opened ports of exposed services are
     reachable from anywhere, and nothing else reaches a unit. With `names`, it serves
     units' names to its units on its bridge address; with `package_cache_dir`, a
-    package cache there (unless the environment turned it off). A unit's container
-    is created or started only while each of these layers (and the units' id range,
-    credentials and limits) is in place; the machine node's `security-error` says
-    which is not."""
+    package cache there (unless the environment turned it off). With containers on
+    its bridge, each unit's port is held to the unit's MAC and address (layer 2). A
+    unit's container is created or started only while each of these layers (and the
+    units' id range, credentials and limits) is in place; the machine node's
+    `security-error` says which is not."""
 
     lease_retry_delay = 10.0
     template_retry_delay = 30.0
@@ -48,7 +52,7 @@ class MachineAgent(BaseAgent):
     def __init__(
         self, client, machine_id, reactor=None, manage_bridge=True, netns=None,
         driver=None, template=None, unit_zookeeper=None, unit_log_dir=None, overlay=False, firewall=False,
-        names=False, package_cache_dir=None,
+        names=False, package_cache_dir=None, units_memory=None, units_pids=None,
     ):
         super().__init__(client, reactor)
         self.machine_id = machine_id
@@ -63,6 +67,10 @@ class MachineAgent(BaseAgent):
         self.manage_firewall = firewall
         self.serve_names = names
         self.package_cache_dir = package_cache_dir
+        # The cap on all units together (None: the default share of the host's; see
+        # ensemble/limits.py), put on the machine's parent cgroup.
+        self.units_memory = units_memory
+        self.units_pids = units_pids
         self.machine = None
         self.host = None
         self.units = None
@@ -106,17 +114,25 @@ class MachineAgent(BaseAgent):
         cache = await self._package_cache(host)
         services = [s for s in (names, cache) if s is not None]
         listeners = []
+        firewall = None
         if self.manage_firewall:
             firewall = FirewallReconciler(host, [port for s in services for port in s.ports])
             listeners.append(firewall)
             # Closed from the start: until a unit's ports are known, nothing is open.
             await self._start(firewall)
+        if self.driver is not None and self.manage_bridge:
+            # Each unit's port held to its MAC and address (with the firewall's filter).
+            layer2 = Layer2Reconciler(host, firewall)
+            listeners.append(layer2)
+            await self._start(layer2)
         deployer = refusal = None
         if self.driver is not None:
             refusal = await self._template(host)
             if self._stopping:
                 return
-            await self._start(IdRangeReconciler(host, *UNIT_IDS))
+            await self._start(IdRangeReconciler(host, self.driver.id_ranges))
+            await self._start(LimitsReconciler(
+                host, self.driver, limits.machine_caps(self.units_memory, self.units_pids)))
             deployer = UnitDeployer(
                 host, self.driver, self.unit_log_dir,
                 name_domain=names.domain if names else None, apt_proxy=cache.apt_config if cache else None,

@@ -10,9 +10,10 @@ import netaddr
 from twisted.internet import task
 
 from ensemble import hostfs
+from ensemble import limits as unit_limits
 from ensemble.errors import UnsafeFile
 from ensemble.machine.container.config import AGENT_LOG
-from ensemble.machine.container.driver import ContainerSpec
+from ensemble.machine.container.driver import OWN_RANGE, ContainerSpec
 from ensemble.machine.container.names import container_name, hostname
 from ensemble.machine.content import agent_python, ensemble_mounts, unit_files
 from ensemble.names import unit_key
@@ -25,9 +26,6 @@ log = logging.getLogger("ensemble.machine")
 STOP_HOOK_TIMEOUT = 60.0
 AGENT_LOG_TAIL = 3
 AGENT_LOG_BYTES = 8192
-# Root in every unit is host id 100000 (ids 0-65535 inside map to 100000-165535): a
-# user namespace. scripts/install grants root this range in /etc/subuid and /etc/subgid.
-UNIT_IDS = (100000, 65536)
 # Inside containers: expire quickly, so a dead unit agent shows as down in seconds.
 UNIT_SESSION_TIMEOUT = "4"
 
@@ -56,6 +54,10 @@ def agent_log_tail(unit_log_dir, unit_name, lines=AGENT_LOG_TAIL):
 class UnitDeployer:
     """Deploys and tears down units' containers for one machine agent."""
 
+    # What a unit gets where its service sets no limit: ensemble.limits.DEFAULTS (None)
+    # or a dict of the same keys.
+    default_limits = None
+
     def __init__(self, host, driver, unit_log_dir=None, name_domain=None, apt_proxy=None):
         """`host`: the machine agent's Host. What the host offers its units: its name
         server's search domain (None: no name server) and apt's configuration for its
@@ -73,16 +75,16 @@ class UnitDeployer:
 
     def spec(self, unit, address, limits):
         """The container `unit` gets: its address, its service's `limits`, its agent."""
-        service_limits = limits or {}
+        # The service's own limits, and the defaults for what it does not set.
+        service_limits = unit_limits.effective(limits, self.default_limits)
         name = self.container_for(unit.name)
         mounts = list(ensemble_mounts())
         if self.unit_log_dir:
-            # Each unit its own directory: a shared one would let units read each other's logs.
+            # Each unit its own directory: a shared one would let units read each other's
+            # logs. Given to the unit's root once its container has its ids (deploy).
             log_dir = unit_log_path(self.unit_log_dir, unit.name)
             os.makedirs(self.unit_log_dir, exist_ok=True)
-            # Written by the unit's root, which is not host root. Only the directory
-            # itself: what is in it is the unit's (see ensemble/hostfs.py).
-            hostfs.own_directory(self.unit_log_dir, unit_key(unit.name), UNIT_IDS[0], UNIT_IDS[0])
+            hostfs.own_directory(self.unit_log_dir, unit_key(unit.name), 0, 0, 0o755)
             mounts.append((log_dir, "/var/log/ensemble", False))
         network = netaddr.IPNetwork(self.host.subnet)
         gateway = self.host.gateway
@@ -98,8 +100,13 @@ class UnitDeployer:
             memory=service_limits.get("memory"),
             cpu_weight=service_limits.get("cpu-weight"),
             pids=service_limits.get("pids"),
+            disk=service_limits.get("disk"),
+            # Its log directory is on its own filesystem too: a unit that logs without
+            # end fills its disk, not the host's.
+            disk_binds=[log_dir] if self.unit_log_dir else [],
             mtu=self.host.mtu,
-            idmap=UNIT_IDS,
+            mac=self.host.allocator.mac(unit.name, address),
+            idmap=OWN_RANGE,
             mounts=mounts,
             agent_command=[agent_python(), "-m", "ensemble", "unit-agent", "--unit", unit.name],
             agent_environment={
@@ -124,7 +131,14 @@ class UnitDeployer:
             state = await self.driver.state(name)
         if state is None:
             await self.driver.create(self.spec(unit, address, limits))
-            log.info("created %s for %s at %s", name, unit.name, address)
+            ids = await self.driver.id_range(name)
+            if self.unit_log_dir and ids:
+                # Written by the unit's root, which is not host root, and by no other
+                # unit. Only the directory itself: what is in it is the unit's (see
+                # ensemble/hostfs.py).
+                hostfs.own_directory(self.unit_log_dir, unit_key(unit.name), ids.first, ids.first, 0o700)
+            log.info("created %s for %s at %s (host ids %s-%s)", name, unit.name, address,
+                     *((ids.first, ids.first + ids.count - 1) if ids else ("-", "-")))
             state = "STOPPED"
         started = state != "RUNNING"
         if started:
@@ -146,6 +160,10 @@ class UnitDeployer:
         if await self.driver.state(name) == "RUNNING":
             await self._wait_for_stop_hook(unit_name)
         await self.driver.destroy(name)
+        if self.unit_log_dir:
+            # Its log stays for the operator, owned by host root: the unit's ids are free
+            # for another unit, which must find nothing of this one's.
+            await self.host.in_thread(hostfs.disown_tree, self.unit_log_dir, unit_key(unit_name))
         log.info("destroyed %s of %s", name, unit_name)
 
     async def _wait_for_stop_hook(self, unit_name):

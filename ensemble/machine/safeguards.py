@@ -3,8 +3,9 @@ the unit's isolation rests on is in place on this host, or the container waits.
 
 Layers report into it with `report(layer, problem, unit=None)` (`problem` None: in
 place). A machine-wide layer (the firewall, the bridge, the units' id range) holds
-every unit here; a unit's own layer (its ZooKeeper credentials, its limits, checked by
-`clear_to_start` just before its container is created or started) holds that unit.
+every unit here; a unit's own layer (its ZooKeeper credentials, its limits, its port's
+layer 2 binding, checked by `clear_to_start` just before its container is created or
+started) holds that unit.
 A layer the agent manages is required from the start (`require`) and holds the gate
 until its first report: nothing starts on a layer nobody has looked at yet. What is not
 in place shows on the machine node as `security-error` ({layer: why}), and the log says
@@ -23,6 +24,7 @@ import logging
 
 from twisted.internet import defer
 
+from ensemble import limits as unit_limits
 from ensemble.machine.container.config import limit_lines
 from ensemble.machine.reconciler import Reconciler
 from ensemble.state import auth
@@ -33,6 +35,8 @@ log = logging.getLogger("ensemble.machine")
 FIELD = "security-error"
 # The layers; each module that reports one names it from here.
 FIREWALL, BRIDGE, ID_RANGE, CREDENTIALS, LIMITS = "firewall", "bridge", "id-range", "credentials", "limits"
+# A unit's own: its port held to its MAC and address (reconcilers/layer2.py).
+LAYER2 = "layer2"
 NOT_CHECKED = "not checked yet"
 
 # What each credential needs on a unit's node: the machine agent writes the unit's
@@ -84,8 +88,9 @@ async def credentials_problem(client, unit, limits=None):
 
 
 async def limits_problem(client, unit, limits=None):
-    """Why the limits `unit`'s service sets cannot be enforced here (None: they can)."""
-    limits = limits or {}
+    """Why the limits `unit` runs with (its service's, and the defaults for what that
+    sets none of) cannot be enforced here (None: they can)."""
+    limits = unit_limits.effective(limits)
     _, unenforced = limit_lines(limits.get("memory"), limits.get("cpu-weight"), limits.get("pids"))
     return "; ".join(unenforced) or None
 

@@ -19,6 +19,10 @@ a connection attempt never has. Where br_netfilter also hands bridged IPv4 to th
 hooks (bridge-nf-call-iptables, on by default when built in), the stateful inet rules
 apply to it as well. The routed, host-bound and host-originated rules use conntrack.
 
+Layer 2 is bound to each unit's identity in the same bridge table, by the same batch:
+from a unit's port only its own MAC and address, ARP only for that pair, no other
+ethertype; to it only what is meant for it (ensemble/network/port_filter.py).
+
 Each sync replaces both tables in one atomic batch. Blocking (netlink): agents run it
 in a thread. `netns`: a named namespace to act in (None: this one).
 """
@@ -26,6 +30,8 @@ in a thread. `netns`: a named namespace to act in (None: this one).
 import re
 
 from ensemble.errors import EnsembleError
+from ensemble.network import port_filter
+from ensemble.network.nft_json import match as _match, meta as _meta, payload as _payload
 from ensemble.network.netns import inside
 
 VETH_GLOB = "ve-*"  # host-side names of our containers' veths (bridge.VETH_PREFIX)
@@ -71,16 +77,6 @@ def zookeeper_ports(servers, gateway):
     return sorted(ports)
 
 
-def _match(left, right, op="=="):
-    return {"match": {"op": op, "left": left, "right": right}}
-
-
-def _meta(key):
-    return {"meta": {"key": key}}
-
-
-def _payload(protocol, field):
-    return {"payload": {"protocol": protocol, "field": field}}
 
 
 def _pair(direction, proto):
@@ -115,9 +111,11 @@ class Firewall:
             raise FirewallError(f"nftables refused the firewall: {error.strip() or rc}")
         return output
 
-    def _objects(self, openings, related):
-        """Everything in both tables for `openings` ({address: [(port, proto)]}) and
-        `related` ({(source, destination)})."""
+    def _objects(self, openings, related, ports=None):
+        """Everything in both tables for `openings` ({address: [(port, proto)]}),
+        `related` ({(source, destination)}) and the unit `ports` ([(veth, MAC, address)];
+        None: no layer 2 binding at all, as for bare namespaces in tests)."""
+        unit_ports = None if ports is None else list(ports)
         elements = {"tcp_open": [], "udp_open": []}
         for address, ports in sorted(openings.items()):
             for port, proto in sorted(set(ports)):
@@ -219,13 +217,17 @@ class Firewall:
                 rule("inet", "from_units", _match(_payload("ip", "daddr"), self.gateway),
                      _match(_payload(proto, "dport"), {"set": ports}), {"accept": None})
         rule("inet", "from_units", {"drop": None})
+        if unit_ports is not None:
+            objects += port_filter.objects(self.table, unit_ports, self.subnet)
         return objects
 
-    def sync(self, openings, related=()):
+    def sync(self, openings, related=(), ports=None):
         """Replace both tables, atomically: `openings` ({address: [(port, proto)]}) are
         the exposed ports, reachable from anywhere; `related` ({(source, destination)})
-        the address pairs that may reach each other on any port (give both directions)."""
-        objects = self._objects(openings, related)
+        the address pairs that may reach each other on any port (give both directions);
+        `ports` ([(veth, MAC, address)]) this host's units' ports, each bound to its
+        unit's MAC and address (port_filter.py); None: no layer 2 binding."""
+        objects = self._objects(openings, related, ports)
         tables = [o for o in objects if "table" in o]
         commands = [{"add": t} for t in tables] + [{"delete": t} for t in tables]
         commands += [{"add": o} for o in objects]
@@ -236,6 +238,13 @@ class Firewall:
         output = self._run([{"list": {"set": {"family": "bridge", "table": self.table, "name": name}}}])
         return [tuple(elem["concat"]) for item in (output or {}).get("nftables", [])
                 for elem in (item.get("set") or {}).get("elem", [])]
+
+    def ports(self):
+        """{(veth, MAC, address)} of the unit ports as the kernel has them now."""
+        try:
+            return set(self._elements("unit_ports"))
+        except FirewallError:
+            return set()
 
     def opened(self):
         """{(address, port, proto)} as the kernel has them now."""

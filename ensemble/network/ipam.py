@@ -11,8 +11,12 @@ The policy lives here; where reservations are kept is a store's business
   comes round, even after a restart. No two allocations get the same position (each
   take hands its allocator the next one in the same write), so allocators racing on
   one machine aim at different addresses instead of colliding.
+- Each unit also gets a fixed MAC (`unit_mac`), derived from its address and recorded
+  with the reservation: its container's interface has it, and the host's bridge accepts
+  nothing else from the unit's port (ensemble/network/port_filter.py).
 """
 
+import hashlib
 from typing import Optional, Protocol
 
 import netaddr
@@ -31,6 +35,29 @@ class AddressesExhausted(EnsembleError):
 class SubnetsExhausted(EnsembleError):
     def __init__(self, cidr, prefix, leased):
         super().__init__(f"no free /{prefix} subnet left in {cidr} ({leased} leased); use a larger --network")
+
+
+def unit_mac(subnet, address):
+    """The MAC of the unit holding `address` in `subnet`: locally administered and
+    unicast (first octet 0x0a; the bridge's own starts 0x02, see bridge.bridge_mac, and
+    LXC's random ones 00:16:3e), one octet of a hash of the subnet, then the four octets
+    of the address. Distinct for every address of a subnet by construction, so no two
+    units on a bridge can be given the same one; the same address always gets the same
+    MAC, so a unit keeps it across restarts and its neighbours' caches stay right."""
+    ip = netaddr.IPAddress(address)
+    if ip.version != 4:
+        raise ValueError(f"{address} is not an IPv4 address")
+    salt = hashlib.sha256(str(netaddr.IPNetwork(subnet).cidr).encode()).digest()[0]
+    return ":".join(f"{b:02x}" for b in (0x0A, salt, *ip.packed))
+
+
+def valid_mac(mac):
+    """`mac` as six lower-case hex pairs if it is a unicast MAC, else None."""
+    text = str(mac).strip().lower()
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdef" for c in p) for p in parts):
+        return None
+    return None if int(parts[0], 16) & 1 else text
 
 
 class AddressTaken(Exception):
@@ -62,9 +89,16 @@ class AddressStore(Protocol):
     async def ticket(self) -> int:
         """A round-robin position no other caller gets."""
 
-    async def take(self, unit: str, address: str) -> int:
-        """Reserve `address` for `unit`; the next position. AddressTaken if the address
-        is someone's; UnitHasAddress if the unit has one."""
+    async def take(self, unit: str, address: str, mac: Optional[str] = None) -> int:
+        """Reserve `address` for `unit` (with its `mac`, in the same change); the next
+        position. AddressTaken if the address is someone's; UnitHasAddress if the unit
+        has one."""
+
+    async def macs(self) -> dict:
+        """{unit: MAC} of every reservation that has one recorded."""
+
+    async def record_mac(self, unit: str, mac: str) -> None:
+        """Record `mac` for a reservation made before MACs were recorded."""
 
     async def free(self, unit: str) -> Optional[str]:
         """Drop the unit's reservation; its address, or None if it had none."""
@@ -142,6 +176,7 @@ class Allocator:
         self.subnet = str(self.range.subnet)
         self._taken = None
         self._reserved = None
+        self._macs = None
         self._position = None
         self._lock = defer.DeferredLock()
         self.collisions = 0
@@ -151,6 +186,7 @@ class Allocator:
         # keep the view current, and the store's atomic take settles any staleness.
         self._reserved = await self.store.reservations()
         self._taken = set(await self.store.taken())
+        self._macs = await self.store.macs()
 
     async def refresh(self):
         """Read the reservations again: the view is otherwise kept by this allocator's
@@ -164,8 +200,19 @@ class Allocator:
             await self._load()
         return dict(self._reserved)
 
+    def mac(self, unit, address):
+        """The MAC of `unit`, which holds `address`: as recorded with its reservation
+        (from this allocator's view), else derived (`unit_mac`)."""
+        recorded = valid_mac((self._macs or {}).get(unit, ""))
+        return recorded or unit_mac(self.subnet, address)
+
+    async def hardware(self):
+        """{unit: (address, MAC)} of every reservation here, from this allocator's view."""
+        return {unit: (address, self.mac(unit, address)) for unit, address in (await self.reserved()).items()}
+
     async def allocate(self, unit):
-        """The unit's address: its existing reservation, or a new one."""
+        """The unit's address: its existing reservation, or a new one (its MAC recorded
+        with it; a reservation from before MACs were recorded gets one now)."""
         # One at a time per allocator: concurrent calls would share a position and
         # collide with each other.
         async with self._lock:
@@ -175,7 +222,7 @@ class Allocator:
         if self._reserved is None:
             await self._load()
         if unit in self._reserved:
-            return self._reserved[unit]
+            return await self._recorded(unit, self._reserved[unit])
         reloaded = False
         while True:
             if self._position is None:
@@ -189,11 +236,12 @@ class Allocator:
                 existing = await self.store.reservation(unit)
                 if existing is not None:
                     self._reserved[unit] = existing
-                    return existing
+                    return await self._recorded(unit, existing)
                 reloaded = True
                 continue
+            mac = unit_mac(self.subnet, address)
             try:
-                self._position = await self.store.take(unit, address)
+                self._position = await self.store.take(unit, address, mac)
             except AddressTaken:
                 # Someone walked past a taken address onto ours (only once the range
                 # has wrapped). A fresh position is enough; re-reading every
@@ -205,16 +253,29 @@ class Allocator:
             except UnitHasAddress as e:
                 self._reserved[unit] = e.address
                 self._taken.add(e.address)
-                return e.address
+                return await self._recorded(unit, e.address)
             self._reserved[unit] = address
             self._taken.add(address)
+            self._macs[unit] = mac
             return address
+
+    async def _recorded(self, unit, address):
+        """`address`, once the reservation has its MAC recorded (reservations made
+        before MACs were, or by another allocator whose MAC this view has not read)."""
+        if valid_mac(self._macs.get(unit, "")) is None:
+            self._macs = await self.store.macs()
+            if valid_mac(self._macs.get(unit, "")) is None:
+                mac = unit_mac(self.subnet, address)
+                await self.store.record_mac(unit, mac)
+                self._macs[unit] = mac
+        return address
 
     async def release(self, unit):
         """Free the unit's address; returns it, or None if it had none."""
         address = await self.store.free(unit)
         if self._reserved is not None:
             self._reserved.pop(unit, None)
+            self._macs.pop(unit, None)
             if address is not None:
                 self._taken.discard(address)
         return address

@@ -5,10 +5,12 @@
     /network/addresses/<machine-key>/tickets       its version hands out round-robin positions
     /network/addresses/<machine-key>/ips/<ip>      owning unit name
     /network/addresses/<machine-key>/units/<unit>  its address
+    /network/addresses/<machine-key>/macs/<unit>   its MAC (ipam.unit_mac)
 
-Both directions of a reservation are created and deleted in one transaction, so "is
-this address free?" and "has this unit an address?" are each one read and never
-disagree. Create is take: a node that exists is someone else's.
+Both directions of a reservation, and its MAC, are created and deleted in one
+transaction, so "is this address free?" and "has this unit an address?" are each one
+read and never disagree. Create is take: a node that exists is someone else's. (A
+reservation made before MACs were recorded gets its `macs` node on its next allocation.)
 """
 
 from twisted.internet import defer
@@ -28,6 +30,9 @@ from ensemble.state.environment import get_environment
 from ensemble.state.watch import ChildrenWatch
 
 
+CHILDREN = ("ips", "units", "tickets", "macs")
+
+
 class ZooKeeperAddressStore:
     """Reservations of one machine's addresses, for `ipam.Allocator`."""
 
@@ -41,14 +46,14 @@ class ZooKeeperAddressStore:
         if await self.client.exists(self.path) is None:
             tx = self.client.transaction()
             tx.create(self.path, nodes.dump({"subnet": subnet}))
-            for child in ("ips", "units", "tickets"):
+            for child in CHILDREN:
                 tx.create(f"{self.path}/{child}", b"")
             try:
                 await tx.commit()
                 return
             except NodeExists:
                 pass
-        for child in ("ips", "units", "tickets"):
+        for child in CHILDREN:
             try:
                 await self.client.create(f"{self.path}/{child}", b"")
             except NodeExists:
@@ -76,6 +81,22 @@ class ZooKeeperAddressStore:
                 found[unit_name_from_key(key)] = value[0].decode()
         return found
 
+    async def macs(self):
+        try:
+            keys = await self.client.get_children(f"{self.path}/macs")
+        except NoNode:
+            return {}
+        results = await defer.DeferredList(
+            [self.client.get(f"{self.path}/macs/{k}") for k in keys], consumeErrors=True
+        )
+        return {unit_name_from_key(k): value[0].decode() for k, (ok, value) in zip(keys, results) if ok}
+
+    async def record_mac(self, unit, mac):
+        try:
+            await self.client.create(f"{self.path}/macs/{unit_key(unit)}", mac.encode())
+        except NodeExists:
+            await self.client.set(f"{self.path}/macs/{unit_key(unit)}", mac.encode())
+
     async def taken(self):
         try:
             return await self.client.get_children(f"{self.path}/ips")
@@ -88,10 +109,12 @@ class ZooKeeperAddressStore:
         stat = await self.client.set(f"{self.path}/tickets", b"")
         return stat.version
 
-    async def take(self, unit, address):
+    async def take(self, unit, address, mac=None):
         tx = self.client.transaction()
         tx.create(f"{self.path}/ips/{address}", unit.encode())
         tx.create(f"{self.path}/units/{unit_key(unit)}", address.encode())
+        if mac is not None:
+            tx.create(f"{self.path}/macs/{unit_key(unit)}", mac.encode())
         # The next position for this allocator, in the same write (see `ticket`).
         tx.set(f"{self.path}/tickets", b"")
         try:
@@ -100,21 +123,34 @@ class ZooKeeperAddressStore:
             existing = await self.reservation(unit)
             if existing is not None:
                 raise UnitHasAddress(existing)
+            if mac is not None and await self.client.exists(f"{self.path}/macs/{unit_key(unit)}") is not None:
+                # A MAC left without its reservation (freed by an older agent): dropped,
+                # so that the next take can record this unit's.
+                await self._drop_mac(unit)
             raise AddressTaken(address)
-        return results[2].version
+        return results[-1].version
 
     async def free(self, unit):
         address = await self.reservation(unit)
         if address is None:
             return None
+        has_mac = await self.client.exists(f"{self.path}/macs/{unit_key(unit)}") is not None
         tx = self.client.transaction()
         tx.delete(f"{self.path}/units/{unit_key(unit)}")
         tx.delete(f"{self.path}/ips/{address}")
+        if has_mac:
+            tx.delete(f"{self.path}/macs/{unit_key(unit)}")
         try:
             await tx.commit()
         except NoNode:
             return None
         return address
+
+    async def _drop_mac(self, unit):
+        try:
+            await self.client.delete(f"{self.path}/macs/{unit_key(unit)}")
+        except NoNode:
+            pass
 
     async def delete_ops(self, tx):
         """Add deletes of this machine's whole address tree to `tx`."""
@@ -122,7 +158,7 @@ class ZooKeeperAddressStore:
             return
         # Only the top node exists if the machine's agent never got as far as ensure().
         for sub in await self.client.get_children(self.path):
-            if sub in ("ips", "units"):
+            if sub in ("ips", "units", "macs"):
                 for child in await self.client.get_children(f"{self.path}/{sub}"):
                     tx.delete(f"{self.path}/{sub}/{child}")
             tx.delete(f"{self.path}/{sub}")

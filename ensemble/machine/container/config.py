@@ -35,6 +35,10 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # mount namespace of its own (nothing shows on the host), and the config names those.
 # Every container uses the same mountpoints; each sees only its own binds.
 STAGE_DIR = "/run/ensemble/stage"
+# A container with a user namespace runs on an overlay its start mounts there (stage.py):
+# the template seen through an idmapped mount below, its own writable layer above.
+STAGE_ROOTFS = f"{STAGE_DIR}/rootfs"
+STAGE_LOWER = f"{STAGE_DIR}/lower"
 
 # What a container may touch in /dev (LXC's own common.conf list): null, zero, full,
 # random, urandom, tty, console, ptmx, pts, fuse; mknod of anything, use of nothing else.
@@ -202,8 +206,12 @@ def limit_lines(memory=None, cpu_weight=None, pids=None, cgroups=None):
         if cgroups.has("memory"):
             if v1:
                 lines.append(f"lxc.cgroup.memory.limit_in_bytes = {memory}")
+                # Memory and swap together: a unit does not swap beyond its limit.
                 if cgroups.memsw:
                     lines.append(f"lxc.cgroup.memory.memsw.limit_in_bytes = {memory}")
+                else:
+                    # No swap accounting on this host (swapaccount=0): no swapping at all.
+                    lines.append("lxc.cgroup.memory.swappiness = 0")
             else:
                 lines.append(f"lxc.cgroup2.memory.max = {memory}")
                 lines.append("lxc.cgroup2.memory.swap.max = 0")
@@ -240,25 +248,65 @@ def _by_depth(mounts):
     return sorted(mounts, key=lambda m: os.path.normpath(m[1]).count("/"))
 
 
-def stage_binds(spec, container_dir, template_rootfs):
+def stage_binds(spec, container_dir):
     """[(host path, stage mountpoint)] a start binds first: each path LXC resolves as the
     container's root that this root could not reach (none without a user namespace;
     see STAGE_DIR). Each bind costs a few ms of every start, so only those."""
     if not spec.idmap:
         return []
-    candidates = [(template_rootfs, "lower"), (container_dir, "container")]
+    candidates = [(container_dir, "container")]
     for i, (host_path, _, _) in enumerate(_by_depth(spec.mounts)):
         host_path = _check_path(host_path, "a mount's host path")
         candidates.append((host_path, f"{'file' if os.path.isfile(host_path) else 'dir'}-{i}"))
-    return [(path, f"{STAGE_DIR}/{name}") for path, name in candidates if unsearchable(path, spec.idmap[0])]
+    first = spec.idmap[0]
+    return [(path, f"{STAGE_DIR}/{name}") for path, name in candidates if unsearchable(path, first, first)]
 
 
-def render(spec, container_dir, template_rootfs, veth, cgroups=None):
-    """The LXC config for `spec` (see driver.ContainerSpec) as text."""
+def user_limit_lines(idmap, unit_limits=None):
+    """The kernel's per-user-namespace limits (/proc/sys/user) of a container with a user
+    namespace (see ensemble.limits.UNIT_USER_LIMITS). Not lxc.sysctl: LXC writes those
+    inside, after proc:mixed made /proc/sys/user read-only. A start-host hook, run by
+    LXC as host root once the namespaces exist and before the container's init runs,
+    joins the container's user namespace as its root (nsenter sets ids 0 there, so the
+    shell it runs keeps the full capabilities of that namespace, CAP_SYS_RESOURCE with
+    them) and writes them; the unit's root, whose init runs without that capability
+    (lxc.cap.keep), cannot raise them again. Only the user namespace is joined: the
+    shell and /proc are the host's. The hook is on this line, not in a file the unit
+    can write."""
+    if not idmap:
+        return []
+    from ensemble.limits import UNIT_USER_LIMITS
+
+    values = UNIT_USER_LIMITS if unit_limits is None else unit_limits
+    writes = "; ".join(f"echo {int(v)} > /proc/sys/user/{k}" for k, v in sorted(values.items())
+                       if os.path.exists(f"/proc/sys/user/{k}"))
+    if not writes:
+        return []
+    script = f"set -e; {writes}"
+    return [
+        "lxc.hook.version = 1",
+        f"lxc.hook.start-host = /usr/bin/nsenter --user=/proc/${{LXC_PID}}/ns/user -- /bin/sh -c {shlex.quote(script)}",
+    ]
+
+
+def cgroup_dir_lines(name, parent=None):
+    """Where LXC puts the container's cgroups (relative to the caller's): below the
+    machine's parent cgroup (cgroups.py) when there is one."""
+    prefix = f"{parent}/" if parent else ""
+    return [
+        "lxc.cgroup.relative = 1",
+        f"lxc.cgroup.dir.container = {prefix}lxc.payload.{name}",
+        f"lxc.cgroup.dir.monitor = {prefix}lxc.monitor.{name}",
+        f"lxc.cgroup.dir.monitor.pivot = {prefix}lxc.pivot.{name}",
+    ]
+
+
+def render(spec, container_dir, template_rootfs, veth, cgroups=None, cgroup_parent=None):
+    """The LXC config for `spec` (see driver.ContainerSpec) as text; its cgroups below
+    `cgroup_parent` (the machine's, cgroups.py) if given."""
     cgroups = cgroups or host_cgroups()
-    binds = stage_binds(spec, container_dir, template_rootfs)
+    binds = stage_binds(spec, container_dir)
     seen = dict(binds)  # host path -> where LXC reaches it
-    template_rootfs = seen.get(template_rootfs, template_rootfs)
     staged_dir = seen.get(container_dir, container_dir)
     name = spec.name
     network = netaddr.IPNetwork(f"{spec.address}/{spec.prefixlen}")
@@ -267,10 +315,12 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None):
         log.warning("container %s: %s", name, warning)
     key = "lxc.cgroup2" if cgroups.version == 2 else "lxc.cgroup"
     delta = os.path.join(staged_dir, "overlay", "delta")
+    # With a user namespace the start mounts the overlay (stage.py); LXC takes it as is.
+    rootfs = f"dir:{STAGE_ROOTFS}" if spec.idmap else f"overlay:{template_rootfs}:{delta}"
     lines = [
         MARKER,
         f"# {name}: rendered by ensemble; edits are lost when the unit is redeployed.",
-        f"lxc.rootfs.path = overlay:{template_rootfs}:{delta}",
+        f"lxc.rootfs.path = {rootfs}",
         f"lxc.uts.name = {spec.hostname}",
         "",
         "# network: one veth on the host bridge, a static address from ipam",
@@ -279,6 +329,7 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None):
         f"lxc.net.0.veth.pair = {veth}",
         "lxc.net.0.name = eth0",
         "lxc.net.0.flags = up",
+        *([f"lxc.net.0.hwaddr = {spec.mac}"] if getattr(spec, "mac", None) else []),
         f"lxc.net.0.ipv4.address = {spec.address}/{spec.prefixlen} {network.broadcast or network.network}",
         f"lxc.net.0.ipv4.gateway = {spec.gateway}",
         *([f"lxc.net.0.mtu = {spec.mtu}"] if spec.mtu else []),
@@ -287,18 +338,12 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None):
             "# user namespace: root inside is an unprivileged id range on the host",
             f"lxc.idmap = u 0 {spec.idmap[0]} {spec.idmap[1]}",
             f"lxc.idmap = g 0 {spec.idmap[0]} {spec.idmap[1]}",
-            # The overlay is mounted in that namespace, where trusted.* xattrs cannot be
-            # set: without user.* ones instead, renaming any directory fails (EXDEV),
-            # and with it dpkg, so every apt-get install.
-            "lxc.rootfs.options = userxattr",
         ] if spec.idmap else []),
         "",
         "# cgroups: under the agent's own cgroup, one directory per container",
-        "lxc.cgroup.relative = 1",
-        f"lxc.cgroup.dir.container = lxc.payload.{name}",
-        f"lxc.cgroup.dir.monitor = lxc.monitor.{name}",
-        f"lxc.cgroup.dir.monitor.pivot = lxc.pivot.{name}",
+        *cgroup_dir_lines(name, cgroup_parent),
         *limits,
+        *user_limit_lines(spec.idmap),
         *(f"# {w}" for w in warnings),
         f"{key}.devices.deny = a",
         *(f"{key}.devices.allow = {d}" for d in DEVICES),

@@ -20,9 +20,9 @@ import math
 import os
 import re
 import select
-import shutil
 import signal
 import stat
+import sys
 import time
 from typing import Optional, Sequence
 
@@ -32,7 +32,12 @@ from twisted.internet import defer, error, protocol, task, threads
 from ensemble import limits
 from ensemble.errors import EnsembleError, InvalidName, InvalidValue
 from ensemble.machine.container import config as lxc_config
+from ensemble.machine.container import cgroups as machine_cgroups, disk as unit_disk
 from ensemble.machine.container.names import validate_container_name, validate_hostname, veth_name
+from ensemble.network.ipam import valid_mac
+from ensemble.machine.container import stage as stage_script
+from ensemble.machine.container.id_range_store import HostIdRangeStore
+from ensemble.machine.container.id_ranges import IdRange, IdRangeError, require_granted
 from ensemble.machine.container.template import remove_tree, shift_owners
 from ensemble.network.netns import host_argv, validate_netns_name
 from ensemble.searchable import make_searchable, unsearchable
@@ -60,65 +65,46 @@ class ContainerExists(ContainerError):
 
 
 STAGE_FILE = "stage.json"
-# Binds each (source, mountpoint) pair given before "--" in a mount namespace of its
-# own, then runs the rest; LXC's monitor stays in that namespace (see STAGE_DIR).
-_STAGE_SCRIPT = (
-    "set -e; "
-    "while [ \"$1\" != -- ]; do "
-    "if [ -d \"$1\" ]; then mkdir -p \"$2\"; elif [ ! -e \"$2\" ]; then : > \"$2\"; fi; "
-    "mount --bind \"$1\" \"$2\"; shift 2; done; shift; exec \"$@\""
-)
+# Every container's root filesystem and lower layer, in the mount namespace its start
+# makes (stage.py): the same mountpoints for all, each namespace seeing its own.
+STAGE_ROOTFS, STAGE_LOWER = lxc_config.STAGE_ROOTFS, lxc_config.STAGE_LOWER
+# spec.idmap for a range of the container's own from the host's pool: claimed when it
+# is created, freed when it is destroyed.
+OWN_RANGE = "own"
 
 
-def staged_argv(binds, argv):
-    """`argv` run with `binds` mounted, seen by it and its children only."""
-    pairs = [path for bind in binds for path in bind]
-    return ["unshare", "--mount", "--propagation", "slave", "--",
-            "sh", "-c", _STAGE_SCRIPT, "ensemble-stage", *pairs, "--", *argv]
+def staged_argv(plan_path, argv):
+    """`argv` run in a mount namespace of its own holding what the plan at
+    `plan_path` mounts (see stage.py), seen by it and its children only."""
+    return [sys.executable, "-I", "-S", stage_script.__file__, plan_path, "--", *argv]
 
 
-def _stage_binds(container):
+def _stage_plan(container):
+    """The path of the container's stage plan, checked, or None if it has none."""
+    path = os.path.join(container, STAGE_FILE)
     try:
-        with open(os.path.join(container, STAGE_FILE)) as f:
-            binds = json.load(f)
+        with open(path) as f:
+            plan = json.load(f)
     except FileNotFoundError:
-        return []
-    for source, target in binds:
+        return None
+    if isinstance(plan, list):  # written before plans had a root filesystem
+        plan = {"binds": plan, "rootfs": None}
+    targets = [target for _, target in plan.get("binds") or ()]
+    rootfs = plan.get("rootfs")
+    if rootfs:
+        if (rootfs.get("target"), rootfs.get("lower_target")) != (STAGE_ROOTFS, STAGE_LOWER):
+            raise ContainerError(f"{path}: the root filesystem is not staged at {STAGE_ROOTFS}")
+    for target in targets:
         # Only under the stage directory: the file is ours, but a mount is a mount.
         if not os.path.normpath(target).startswith(lxc_config.STAGE_DIR + "/"):
-            raise ContainerError(f"{container}/{STAGE_FILE}: bind target {target!r} is outside {lxc_config.STAGE_DIR}")
+            raise ContainerError(f"{path}: bind target {target!r} is outside {lxc_config.STAGE_DIR}")
     make_searchable(lxc_config.STAGE_DIR, "/run")
-    return binds
-
-
-def _require_granted(first, count, files=("/etc/subuid", "/etc/subgid")):
-    """LXC maps ids with newuidmap/newgidmap, which allow only the ranges these files
-    grant root."""
-    for tool in ("newuidmap", "newgidmap"):
-        if shutil.which(tool, path=PATH) is None:
-            raise ContainerError(f"{tool} is missing: install the 'uidmap' package (scripts/install does)")
-    for path in files:
-        try:
-            with open(path) as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            lines = []
-        granted = False
-        for line in lines:
-            user, _, rest = line.partition(":")
-            start, _, length = rest.partition(":")
-            if user in ("root", "0") and start.isdigit() and length.isdigit():
-                granted |= int(start) <= first and first + count <= int(start) + int(length)
-        if not granted:
-            raise ContainerError(
-                f"{path} does not grant root host ids {first}-{first + count - 1}, the ids of "
-                f"unprivileged containers: add the line 'root:{first}:{count}' (scripts/install does)"
-            )
+    return path
 
 
 def _require_searchable(path, uid):
     """LXC checks that a user-namespaced container's root can search its lxc path."""
-    blocked = unsearchable(path, uid)
+    blocked = unsearchable(path, uid, uid)
     if blocked is not None:
         raise ContainerError(
             f"{blocked} (mode {stat.S_IMODE(os.stat(blocked).st_mode):04o}) cannot be searched by host id "
@@ -137,13 +123,21 @@ class ContainerSpec:
     memory: Optional[int] = None       # bytes (or a size such as "512M")
     cpu_weight: Optional[int] = None   # 1..10000, 100 is the default share
     pids: Optional[int] = None
+    # bytes: the unit's own filesystem (disk.py) holds its writable layer and the
+    # host directories of `disk_binds` (its log directory); None: the host's.
+    disk: Optional[int] = None
+    disk_binds: Sequence = ()
     mounts: Sequence = ()              # (host_path, container_path, read_only)
     agent_command: Optional[Sequence[str]] = None
     agent_environment: Optional[dict] = None
     mtu: Optional[int] = None          # the veth's; None: the kernel's default
-    # (first host id, count): root inside is that host id (a user namespace); None:
-    # root inside is host root, confined by capabilities and seccomp only.
-    idmap: Optional[tuple] = None
+    # The container's interface's MAC (ipam.unit_mac: the host's bridge accepts only it
+    # from the unit's port); None: one LXC makes up at each start.
+    mac: Optional[str] = None
+    # OWN_RANGE: root inside is the first id of a range of its own from the host's
+    # pool (a user namespace); (first host id, count): that range, given; None: root
+    # inside is host root, confined by capabilities and seccomp only.
+    idmap: Optional[object] = None
     # {absolute path inside: (text, mode)}: files the container starts with, over the
     # template's (its owners those of root inside).
     files: Optional[dict] = None
@@ -164,11 +158,17 @@ class ContainerSpec:
         self.address, self.gateway = str(network.ip), str(gateway)
         if not isinstance(self.bridge, str) or not _IFNAME_RE.match(self.bridge):
             raise InvalidName(f"invalid bridge name {str(self.bridge)[:20]!r}")
-        if self.idmap is not None:
+        if self.idmap is not None and self.idmap != OWN_RANGE:
             first, count = (int(v) for v in self.idmap)
             if first < 65536 or not 1 <= count <= 65536:
                 raise InvalidValue(f"invalid id map {self.idmap!r}: host ids from 65536 up, at most 65536 of them")
-            self.idmap = (first, count)
+            self.idmap = IdRange(first, count)
+        if self.mac is not None:
+            mac = valid_mac(self.mac)
+            if mac is None:
+                raise InvalidValue(f"invalid MAC {str(self.mac)[:20]!r} for container {self.name}: "
+                                   "use six hex pairs, unicast")
+            self.mac = mac
         if self.mtu is not None and not (isinstance(self.mtu, int) and 576 <= self.mtu <= 65535):
             raise InvalidValue(f"invalid MTU {self.mtu!r} for container {self.name}: use 576 to 65535")
         if self.memory is not None:
@@ -177,6 +177,9 @@ class ContainerSpec:
             self.cpu_weight = limits.parse_cpu_weight(self.cpu_weight)
         if self.pids is not None:
             self.pids = limits.parse_pids(self.pids)
+        if self.disk is not None:
+            self.disk = limits.parse_disk(self.disk)
+        self.disk_binds = tuple(lxc_config._check_path(b, "a disk bind") for b in self.disk_binds)
         mounts = []
         for mount in self.mounts:
             host_path, container_path, read_only = mount
@@ -327,7 +330,9 @@ class _NetnsHelper(protocol.ProcessProtocol):
 # -- the driver -----------------------------------------------------------------------
 
 class LXCDriver:
-    def __init__(self, lxc_path, template, netns=None, reactor=None):
+    def __init__(self, lxc_path, template, netns=None, reactor=None, id_ranges=None):
+        """`id_ranges`: where containers with OWN_RANGE claim their ids (default:
+        the host's store, shared by every environment on the host)."""
         # Resolved: LXC names a container's command socket after the lxc path as given,
         # so every command must name the same one, whatever link the caller went through.
         self.lxc_path = os.path.realpath(lxc_path)
@@ -336,8 +341,14 @@ class LXCDriver:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
+        self.id_ranges = id_ranges or HostIdRangeStore()
         self._helper = None
         self._helper_starting = None
+        # Every container of this lxc path (this machine) has its cgroups below this
+        # one; the limits reconciler sets `cgroup_caps` ({memory, pids}), which each
+        # start puts back on it if it was made anew (cgroups.py).
+        self.cgroup = machine_cgroups.MachineCgroup(machine_cgroups.parent_name(self.lxc_path))
+        self.cgroup_caps = {}
 
     def __repr__(self):
         return f"LXCDriver({self.lxc_path!r}, netns={self.netns!r})"
@@ -357,18 +368,26 @@ class LXCDriver:
         return os.path.join(self.container_dir(name), "overlay", "delta")
 
     def cgroup_dirs(self, name):
-        """This container's cgroup directories on the host (existing or not)."""
+        """This container's cgroup directories on the host (existing or not): below
+        this machine's parent cgroup, and where containers made before there was one
+        had them."""
         validate_container_name(name)
         return [
-            os.path.join(h.base, pattern.format(name))
+            os.path.join(h.base, parent, pattern.format(name))
             for h in lxc_config.host_cgroups().hierarchies
+            for parent in (self.cgroup.name, "")
             for pattern in CGROUP_DIRS
         ]
 
     def payload_cgroup(self, name, controller):
         """The host directory of the container's cgroup for `controller`, or None."""
         h = lxc_config.host_cgroups().hierarchy(controller)
-        return os.path.join(h.base, f"lxc.payload.{validate_container_name(name)}") if h else None
+        if h is None:
+            return None
+        payload = f"lxc.payload.{validate_container_name(name)}"
+        nested = os.path.join(h.base, self.cgroup.name, payload)
+        legacy = os.path.join(h.base, payload)
+        return legacy if not os.path.isdir(nested) and os.path.isdir(legacy) else nested
 
     # -- running commands -------------------------------------------------------------
 
@@ -440,6 +459,11 @@ class LXCDriver:
         if self._helper is not None:
             await self._kill_helper(self._helper)
             self._helper = None
+        if not await self.list():
+            try:
+                self.cgroup.remove()  # only where it is empty
+            except machine_cgroups.CgroupError as e:
+                log.warning("%s", e)
 
     async def _run(self, argv, input=None, timeout=None):
         """(exit status, stdout, stderr) of an lxc command (in the netns if any)."""
@@ -492,6 +516,9 @@ class LXCDriver:
         try:
             service = os.path.join(container, lxc_config.SERVICE_DIR)
             os.mkdir(service, 0o755)  # marks the directory as ours for list()/destroy()
+            if spec.disk:
+                # Before anything is written into the writable layer: it is the image's.
+                await self._make_disk(container, spec)
             for relative, (content, mode) in lxc_config.service_files(spec).items():
                 path = os.path.join(service, relative)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -506,24 +533,40 @@ class LXCDriver:
                 target = os.path.join(container, "overlay", "delta", path.lstrip("/"))
                 _make_dirs(os.path.dirname(target), os.path.join(container, "overlay", "delta"))
                 _write(target, content, mode)
-            lower = self.template.rootfs
+            plan = {"binds": [], "rootfs": None}
             if spec.idmap:
-                _require_searchable(self.lxc_path, spec.idmap[0])
-                _require_granted(*spec.idmap)
-                lower = await self.template.ensure_shifted(spec.idmap[0], spec.idmap[1])
-                # Root inside is spec.idmap[0] on the host: its writable layer and the
-                # service directory must be its own, and the path to them open to it.
-                shift_owners(os.path.join(container, "overlay"), spec.idmap[0], spec.idmap[1])
-                shift_owners(service, spec.idmap[0], spec.idmap[1])
-                os.chmod(container, 0o755)
-            binds = lxc_config.stage_binds(spec, container, lower)
-            if binds:
-                _write(os.path.join(container, STAGE_FILE), json.dumps(binds), 0o640)
-            text = lxc_config.render(spec, container, lower, veth_name(name))
+                ids = spec.idmap
+                if ids == OWN_RANGE:
+                    ids = await threads.deferToThread(self._claim_ids, container)
+                    spec = dataclasses.replace(spec, idmap=ids)
+                require_granted(*ids)
+                _require_searchable(self.lxc_path, ids.first)
+                # Root inside is ids.first on the host: its writable layer and service
+                # directory are its own. The container's directory is open to its group
+                # alone: another unit's ids cannot reach a file of this one's.
+                shift_owners(os.path.join(container, "overlay", "delta"), *ids)
+                shift_owners(service, *ids)
+                os.chown(container, 0, ids.first)
+                os.chmod(container, 0o750)
+                # overlayfs's own, used with the mounter's (host root's) credentials.
+                os.mkdir(os.path.join(container, "overlay", "work"), 0o700)
+                plan["rootfs"] = {
+                    "lower": self.template.rootfs, "lower_target": STAGE_LOWER, "target": STAGE_ROOTFS,
+                    "upper": os.path.join(container, "overlay", "delta"),
+                    "work": os.path.join(container, "overlay", "work"),
+                    "first": ids.first, "count": ids.count,
+                }
+            plan["binds"] = lxc_config.stage_binds(spec, container)
+            if plan["binds"] or plan["rootfs"]:
+                _write(os.path.join(container, STAGE_FILE), json.dumps(plan), 0o640)
+            text = lxc_config.render(spec, container, self.template.rootfs, veth_name(name),
+                                     cgroup_parent=self.cgroup.name)
             _write(os.path.join(container, "config.tmp"), text, 0o640)
             os.rename(os.path.join(container, "config.tmp"), os.path.join(container, "config"))
         except BaseException:
+            await self._release_disk(container)
             remove_tree(container)
+            await threads.deferToThread(self.id_ranges.release, container)
             raise
         log.debug("created container %s in %s", name, self.lxc_path)
         return container
@@ -536,10 +579,11 @@ class LXCDriver:
             log_offset = os.path.getsize(log_path)
         except OSError:
             log_offset = 0
+        await self._prepare_start(name)
         argv = self._lxc("lxc-start", name, "-d")
-        binds = _stage_binds(self.container_dir(name))
-        if binds:
-            argv = staged_argv(binds, argv)
+        plan = _stage_plan(self.container_dir(name))
+        if plan:
+            argv = staged_argv(plan, argv)
         code, _, err, timed_out = await self._run(argv, timeout=timeout)
         if timed_out:
             raise ContainerError(f"container {name} did not start within {timeout:g}s (log: {log_path})")
@@ -582,12 +626,84 @@ class LXCDriver:
             if os.path.exists(container):
                 if self._running_anyway(name):
                     raise ContainerError(f"cannot destroy container {name}: it is still running")
+                await self._release_disk(container)
                 await threads.deferToThread(remove_tree, container)
+            # Nothing on disk is its any more: its ids are free for another unit.
+            await threads.deferToThread(self.id_ranges.release, container)
             await self._remove_cgroups(name, monitor)
         finally:
             monitor.close()
         await threads.deferToThread(_remove_link, veth_name(name), self.netns)
         log.debug("destroyed container %s in %s", name, self.lxc_path)
+
+    # -- the machine's parent cgroup and the unit's own filesystem (cgroups.py, disk.py) --
+
+    async def _make_disk(self, container, spec):
+        def make():
+            unit_disk.make_image(self.lxc_path, container, spec.disk)
+            unit_disk.write_binds(container, spec.disk_binds)
+            unit_disk.ensure_mounted(container, spec.disk_binds)
+        try:
+            await threads.deferToThread(make)
+        except (unit_disk.DiskError, OSError) as e:
+            raise ContainerError(f"cannot make the disk of container {spec.name}: {e}")
+        await self._disk_in_helper(container, "ensure")
+
+    async def _prepare_start(self, name):
+        """What a start needs besides LXC: the machine's parent cgroup with its caps
+        (LXC would make it without), and the unit's filesystem mounted (after a reboot,
+        or where an agent restarted in a mount namespace of its own)."""
+        try:
+            self.cgroup.ensure(**self.cgroup_caps)
+        except machine_cgroups.CgroupError as e:
+            raise ContainerError(f"cannot start container {name}: {e}")
+        container = self.container_dir(name)
+        if os.path.exists(os.path.join(container, unit_disk.IMAGE)):
+            try:
+                await threads.deferToThread(
+                    lambda: unit_disk.ensure_mounted(container, unit_disk.read_binds(container)))
+            except (unit_disk.DiskError, OSError) as e:
+                raise ContainerError(f"cannot mount the disk of container {name}: {e}")
+            await self._disk_in_helper(container, "ensure")
+
+    async def _disk_in_helper(self, container, action):
+        """The same in the network namespace helper's mount namespace, where LXC runs
+        (this host's root mount is private: mounts made here after the helper started
+        do not reach it). Its mounts are read from the host; mount(8) and umount(8),
+        run there through one shell, do only what is missing."""
+        if self.netns is None:
+            return
+        await self._prefix()
+        helper = self._helper
+        if helper is None or not helper.alive:
+            return
+        mountinfo = f"/proc/{helper.pid}/mountinfo"
+        commands = await threads.deferToThread(unit_disk.helper_commands, container, action, mountinfo)
+        if not commands:
+            return
+        code, _, err, _ = await self._run(["/bin/sh", "-c", "set -e; " + "; ".join(commands)], timeout=30)
+        if code != 0:
+            raise ContainerError(f"cannot {action} the disk of {os.path.basename(container)} in network namespace "
+                                 f"{self.netns}: {err.decode(errors='replace').strip()}")
+
+    async def _release_disk(self, container):
+        if not os.path.exists(os.path.join(container, unit_disk.IMAGE)):
+            return
+        try:
+            await self._disk_in_helper(container, "release")
+        except ContainerError as e:
+            log.warning("%s", e)
+        await threads.deferToThread(
+            lambda: unit_disk.release(container, unit_disk.read_binds(container), keep_binds=True))
+
+    def _claim_ids(self, container):
+        # Its directory exists first: what release_orphans frees never has one.
+        self.id_ranges.release_orphans(self.lxc_path)
+        return self.id_ranges.claim(container)
+
+    async def id_range(self, name):
+        """The IdRange the container claimed from the host's pool, or None."""
+        return await threads.deferToThread(self.id_ranges.owned_by, self.container_dir(name))
 
     def _running_anyway(self, name):
         payload = self.payload_cgroup(name, "pids") or self.payload_cgroup(name, "memory")

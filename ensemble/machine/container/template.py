@@ -231,17 +231,6 @@ def shift_owners(path, first_id, count=65536):
                     os.chmod(name, stat.S_IMODE(st.st_mode))
 
 
-def _shifted_copy(source, target, first_id, count):
-    remove_tree(target)
-    # cp keeps devices, hard links, xattrs and modes as they are; only owners move.
-    subprocess.run(["cp", "-a", "--", source, target], check=True, capture_output=True)
-    try:
-        shift_owners(target, first_id, count)
-    except BaseException:
-        remove_tree(target)
-        raise
-
-
 def remove_tree(path):
     """rm -rf that never descends into something mounted below `path`: those are
     unmounted (lazily) first. Blocking: call it through a thread."""
@@ -504,28 +493,6 @@ class Template:
         finally:
             os.close(lock)
         return self
-
-    def shifted_rootfs(self, first_id):
-        """The rootfs with every owner moved up by `first_id`: the lower layer of
-        containers whose root is that host id (user namespaces)."""
-        return os.path.join(self.path, f"rootfs-ids-{int(first_id)}")
-
-    async def ensure_shifted(self, first_id, count=65536):
-        """Make `shifted_rootfs(first_id)` exist (once per template and range, under
-        the build lock; copied and re-owned in a scratch directory, then renamed)."""
-        target = self.shifted_rootfs(first_id)
-        if os.path.isdir(target):
-            return target
-        await self.ensure()
-        lock = await self._lock(_progress_to_log)
-        try:
-            if not os.path.isdir(target):
-                scratch = f"{target}.building.{os.getpid()}"
-                await threads.deferToThread(_shifted_copy, self.rootfs, scratch, int(first_id), int(count))
-                os.rename(scratch, target)
-        finally:
-            os.close(lock)
-        return target
 
     async def remove(self):
         """Delete this template (tests and benchmarks: the next ensure() is a cold

@@ -7,6 +7,10 @@ Watches make a change apply at once: /relations' children, the service node of e
 service with units here, their unit nodes, and the reservations of each other machine
 that runs units of a related service. The agent's tick re-reads the rest.
 
+The same tables bind each unit's port here to its MAC and address (layer 2: from every
+reservation here, a leaving unit's included until its address is freed); a unit's
+container starts only once its port's entry is loaded (reconcilers/layer2.py).
+
 Until a pass has loaded the tables, and whenever one cannot (no nftables binding, a
 batch nftables refuses), the firewall is not in place: no unit's container is created
 or started here (safeguards.py)."""
@@ -21,6 +25,7 @@ from twisted.internet import defer
 from ensemble.errors import MalformedState
 from ensemble.machine import safeguards
 from ensemble.machine.reconciler import Reconciler
+from ensemble.machine.reconcilers.layer2 import unit_ports
 from ensemble.network.firewall import Firewall, parse_port, zookeeper_ports
 from ensemble.state import nodes
 from ensemble.state.client import NoNode
@@ -108,6 +113,11 @@ class FirewallReconciler(Reconciler):
         self._machine_of = {}     # unit elsewhere -> the machine its node names
         self._followed = {}       # ("service", name) or ("machine", id) -> its watch
         self._relations_watch = None
+        self._loaded_ports = {}   # unit here -> its UnitPort, as the last loaded tables hold it
+
+    def port_loaded(self, name):
+        """Whether the tables loaded last bind `name`'s port to its identity."""
+        return name in self._loaded_ports
 
     async def start(self):
         def keys(children):
@@ -138,6 +148,10 @@ class FirewallReconciler(Reconciler):
         """`unit` has an address here: follow the ports it opens."""
         name = unit.name
         self._leaving.discard(name)
+        wanted = unit_ports(self.host.environment["name"], await self.host.allocator.hardware()).get(name)
+        if wanted is not None and self._loaded_ports.get(name) != wanted:
+            # Its port's entry loaded before its container is made (the gate asks).
+            await self.sync_quietly()
         if name in self._watches:
             return
         self._watches[name] = None  # claimed: one watch per unit
@@ -175,6 +189,7 @@ class FirewallReconciler(Reconciler):
         """The firewall made what ZooKeeper says of the units here and their relations."""
         host = self.host
         reserved = await host.allocator.reserved()
+        identities = unit_ports(host.environment["name"], await host.allocator.hardware())
         self._leaving &= set(reserved)
         local = {u: a for u, a in reserved.items() if u not in self._leaving}
         services_here = {service_of(u) for u in local}
@@ -196,12 +211,14 @@ class FirewallReconciler(Reconciler):
             ports[name] = parsed
         exposed = {s for s in services_here if self._exposed.get(s)}
         openings, related = reachability(local, remote, relations, exposed, ports)
+        entries = [(p.port, p.mac, p.address) for p in identities.values()]
         try:
-            await host.in_thread(self.firewall.sync, openings, related)
+            await host.in_thread(self.firewall.sync, openings, related, entries)
         except Exception as e:
             # Each sync is one atomic batch: a refused one leaves the tables as they were.
             host.safeguards.report(safeguards.FIREWALL, f"{e}; units running here keep the rules loaded last")
         else:
+            self._loaded_ports = identities
             host.safeguards.report(safeguards.FIREWALL, None)
 
     async def _read_relations(self):

@@ -41,7 +41,9 @@ def public_address(machine_address):
 class UnitsReconciler(Reconciler):
     """With a `deployer` (and so a container driver), every assigned unit gets its own
     running container; without one, units get addresses only. `listeners` hear
-    `unit_addressed(unit)` and `unit_leaving(name)` (the firewall, say). With a
+    `unit_addressed(unit)` and `unit_leaving(name)` (the firewall, say), and those that
+    have them `unit_started(unit)` (its container just started) and
+    `unit_released(name, address)` (its container gone, its address freed). With a
     `refusal` (why this host cannot run units), units get it as their error instead."""
 
     name = "units"
@@ -178,6 +180,10 @@ class UnitsReconciler(Reconciler):
             started = await self.deployer.deploy(
                 unit, address, self._limits.get(unit.service_name), self._running_containers
             )
+            if started:
+                for listener in self.listeners:
+                    if hasattr(listener, "unit_started"):
+                        await listener.unit_started(unit)
             now = self.host.reactor.seconds()
             if started or name not in self._started_at:
                 self._started_at[name] = now
@@ -238,6 +244,9 @@ class UnitsReconciler(Reconciler):
         address = await self.host.allocator.release(name)
         if address:
             log.info("%s: released %s of %s", self.host.name, address, name)
+        for listener in self.listeners:
+            if hasattr(listener, "unit_released"):
+                await listener.unit_released(name, address)
         try:
             unit = await UnitStateManager(self.host.client).get_unit(name)
         except (UnitNotFound, MalformedState):

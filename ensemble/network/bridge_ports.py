@@ -1,0 +1,148 @@
+"""The bridge's side of each unit's identity, through netlink (pyroute2; nothing shells
+out to `ip` or `bridge`): learning and unknown-unicast flooding off on unit ports, a
+static forwarding entry for each unit's MAC on its own port, and a permanent neighbour
+entry on the bridge for each unit's address, so that neither the bridge's forwarding
+table nor the host's neighbour table takes anything a unit says about itself or others.
+(The nftables port filter, ensemble/network/port_filter.py, keeps forged frames from
+reaching either; these entries make the tables right by construction.)
+
+Blocking netlink round trips: agents run them in a thread. `netns`: a named namespace to
+act in (None: this one).
+"""
+
+import ipaddress
+from dataclasses import dataclass
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ensemble.network.bridge import BridgeError, _index, _ipr
+
+NUD_NOARP, NUD_PERMANENT = 0x40, 0x80   # a bridge's "static" entry; "permanent" (local / neighbour)
+NTF_MASTER = 0x04
+ENOENT, ENODEV = 2, 19
+
+
+@dataclass(frozen=True)
+class UnitPort:
+    """A unit's identity on the bridge: its host-side veth, MAC and address."""
+    port: str
+    mac: str
+    address: str
+
+
+def _fdb(ipr, bridge_index):
+    """[(port index, MAC, state)] of the bridge's forwarding entries (its own local ones
+    included)."""
+    entries = []
+    for entry in ipr.fdb("dump"):
+        if entry.get_attr("NDA_MASTER") != bridge_index or entry.get_attr("NDA_VLAN") is not None:
+            continue
+        entries.append((entry["ifindex"], (entry.get_attr("NDA_LLADDR") or "").lower(), entry["state"]))
+    return entries
+
+
+def _neighbours(ipr, bridge_index):
+    """{address: (MAC, state)} of the IPv4 neighbour entries on the bridge."""
+    return {
+        n.get_attr("NDA_DST"): ((n.get_attr("NDA_LLADDR") or "").lower(), n["state"])
+        for n in ipr.get_neighbours(ifindex=bridge_index, family=2)
+        if n.get_attr("NDA_DST")
+    }
+
+
+def _quietly(call, *args, **kwargs):
+    try:
+        call(*args, **kwargs)
+    except NetlinkError as e:
+        if e.code not in (ENOENT, ENODEV):
+            raise
+
+
+def secure(bridge, units, subnet=None, netns=None):
+    """Make the bridge hold each of `units` (UnitPort) to its identity: the permanent
+    neighbour entry for every unit; for each unit whose port exists (its container runs),
+    learning and unknown-unicast flooding off and the static forwarding entry of its MAC
+    on its port and nowhere else, and no other entry learned on its port. Neighbour
+    entries this made for addresses of `subnet` that no unit holds any more are removed.
+
+    Returns {port: why not} for the ports that exist and could not be secured; a port
+    that does not exist is not a problem (it has nothing to secure yet), nor is a bridge
+    that does not exist (nothing reaches a unit through it; its own layer says so)."""
+    problems = {}
+    with _ipr(netns) as ipr:
+        bridge_index = _index(ipr, bridge)
+        if bridge_index is None:
+            return problems
+        wanted = {u.address: u.mac for u in units}
+        network = ipaddress.IPv4Network(subnet, strict=False) if subnet else None
+        for address, (mac, state) in _neighbours(ipr, bridge_index).items():
+            if address in wanted:
+                if (mac, state) != (wanted[address], NUD_PERMANENT):
+                    ipr.neigh("replace", dst=address, lladdr=wanted[address], ifindex=bridge_index,
+                              state=NUD_PERMANENT)
+                del wanted[address]
+            elif state & NUD_PERMANENT and network is not None and ipaddress.IPv4Address(address) in network:
+                _quietly(ipr.neigh, "del", dst=address, lladdr=mac, ifindex=bridge_index)
+        for address, mac in wanted.items():
+            ipr.neigh("replace", dst=address, lladdr=mac, ifindex=bridge_index, state=NUD_PERMANENT)
+
+        fdb = _fdb(ipr, bridge_index)
+        for unit in units:
+            index = _index(ipr, unit.port)
+            if index is None:
+                continue
+            try:
+                _secure_port(ipr, bridge_index, index, unit, fdb)
+            except (NetlinkError, BridgeError) as e:
+                problems[unit.port] = str(e) or type(e).__name__
+    return problems
+
+
+def _secure_port(ipr, bridge_index, index, unit, fdb):
+    link = ipr.get_links(index)[0]
+    if link.get("master") != bridge_index:
+        raise BridgeError(f"{unit.port} is not a port of the bridge")
+    info = ipr.brport("show", index=index)[0].get_attr("IFLA_PROTINFO")
+    if info is None or info.get_attr("IFLA_BRPORT_LEARNING") != 0 or info.get_attr("IFLA_BRPORT_UNICAST_FLOOD") != 0:
+        ipr.brport("set", index=index, learning=0, unicast_flood=0)
+    present = False
+    for port, mac, state in fdb:
+        if state & NUD_PERMANENT:
+            continue  # the bridge's own (the ports' MACs, multicast groups)
+        if port == index and mac == unit.mac and state & NUD_NOARP:
+            present = True
+        elif port == index or mac == unit.mac:
+            # Learned on its port before learning was off, or its MAC anywhere else.
+            _quietly(ipr.fdb, "del", ifindex=port, lladdr=mac, flags=NTF_MASTER)
+    if not present:
+        ipr.fdb("replace", ifindex=index, lladdr=unit.mac, flags=NTF_MASTER, state=NUD_NOARP)
+
+
+def state(bridge, netns=None):
+    """What the bridge holds now, for checks and tests: {'ports': {port: {'learning',
+    'unicast_flood'}}, 'fdb': {MAC: [(port, 'static'|'learned'|'local')]},
+    'neighbours': {address: (MAC, 'permanent'|other state number)}}."""
+    with _ipr(netns) as ipr:
+        bridge_index = _index(ipr, bridge)
+        if bridge_index is None:
+            return None
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        ports = {}
+        for index, name in names.items():
+            link = ipr.get_links(index)[0]
+            if link.get("master") != bridge_index:
+                continue
+            info = ipr.brport("show", index=index)[0].get_attr("IFLA_PROTINFO")
+            ports[name] = {
+                "learning": bool(info.get_attr("IFLA_BRPORT_LEARNING")),
+                "unicast_flood": bool(info.get_attr("IFLA_BRPORT_UNICAST_FLOOD")),
+            }
+        fdb = {}
+        for port, mac, st in _fdb(ipr, bridge_index):
+            kind = "local" if st & NUD_PERMANENT else "static" if st & NUD_NOARP else "learned"
+            fdb.setdefault(mac, []).append((names.get(port, port), kind))
+        neighbours = {
+            address: (mac, "permanent" if st & NUD_PERMANENT else st)
+            for address, (mac, st) in _neighbours(ipr, bridge_index).items()
+        }
+        return {"ports": ports, "fdb": fdb, "neighbours": neighbours}
