@@ -130,18 +130,16 @@ def own_directory(root, name, uid, gid, mode=0o755):
         os.close(parent)
 
 
-def disown_tree(root, name):
-    """Give directory `name` in `root` and everything in it to host root, following no
-    link: once its unit is gone. Nothing the unit could run is left to race this."""
-    top = os.path.join(root, name)
-    try:
-        st = os.lstat(top)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeFile(top, "directory", "use")
-    for dirpath, dirnames, filenames in os.walk(top):
-        for entry in [dirpath] + [os.path.join(dirpath, n) for n in filenames + dirnames]:
-            st = os.lstat(entry)
-            if st.st_uid or st.st_gid:
-                os.lchown(entry, 0, 0)
+def own_tree(root, name, uid, gid, mode=0o700):
+    """Directory `name` in `root` (made if missing, given `mode`) and everything in it
+    given to uid:gid, following no link. For a unit's log directory when its container
+    is made (what an earlier container of the unit left there is this one's, whatever
+    ids that one had) and once it is gone (host root's): no process of the unit runs
+    then to race the walk."""
+    own_directory(root, name, uid, gid, mode)
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
+        for entry in dirnames + filenames:
+            path = os.path.join(dirpath, entry)
+            st = os.lstat(path)
+            if (st.st_uid, st.st_gid) != (uid, gid):
+                os.lchown(path, uid, gid)

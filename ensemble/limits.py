@@ -102,10 +102,15 @@ def effective(service_limits, defaults=None):
 # namespaces), which the machine agent raises to HOST_USER_LIMITS below so that units at
 # their caps cannot exhaust it. The unit's root cannot raise them: it has no
 # CAP_SYS_RESOURCE (config.CAP_KEEP), and namespaces it nests count against them too.
+# No user namespace may be nested in a unit: one would give the unit's root the
+# capabilities it was denied (CAP_NET_ADMIN, CAP_SYS_ADMIN) over fresh namespaces, the
+# door to most of the kernel's netfilter and filesystem code that exploits from
+# containers go through. (Without CAP_SYS_ADMIN of its own, a unit makes no other
+# namespace either; their caps bound what a change to that would allow.)
 UNIT_USER_LIMITS = {
     "max_inotify_instances": 128,
     "max_inotify_watches": 65536,
-    "max_user_namespaces": 64,
+    "max_user_namespaces": 0,
     "max_mnt_namespaces": 64,
     "max_net_namespaces": 64,
     "max_pid_namespaces": 64,

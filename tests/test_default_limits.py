@@ -81,7 +81,7 @@ def test_render_nests_the_container_under_the_machine_and_limits_swap_and_namesp
         hook = [line for line in lines if line.startswith("lxc.hook.start-host = ")]
         assert len(hook) == 1 and "--user=/proc/${LXC_PID}/ns/user" in hook[0]
         assert "echo 128 > /proc/sys/user/max_inotify_instances" in hook[0]
-        assert "echo 64 > /proc/sys/user/max_user_namespaces" in hook[0]
+        assert "echo 0 > /proc/sys/user/max_user_namespaces" in hook[0]
     # The unit's root cannot raise them: no CAP_SYS_RESOURCE.
     assert "sys_resource" not in lxc_config.CAP_KEEP
 

@@ -324,6 +324,7 @@ async def test_a_stopped_container_is_started_again(environment):
     container = (await all_started(env, ["db/0"]))["db/0"]["container"]
     driver = env.driver()
     try:
+        ids = await driver.id_range(container)
         await driver.stop(container)
         await until(lambda: driver.state(container), what="container state")
         await until(
@@ -331,6 +332,9 @@ async def test_a_stopped_container_is_started_again(environment):
         )
         await until(lambda: env.units()["db/0"]["agent"] == "alive", timeout=30, what="agent alive")
         assert env.units()["db/0"]["agent-state"] == "started"
+        # Started again (as after a host's reboot) with the same ids: its files are still its own.
+        assert await driver.id_range(container) == ids
+        assert os.stat(f"/proc/{await driver.init_pid(container)}").st_uid == ids.first
     finally:
         await driver.close()
 
@@ -347,6 +351,7 @@ async def test_units_survive_an_agent_restart_untouched(environment):
     driver = env.driver()
     try:
         init_before = await driver.init_pid(container)
+        ids = await driver.id_range(container)
         pid = env.agent_pid()
         os.kill(pid, signal.SIGTERM)
         await until(lambda: not process.alive(pid), timeout=20, what="agent exit")
@@ -358,6 +363,7 @@ async def test_units_survive_an_agent_restart_untouched(environment):
         await task.deferLater(reactor, 2, lambda: None)  # a reconcile pass
         assert await driver.init_pid(container) == init_before, "the container was restarted"
         assert await driver.list() == [container]
+        assert await driver.id_range(container) == ids, "the unit's ids changed"
     finally:
         await driver.close()
 

@@ -303,6 +303,40 @@ async def test_root_inside_cannot_reach_the_host_kernel(pair):
         assert f.read() == core_pattern
 
 
+# Kernel interfaces a unit is kept from (x86_64 numbers): {what: "ok" or errno name}.
+KERNEL_SURFACE = r"""
+import ctypes, errno, json
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def answer(result):
+    return "ok" if result >= 0 else errno.errorcode[ctypes.get_errno()]
+buffer = ctypes.create_string_buffer(256)
+found = {
+    "keyctl": answer(libc.syscall(250, 0, -3, 0)),           # the session keyring's id
+    "io_uring_setup": answer(libc.syscall(425, 4, buffer)),
+    "perf_event_open": answer(libc.syscall(298, buffer, 0, -1, -1, 0)),
+    "bpf": answer(libc.syscall(321, 0, buffer, 0)),
+    "userfaultfd": answer(libc.syscall(323, 0)),
+    "user namespace": answer(libc.unshare(0x10000000)),    # last: it may succeed
+}
+print(json.dumps(found))
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_unit_is_kept_from_kernel_interfaces_no_charm_needs(pair):
+    driver, a, _ = pair
+    await driver.exec(a.name, ["/bin/sh", "-c", "cat > /tmp/surface.py"], input=KERNEL_SURFACE.encode())
+    inside = json.loads(await sh(driver, a.name, f"{PYTHON} /tmp/surface.py"))
+    # Keyrings and io_uring as on a kernel without them; perf, bpf and userfaultfd
+    # refused; no user namespace nested (the unit's cap for them is 0).
+    assert inside == {"keyctl": "ENOSYS", "io_uring_setup": "ENOSYS", "perf_event_open": "EPERM",
+                      "bpf": "EPERM", "userfaultfd": "EPERM", "user namespace": "ENOSPC"}, inside
+    # The same calls on the host answer otherwise: it is the unit's policy that refuses.
+    host = json.loads(subprocess.run([PYTHON, "-c", KERNEL_SURFACE], capture_output=True, check=True).stdout)
+    assert host["keyctl"] == "ok" and host["user namespace"] == "ok" and host["io_uring_setup"] != "ENOSYS"
+
+
 # What a host process can do to one unit: run as another unit's root id (as one that
 # escaped its container would be), it prints {what: "ok" or the error's name}.
 DRILL = r"""

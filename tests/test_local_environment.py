@@ -6,6 +6,7 @@ import signal
 import time
 
 from ensemble.home import EnsembleHome
+from ensemble.machine.container.id_ranges import POOL
 from ensemble.process import alive as process_alive
 
 from conftest import ensemble_env, run_ensemble
@@ -32,6 +33,18 @@ def processes_of(home):
             if process_alive(int(entry)):
                 found.append(int(entry))
     return found
+
+
+def unit_id_map(env):
+    """(first host id, count) of db/0's container in the environment, once it runs."""
+    status = json.loads(run_ensemble("status", "--format", "json", env=env).stdout)
+    unit = status["services"].get("db", {}).get("units", {}).get("db/0", {})
+    if unit.get("agent-state") != "started":
+        return None
+    config = os.path.join(EnsembleHome(env["ENSEMBLE_HOME"]).lxc_dir, "machine-0", unit["container"], "config")
+    with open(config) as f:
+        line = next(line for line in f if line.startswith("lxc.idmap = u 0 "))
+    return tuple(int(v) for v in line.split()[-2:])
 
 
 def wait_until(check, timeout=30.0):
@@ -91,6 +104,12 @@ def test_two_environments_side_by_side(tmp_path):
         first, second = (json.loads(run_ensemble("status", "--format", "json", env=e).stdout) for e in envs)
         assert first["environment"] != second["environment"]
         assert "db" in first["services"] and second["services"] == {}
+        # A unit in each: their roots are different host ids, from the one pool of the host.
+        assert run_ensemble("deploy", DB, "--to", "0", env=envs[1]).returncode == 0
+        maps = [wait_until(lambda env=env: unit_id_map(env), timeout=120) for env in envs]
+        assert maps[0] != maps[1], maps
+        for first_id, count in maps:
+            assert count == 65536 and first_id >= POOL.first and first_id + count - 1 <= POOL.last
     finally:
         for env in envs:
             run_ensemble("destroy-environment", "-y", env=env)

@@ -211,7 +211,12 @@ async def test_agent_forwards_only_once_it_has_a_path_to_another_machine(env_cli
                 return agent.overlay.routes().get(near_subnet)
 
             assert (await eventually(routed))[0] == "192.0.2.77"
-            assert ip_forwarding(ns)
+
+            async def forwarding():
+                return ip_forwarding(ns)
+
+            # Switched on right after the route is in (overlay.py), not in the same step.
+            assert await eventually(forwarding)
             far = await MachineStateManager(env_client).add_machine(address="198.51.100.7")
             far_subnet = await lease_subnet(env_client, far.id)
             error = await eventually(lambda: network_error(env_client))

@@ -134,9 +134,9 @@ class UnitDeployer:
             ids = await self.driver.id_range(name)
             if self.unit_log_dir and ids:
                 # Written by the unit's root, which is not host root, and by no other
-                # unit. Only the directory itself: what is in it is the unit's (see
-                # ensemble/hostfs.py).
-                hostfs.own_directory(self.unit_log_dir, unit_key(unit.name), ids.first, ids.first, 0o700)
+                # unit; what an earlier container of this unit wrote there is its too.
+                await self.host.in_thread(hostfs.own_tree, self.unit_log_dir, unit_key(unit.name),
+                                          ids.first, ids.first)
             log.info("created %s for %s at %s (host ids %s-%s)", name, unit.name, address,
                      *((ids.first, ids.first + ids.count - 1) if ids else ("-", "-")))
             state = "STOPPED"
@@ -163,7 +163,7 @@ class UnitDeployer:
         if self.unit_log_dir:
             # Its log stays for the operator, owned by host root: the unit's ids are free
             # for another unit, which must find nothing of this one's.
-            await self.host.in_thread(hostfs.disown_tree, self.unit_log_dir, unit_key(unit_name))
+            await self.host.in_thread(hostfs.own_tree, self.unit_log_dir, unit_key(unit_name), 0, 0)
         log.info("destroyed %s of %s", name, unit_name)
 
     async def _wait_for_stop_hook(self, unit_name):

@@ -52,7 +52,31 @@ DEVICES = [
 # (core_pattern, release_agent) on hosts without AppArmor.
 CAP_KEEP = ("audit_write chown dac_override fowner fsetid kill mknod net_bind_service net_raw "
             "setfcap setgid setpcap setuid sys_chroot")
-SECCOMP = "/usr/share/lxc/config/common.seccomp"
+# LXC's seccomp policy (its common.seccomp: module loading, kexec, open_by_handle_at,
+# forced unmounts) and more: kernel interfaces no charm needs whose bugs have been the
+# way out of containers. Keyrings and io_uring answer ENOSYS, as on a kernel built
+# without them, so that software falls back (pam_keyinit, liburing users); perf
+# events, bpf and userfaultfd EPERM, as where their sysctls forbid the unprivileged.
+SECCOMP_FILE = "seccomp"  # in the container's directory
+SECCOMP_PROFILE = """2
+denylist
+reject_force_umount
+[all]
+kexec_load errno 1
+open_by_handle_at errno 1
+init_module errno 1
+finit_module errno 1
+delete_module errno 1
+keyctl errno 38
+add_key errno 38
+request_key errno 38
+io_uring_setup errno 38
+io_uring_enter errno 38
+io_uring_register errno 38
+perf_event_open errno 1
+bpf errno 1
+userfaultfd errno 1
+"""
 
 
 # -- the host's cgroups ---------------------------------------------------------------
@@ -351,8 +375,7 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None, cgroup_pare
         "# init: tini reaps orphans; runsv supervises the unit agent",
         *runtime_lines(INIT_CMD),
     ]
-    if os.path.exists(SECCOMP):
-        lines.append(f"lxc.seccomp.profile = {SECCOMP}")
+    lines.append(f"lxc.seccomp.profile = {os.path.join(container_dir, SECCOMP_FILE)}")
     if binds:
         lines += [
             "",

@@ -258,6 +258,9 @@ def ensure_mounted(container, binds=(), mountinfo="/proc/self/mountinfo"):
             os.makedirs(os.path.dirname(source), 0o755, exist_ok=True)
             st = os.stat(host_dir)
             os.mkdir(source, 0o700)
+            # What an earlier container of the unit left (kept when it went) goes on
+            # in this one's: the host directory is hidden under the bind while it runs.
+            keep(host_dir, source)
             os.chown(source, st.st_uid, st.st_gid)
             os.chmod(source, st.st_mode & 0o7777)
         if mounted(host_dir, mountinfo) != _device_id(device):

@@ -559,6 +559,7 @@ class LXCDriver:
             plan["binds"] = lxc_config.stage_binds(spec, container)
             if plan["binds"] or plan["rootfs"]:
                 _write(os.path.join(container, STAGE_FILE), json.dumps(plan), 0o640)
+            _write(os.path.join(container, lxc_config.SECCOMP_FILE), lxc_config.SECCOMP_PROFILE, 0o644)
             text = lxc_config.render(spec, container, self.template.rootfs, veth_name(name),
                                      cgroup_parent=self.cgroup.name)
             _write(os.path.join(container, "config.tmp"), text, 0o640)
