@@ -36,7 +36,10 @@ REFUSED_BATCH = "Error: Could not process rule: No such file or directory"
 
 
 @pytest.fixture
-def clock():
+def clock(monkeypatch):
+    # A Clock has no threads: the agent's blocking work (a unit's log directory given
+    # to its ids) runs inline.
+    monkeypatch.setattr(hosts.Host, "in_thread", lambda self, f, *args: defer.maybeDeferred(f, *args))
     return task.Clock()
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ensemble.network.bridge import BridgeError, _index, _ipr
+from ensemble.network.bridge import _index, _ipr
 
 NUD_NOARP, NUD_PERMANENT = 0x40, 0x80   # a bridge's "static" entry; "permanent" (local / neighbour)
 NTF_MASTER = 0x04
@@ -89,19 +89,19 @@ def secure(bridge, units, subnet=None, netns=None):
         fdb = _fdb(ipr, bridge_index)
         for unit in units:
             index = _index(ipr, unit.port)
-            if index is None:
+            # Missing, or not a port yet (LXC makes the veth, then enslaves it, while a
+            # start is under way): nothing of it reaches the bridge. The pass right after
+            # the start holds it.
+            if index is None or ipr.get_links(index)[0].get("master") != bridge_index:
                 continue
             try:
                 _secure_port(ipr, bridge_index, index, unit, fdb)
-            except (NetlinkError, BridgeError) as e:
+            except NetlinkError as e:
                 problems[unit.port] = str(e) or type(e).__name__
     return problems
 
 
 def _secure_port(ipr, bridge_index, index, unit, fdb):
-    link = ipr.get_links(index)[0]
-    if link.get("master") != bridge_index:
-        raise BridgeError(f"{unit.port} is not a port of the bridge")
     info = ipr.brport("show", index=index)[0].get_attr("IFLA_PROTINFO")
     if info is None or info.get_attr("IFLA_BRPORT_LEARNING") != 0 or info.get_attr("IFLA_BRPORT_UNICAST_FLOOD") != 0:
         ipr.brport("set", index=index, learning=0, unicast_flood=0)
