@@ -718,3 +718,38 @@ def test_debootstraps_progress_reads_as_stage_and_packages_out_of_total():
     ]
     assert build.errors == ["Couldn't download package apt"]
     assert build.tail == ["the full log goes to the tail only"]
+
+
+def stage_servers():
+    """Pids of this process's children that are stage servers."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if parent == os.getpid() and b"--serve" in argv and any(a.endswith(b"stage.py") for a in argv):
+            found.append(int(entry))
+    return found
+
+
+@pytest_twisted.ensureDeferred
+async def test_unprivileged_starts_share_one_stage_server_which_ends_with_the_driver(unprivileged_driver, lab):
+    driver = unprivileged_driver
+    specs = [lab.spec(f"web/{i}", idmap=OWN_RANGE) for i in range(3)]
+    for spec in specs:
+        await driver.create(spec)
+    # Started side by side: one server forks each.
+    await defer.gatherResults([defer.ensureDeferred(driver.start(s.name)) for s in specs])
+    assert [await driver.state(s.name) for s in specs] == ["RUNNING"] * 3
+    servers = stage_servers()
+    assert len(servers) == 1
+    # Another start later is the same server's.
+    await driver.stop(specs[0].name)
+    await driver.start(specs[0].name)
+    assert stage_servers() == servers
+    await driver.close()
+    await eventually(lambda: defer.succeed(stage_servers() == []))

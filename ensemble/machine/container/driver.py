@@ -73,10 +73,7 @@ STAGE_ROOTFS, STAGE_LOWER = lxc_config.STAGE_ROOTFS, lxc_config.STAGE_LOWER
 OWN_RANGE = "own"
 
 
-def staged_argv(plan_path, argv):
-    """`argv` run in a mount namespace of its own holding what the plan at
-    `plan_path` mounts (see stage.py), seen by it and its children only."""
-    return [sys.executable, "-I", "-S", stage_script.__file__, plan_path, "--", *argv]
+STAGE_SERVER = [sys.executable, "-I", "-S", stage_script.__file__, "--serve"]
 
 
 def _stage_plan(container):
@@ -327,6 +324,50 @@ class _NetnsHelper(protocol.ProcessProtocol):
         return (target.st_dev, target.st_ino) == (mine.st_dev, mine.st_ino)
 
 
+class _Stager(protocol.ProcessProtocol):
+    """stage.py --serve, for one driver: runs a command in a mount namespace of its own
+    holding what a plan mounts (see stage.py), a fork per run instead of an
+    interpreter's start. `prefix`: where it was started (the driver's namespaces)."""
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+        self.alive = False
+        self.waiting = {}  # request id -> Deferred of its answer
+        self.next_id = 0
+        self.buffer = b""
+        self.err = b""
+
+    def connectionMade(self):
+        self.alive = True
+
+    def outReceived(self, data):
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            answer = json.loads(line)
+            waiter = self.waiting.pop(answer["id"], None)
+            if waiter is not None:
+                waiter.callback(answer)
+
+    def errReceived(self, data):
+        self.err = (self.err + data)[-4096:]
+
+    def processEnded(self, reason):
+        self.alive = False
+        waiting, self.waiting = self.waiting, {}
+        why = _reason(self.err, str(reason.value))
+        for waiter in waiting.values():
+            waiter.errback(ContainerError(f"the stage helper ended: {why}"))
+
+    def run(self, plan_path, argv, timeout):
+        """Deferred (exit status, output, timed out) of `argv` run staged by the plan."""
+        self.next_id += 1
+        waiter = self.waiting[self.next_id] = defer.Deferred()
+        request = {"id": self.next_id, "plan": plan_path, "argv": list(argv), "timeout": timeout}
+        self.transport.write(json.dumps(request).encode() + b"\n")
+        return waiter.addCallback(lambda a: (a["code"], a["output"].encode(), a["timed_out"]))
+
+
 # -- the driver -----------------------------------------------------------------------
 
 class LXCDriver:
@@ -344,6 +385,7 @@ class LXCDriver:
         self.id_ranges = id_ranges or HostIdRangeStore()
         self._helper = None
         self._helper_starting = None
+        self._stager = None
         # Every container of this lxc path (this machine) has its cgroups below this
         # one; the limits reconciler sets `cgroup_caps` ({memory, pids}), which each
         # start puts back on it if it was made anew (cgroups.py).
@@ -456,6 +498,7 @@ class LXCDriver:
                 await self._ensure_helper()
             except Exception:
                 pass
+        self._end_stager()
         if self._helper is not None:
             await self._kill_helper(self._helper)
             self._helper = None
@@ -464,6 +507,28 @@ class LXCDriver:
                 self.cgroup.remove()  # only where it is empty
             except machine_cgroups.CgroupError as e:
                 log.warning("%s", e)
+
+    async def _run_staged(self, plan_path, argv, timeout):
+        """(exit status, output, timed out) of `argv` run staged by the plan at
+        `plan_path` (in the netns if any), by this driver's stage server."""
+        prefix = await self._prefix()
+        stager = self._stager
+        if stager is None or not stager.alive or stager.prefix != prefix:
+            # Started where the lxc commands run; made anew with the namespace helper.
+            self._end_stager()
+            stager = self._stager = _Stager(prefix)
+            argv_server = prefix + STAGE_SERVER
+            try:
+                self.reactor.spawnProcess(stager, argv_server[0], argv_server, env={"PATH": PATH})
+            except OSError as e:
+                raise ContainerError(f"cannot run the stage helper: {e}")
+        return await stager.run(plan_path, argv, timeout)
+
+    def _end_stager(self):
+        # Its stdin closed, it exits; what it started runs on.
+        if self._stager is not None and self._stager.alive:
+            self._stager.transport.closeStdin()
+        self._stager = None
 
     async def _run(self, argv, input=None, timeout=None):
         """(exit status, stdout, stderr) of an lxc command (in the netns if any)."""
@@ -584,8 +649,9 @@ class LXCDriver:
         argv = self._lxc("lxc-start", name, "-d")
         plan = _stage_plan(self.container_dir(name))
         if plan:
-            argv = staged_argv(plan, argv)
-        code, _, err, timed_out = await self._run(argv, timeout=timeout)
+            code, err, timed_out = await self._run_staged(plan, argv, timeout)
+        else:
+            code, _, err, timed_out = await self._run(argv, timeout=timeout)
         if timed_out:
             raise ContainerError(f"container {name} did not start within {timeout:g}s (log: {log_path})")
         if code != 0:

@@ -6,10 +6,16 @@ container's start needs and nothing on the host sees:
   is the shared template seen through an idmapped mount (owners shifted into the
   unit's range by the kernel, nothing copied) and whose upper layer is the unit's.
 
-Run as a script with `python3 -I -S`: the standard library only, so that it adds
-milliseconds, not an interpreter's site imports, to every start. Usage:
+Run as a script with `python3 -I -S`, the standard library only. Usage:
 
-    stage.py PLAN.json -- COMMAND...
+    stage.py PLAN.json -- COMMAND...     stage, then exec COMMAND
+    stage.py --serve                     the same for each request on stdin
+
+An interpreter's start is most of what a run costs (~25 ms), so a driver keeps one
+server and each start costs a fork: requests are JSON lines {"id", "plan", "argv",
+"timeout"}; each is forked off at once (starts run side by side), and its answer is a
+JSON line {"id", "code", "output", "timed_out"} once the command has exited (killed,
+with its process group, after `timeout` seconds).
 
 The plan is {"binds": [[source, target], ...], "rootfs": {"lower", "upper", "work",
 "target", "first", "count"} or null}. No Python module wraps open_tree, mount_setattr
@@ -19,8 +25,11 @@ and move_mount (util-linux 2.38's mount cannot idmap either), so they are called
 import ctypes
 import json
 import os
+import selectors
+import signal
 import struct
 import sys
+import time
 
 # x86_64 and aarch64 share the numbers of these (newer) system calls.
 SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
@@ -134,9 +143,85 @@ def stage(plan):
         _mount("overlay", target, "overlay", 0, options)
 
 
+def _child(plan_path, argv, output):
+    """In a forked child: stage, then exec `argv` with its output on `output`."""
+    try:
+        os.setpgid(0, 0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(output, 1)
+        os.dup2(output, 2)
+        with open(plan_path) as f:
+            stage(json.load(f))
+        os.execvp(argv[0], argv)
+    except (OSError, ValueError, KeyError, StageError) as e:
+        os.write(2, f"ensemble-stage: {e}\n".encode())
+    finally:
+        os._exit(127)
+
+
+def serve(requests=0, answers=1):
+    """Fork a staged command per request line on `requests`; answer on `answers`."""
+    selector = selectors.DefaultSelector()
+    selector.register(requests, selectors.EVENT_READ, None)
+    running = {}  # output fd -> [id, pid, chunks, deadline, timed_out]
+    pending = b""
+    reading = True
+    while reading or running:
+        deadlines = [r[3] for r in running.values() if r[3] is not None]
+        wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        for key, _ in selector.select(wait):
+            if key.fd == requests:
+                data = os.read(requests, 65536)
+                if not data:
+                    # No more requests: answer those under way, then end.
+                    selector.unregister(requests)
+                    reading = False
+                    continue
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    request = json.loads(line)
+                    read, write = os.pipe()
+                    pid = os.fork()
+                    if pid == 0:
+                        os.close(read)
+                        _child(request["plan"], request["argv"], write)
+                    os.close(write)
+                    timeout = request.get("timeout")
+                    deadline = None if timeout is None else time.monotonic() + timeout
+                    running[read] = [request["id"], pid, [], deadline, False]
+                    selector.register(read, selectors.EVENT_READ, None)
+                continue
+            entry = running[key.fd]
+            data = os.read(key.fd, 65536)
+            if data:
+                entry[2].append(data)
+                continue
+            selector.unregister(key.fd)
+            os.close(key.fd)
+            del running[key.fd]
+            _, status = os.waitpid(entry[1], 0)
+            code = os.waitstatus_to_exitcode(status)
+            answer = {"id": entry[0], "code": code if code >= 0 else 128 - code,
+                      "output": b"".join(entry[2]).decode("utf-8", "replace"), "timed_out": entry[4]}
+            os.write(answers, json.dumps(answer).encode() + b"\n")
+        now = time.monotonic()
+        for entry in running.values():
+            if entry[3] is not None and now >= entry[3] and not entry[4]:
+                entry[4] = True
+                try:
+                    os.killpg(entry[1], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
 def main(argv):
+    if argv[1:] == ["--serve"]:
+        serve()
+        return 0
     if len(argv) < 4 or argv[2] != "--":
-        print("usage: stage.py PLAN.json -- COMMAND...", file=sys.stderr)
+        print("usage: stage.py PLAN.json -- COMMAND... | stage.py --serve", file=sys.stderr)
         return 2
     try:
         with open(argv[1]) as f:
