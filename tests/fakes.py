@@ -703,13 +703,31 @@ class FakeIdRangeStore:
         return bool(doomed)
 
 
+class FakeMachineCgroup:
+    """MachineCgroup's ensure/problem/remove: the caps last put in place, no files."""
+
+    def __init__(self):
+        self.caps = None
+
+    def ensure(self, memory=None, pids=None):
+        self.caps = {"memory": memory, "pids": pids}
+
+    def problem(self, memory=None, pids=None):
+        return None if self.caps == {"memory": memory, "pids": pids} else "the caps are not in place"
+
+    def remove(self):
+        self.caps = None
+
+
 class FakeContainerDriver:
     """LXCDriver's operations on a dict of FakeContainers: create(spec), start, stop,
     destroy, list, running, state, exec, close, and the paths container_dir and
     log_path (nothing is written there).
 
     Models: ContainerSpec required (TypeError) and validated on construction, as the
-    real one is; ContainerExists, ContainerNotFound, invalid names refused; start of a
+    real one is; a spec with OWN_RANGE claims a range from `id_ranges` (a
+    FakeIdRangeStore) at create, freed at destroy; ContainerExists, ContainerNotFound,
+    invalid names refused; start of a
     running and stop of a stopped container are no-ops; destroy is idempotent; exec
     fails on a stopped container. Switches for tests: `fail(operation, name)` makes an
     operation raise ContainerError (for one name or all, a number of times or until
@@ -718,7 +736,8 @@ class FakeContainerDriver:
     (operation, name) in order; `exec_handler(name, argv, env, input)` answers execs
     (default: exit 0, no output).
 
-    Does not model: the template (see FakeTemplate), files, networking, cgroups and
+    Does not model: the template (see FakeTemplate), files, networking, cgroups (but
+    the machine parent cgroup's caps, FakeMachineCgroup) and
     limits, states other than RUNNING and STOPPED, a unit agent inside, a container
     that stops by itself (use `crash`).
     """
@@ -731,6 +750,7 @@ class FakeContainerDriver:
         self.delays = {}
         self.exec_handler = None
         self.id_ranges = FakeIdRangeStore()
+        self.cgroup = FakeMachineCgroup()
         self._failures = {}   # (operation, name or None) -> [error, times left or None]
 
     def __repr__(self):

@@ -79,17 +79,14 @@ class LimitsReconciler(Reconciler):
         host.safeguards.require(safeguards.LIMITS)
 
     def problem(self):
-        # A driver without a parent cgroup is a test's fake (tests/fakes.py): no cgroups.
-        cgroup = getattr(self.driver, "cgroup", None)
         caps = {k: self.caps.get(k) for k in (limits.MEMORY, limits.PIDS)}
-        if cgroup is not None:
-            try:
-                cgroup.ensure(**caps)
-            except CgroupError as e:
-                return str(e)
-            problem = cgroup.problem(**caps)
-            if problem:
-                return problem
+        try:
+            self.driver.cgroup.ensure(**caps)
+        except CgroupError as e:
+            return str(e)
+        problem = self.driver.cgroup.problem(**caps)
+        if problem:
+            return problem
         return ensure_user_limits(self.user_floors, self.user_limits_dir) or disk_problem()
 
     async def converge(self):
