@@ -9,7 +9,9 @@ With `netns`, the lxc commands run inside that network namespace (the veth's hos
 lands there, next to the bridge), and in a mount namespace whose /sys is that network
 namespace's: LXC looks bridges up in /sys/class/net, which `nsenter --net` alone leaves
 showing the caller's interfaces. One helper process per driver holds that namespace
-pair (`close()` ends it; it also dies with the driver's process).
+pair (`close()` ends it; it also dies with the driver's process). Starts that need
+mounts of their own (a user namespace's root filesystem, paths its root cannot reach)
+go through one stage server per driver (stage.py), started where the lxc commands run.
 """
 
 import dataclasses
@@ -565,7 +567,9 @@ class LXCDriver:
 
     async def create(self, spec):
         """Clone the template (an overlayfs snapshot: an empty upper directory over
-        the template's rootfs), render the config and the service directory."""
+        the template's rootfs; with a user namespace, over the template seen through an
+        idmapped mount at start), claim its own id range (OWN_RANGE), make its disk,
+        render the config, the stage plan and the service directory."""
         if not isinstance(spec, ContainerSpec):
             raise TypeError("create() takes a ContainerSpec")
         name = spec.name
