@@ -45,7 +45,7 @@ def test_disk_sizes_parse_like_memory():
 
 
 def test_deploy_takes_disk_alongside_memory_and_pids():
-    from ensemble.cli import _parse_limits
+    from ensemble.cli.service_commands import _parse_limits
 
     args = types.SimpleNamespace(memory="512M", cpu_weight=None, pids="200", disk="2G")
     assert _parse_limits(args) == {"memory": 512 * 1024**2, "pids": 200, "disk": 2 * 1024**3}

@@ -1,0 +1,3 @@
+"""The `ensemble` command line (ensemble.cli.main)."""
+
+from ensemble.cli.main import main, run  # noqa: F401

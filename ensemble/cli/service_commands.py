@@ -1,0 +1,183 @@
+"""Commands that change services, their units and relations."""
+
+from ensemble.charm import Charm, bundle_id
+from ensemble.cli.common import environment
+from ensemble.errors import InvalidValue
+from ensemble.limits import parse_cpu_weight, parse_disk, parse_memory, parse_pids
+from ensemble.names import parse_machine_id, parse_unit_name, validate_service_name
+from ensemble.state.machine import MachineStateManager
+from ensemble.state.service import ServiceStateManager
+from ensemble.state.unit import UnitStateManager
+
+MAX_UNITS_PER_COMMAND = 1000
+
+
+def _parse_config(pairs):
+    config = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidValue(f"invalid --config {pair!r}: use KEY=VALUE")
+        config[key] = value
+    return config
+
+
+def _parse_limits(args):
+    limits = {}
+    if args.memory is not None:
+        limits["memory"] = parse_memory(args.memory)
+    if args.cpu_weight is not None:
+        limits["cpu-weight"] = parse_cpu_weight(args.cpu_weight)
+    if args.pids is not None:
+        limits["pids"] = parse_pids(args.pids)
+    if args.disk is not None:
+        limits["disk"] = parse_disk(args.disk)
+    return limits
+
+
+def _parse_count(n):
+    if not 1 <= n <= MAX_UNITS_PER_COMMAND:
+        raise InvalidValue(f"-n must be from 1 to {MAX_UNITS_PER_COMMAND}, not {n}")
+    return n
+
+
+async def cmd_deploy(reactor, args):
+    # Everything is validated before the one transaction that writes it.
+    charm = Charm.load(args.charm_dir)
+    service = validate_service_name(args.service or charm.name)
+    config = charm.config(_parse_config(args.config))
+    limits = _parse_limits(args)
+    n = _parse_count(args.n)
+    to = parse_machine_id(args.to) if args.to is not None else None
+    bundle = charm.bundle()
+    async with environment(args) as client:
+        if to is not None:
+            await MachineStateManager(client).get_machine(to)
+        _, units = await ServiceStateManager(client).deploy(
+            service, bundle_id(charm.name, bundle), bundle, config, limits, n=n, to=to, endpoints=charm.endpoints
+        )
+    print(f"deployed service {service} ({charm.name}): {', '.join(units)}")
+
+
+async def cmd_add_unit(reactor, args):
+    service = validate_service_name(args.service)
+    n = _parse_count(args.n)
+    to = parse_machine_id(args.to) if args.to is not None else None
+    async with environment(args) as client:
+        manager = ServiceStateManager(client)
+        await manager.get_service(service)
+        if to is not None:
+            await MachineStateManager(client).get_machine(to)
+        units = await manager.add_units(service, n=n, to=to)
+    print(f"added {', '.join(units)}")
+
+
+async def cmd_remove_unit(reactor, args):
+    for name in args.units:
+        parse_unit_name(name)
+    async with environment(args) as client:
+        manager = UnitStateManager(client)
+        # All must exist before any is touched.
+        for name in args.units:
+            await manager.get_unit(name)
+        for name in args.units:
+            await manager.remove_unit(name)
+    print(f"removing {', '.join(args.units)}")
+
+
+async def cmd_destroy_service(reactor, args):
+    service = validate_service_name(args.service)
+    async with environment(args) as client:
+        units = await ServiceStateManager(client).destroy_service(service)
+    if units:
+        print(f"destroying service {service}: removing {', '.join(units)}")
+    else:
+        print(f"destroyed service {service}")
+
+
+async def cmd_add_relation(reactor, args):
+    from ensemble.relations import parse_descriptor
+    from ensemble.state.relation import RelationStateManager
+
+    parse_descriptor(args.a), parse_descriptor(args.b)
+    async with environment(args) as client:
+        relation, a, b = await RelationStateManager(client).add_relation(args.a, args.b)
+    print(f"added relation {relation.relation_id(a[0])} between {a[0]}:{a[1]} and {b[0]}:{b[1]} "
+          f"(interface {relation.interface})")
+
+
+async def cmd_remove_relation(reactor, args):
+    from ensemble.relations import parse_descriptor
+    from ensemble.state.relation import RelationStateManager
+
+    parse_descriptor(args.a), parse_descriptor(args.b)
+    async with environment(args) as client:
+        relation = await RelationStateManager(client).remove_relation(args.a, args.b)
+    first = relation.endpoints[0]["service"]
+    print(f"removed relation {relation.relation_id(first)} between {' and '.join(relation.describe().split())}")
+
+
+async def cmd_expose(reactor, args):
+    service = validate_service_name(args.service)
+    async with environment(args) as client:
+        before = await ServiceStateManager(client).set_exposed(service, True)
+    print(f"service {service} is already exposed" if before else f"exposed service {service}")
+
+
+async def cmd_unexpose(reactor, args):
+    service = validate_service_name(args.service)
+    async with environment(args) as client:
+        before = await ServiceStateManager(client).set_exposed(service, False)
+    print(f"unexposed service {service}" if before else f"service {service} is not exposed")
+
+
+def _placement_arguments(sub):
+    sub.add_argument("--to", metavar="MACHINE", help="place the units on this existing machine")
+    sub.add_argument("-n", type=int, default=1, metavar="N", help="number of units (default 1)")
+
+
+def register(command):
+    sub = command("deploy", cmd_deploy, "create a service from a charm directory and add units")
+    sub.add_argument("charm_dir", metavar="CHARM_DIR")
+    sub.add_argument("service", metavar="SERVICE", nargs="?", help="service name (default: the charm's)")
+    _placement_arguments(sub)
+    sub.add_argument("--config", action="append", metavar="KEY=VALUE", help="set a charm option")
+    sub.add_argument("--memory", metavar="SIZE", help="memory (and swap) limit per unit, e.g. 512M (default 1G)")
+    sub.add_argument("--cpu-weight", metavar="N", help="relative CPU weight per unit, 1-10000 (100 is the norm; unset: no weight)")
+    sub.add_argument("--pids", metavar="N", help="process limit per unit (default 1024)")
+    sub.add_argument("--disk", metavar="SIZE",
+                     help="disk per unit: its writable layer and its logs, e.g. 10G (default 4G)")
+
+
+    sub = command("add-unit", cmd_add_unit, "add units to a service")
+    sub.add_argument("service", metavar="SERVICE")
+    _placement_arguments(sub)
+
+
+    sub = command("remove-unit", cmd_remove_unit, "remove units; their containers are destroyed")
+    sub.add_argument("units", metavar="UNIT", nargs="+")
+
+
+    sub = command("destroy-service", cmd_destroy_service, "remove a service and all its units")
+    sub.add_argument("service", metavar="SERVICE")
+
+
+    sub = command("add-relation", cmd_add_relation,
+                  "relate two services by a matching provides/requires pair of their charms")
+    sub.add_argument("a", metavar="SERVICE[:RELATION]")
+    sub.add_argument("b", metavar="SERVICE[:RELATION]")
+
+
+    sub = command("remove-relation", cmd_remove_relation, "remove the relation between two services")
+    sub.add_argument("a", metavar="SERVICE[:RELATION]")
+    sub.add_argument("b", metavar="SERVICE[:RELATION]")
+
+
+    sub = command("expose", cmd_expose,
+                  "let anything reach the ports the service's units opened (other units, hosts, beyond)")
+    sub.add_argument("service", metavar="SERVICE")
+
+
+    sub = command("unexpose", cmd_unexpose,
+                  "close the service's opened ports again to all but the units of related services")
+    sub.add_argument("service", metavar="SERVICE")
