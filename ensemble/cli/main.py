@@ -38,8 +38,11 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.required = True
 
-    def command(name, function, help, zookeeper=True):
-        sub = commands.add_parser(name, help=help, description=help)
+    def command(name, function, help, zookeeper=True, examples=()):
+        """A subcommand; `examples`: command lines shown at the end of its --help."""
+        epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples) if examples else None
+        sub = commands.add_parser(name, help=help, description=help, epilog=epilog,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.set_defaults(function=function)
         if zookeeper:
             sub.add_argument(

@@ -54,7 +54,8 @@ async def cmd_deploy(reactor, args):
         if to is not None:
             await MachineStateManager(client).get_machine(to)
         _, units = await ServiceStateManager(client).deploy(
-            service, bundle_id(charm.name, bundle), bundle, config, limits, n=n, to=to, endpoints=charm.endpoints
+            service, bundle_id(charm.name, bundle), bundle, config, limits, n=n, to=to, endpoints=charm.endpoints,
+            charm_dir=charm.directory,
         )
     print(f"deployed service {service} ({charm.name}): {', '.join(units)}")
 

@@ -23,6 +23,11 @@ from ensemble.state.machine import MachineStateManager
 from ensemble.state.unit import ALIVE, DYING, PENDING, UnitStateManager, assignment_path, unit_path
 
 
+# The service node's field naming the charm directory it was deployed from (on the host
+# that deployed it): where `upgrade-charm` without --path reads the charm again.
+CHARM_DIR = "charm-dir"
+
+
 def config_path(name):
     return f"{service_path(name)}/config"
 
@@ -166,10 +171,12 @@ class ServiceStateManager:
     async def _placements(self, n, to):
         return place(await MachineStateManager(self.client).unit_counts(), n, to)
 
-    async def deploy(self, name, charm_bundle_id, bundle, config, limits, n=1, to=None, _retry=0, endpoints=None):
+    async def deploy(self, name, charm_bundle_id, bundle, config, limits, n=1, to=None, _retry=0, endpoints=None,
+                     charm_dir=None):
         """Create the service (storing its charm if new) with `n` units, and a peer
         relation per `peers:` entry of its charm, atomically. `endpoints`: the charm's
-        (Charm.endpoints); read from the bundle's metadata.yaml if not given."""
+        (Charm.endpoints); read from the bundle's metadata.yaml if not given.
+        `charm_dir`: the directory it came from, which upgrade-charm reads again."""
         if endpoints is None:
             endpoints = relation.endpoints_from_bundle(charm_bundle_id.rpartition("-")[0], bundle)
         machines = await self._placements(n, to)
@@ -186,6 +193,8 @@ class ServiceStateManager:
             "unit-sequence": n,
             "endpoints": stored(endpoints),
         }
+        if charm_dir:
+            data[CHARM_DIR] = charm_dir
         policy = auth.admin_policy(self.client)
         placements = _placements(name, 0, machines)
         if policy is not None:
@@ -218,10 +227,12 @@ class ServiceStateManager:
             if _retry >= 3:
                 raise
             # Another deploy stored the same charm first; ours is identical.
-            return await self.deploy(name, charm_bundle_id, bundle, config, limits, n, to, _retry + 1, endpoints)
+            return await self.deploy(name, charm_bundle_id, bundle, config, limits, n, to, _retry + 1, endpoints,
+                                     charm_dir)
         except BadVersion:
             # Another relation took the id we meant for a peer relation.
-            return await self.deploy(name, charm_bundle_id, bundle, config, limits, n, to, _retry, endpoints)
+            return await self.deploy(name, charm_bundle_id, bundle, config, limits, n, to, _retry, endpoints,
+                                     charm_dir)
         except NoNode:
             raise MachineNotFound(to if to is not None else machines[0])
         if policy is not None:
