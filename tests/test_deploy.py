@@ -27,7 +27,9 @@ from conftest import ensemble_env, make_charm, run_ensemble
 DB, WEB = "examples/charms/db", "examples/charms/web"
 # urllib would otherwise honour any http_proxy in the environment.
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-_networks = itertools.count(1)
+# Parallel test runs on one machine each give their own ENSEMBLE_TEST_NET_OFFSET, so
+# their environments' networks differ.
+_networks = itertools.count(int(os.environ.get("ENSEMBLE_TEST_NET_OFFSET", "1")))
 
 
 class Environment:
