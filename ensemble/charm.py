@@ -61,11 +61,7 @@ class Charm:
     def config(self, overrides):
         """Defaults from config.yaml with `overrides` ({key: string}) applied and typed."""
         values = {k: o["default"] for k, o in self.options.items() if "default" in o}
-        for key, text in overrides.items():
-            if key not in self.options:
-                known = ", ".join(sorted(self.options)) or "none"
-                raise InvalidValue(f"charm {self.name} has no option {key!r} (options: {known})")
-            values[key] = _coerce(key, text, self.options[key].get("type", "string"))
+        values.update(typed_values(self.name, self.options, overrides))
         return values
 
     def bundle(self):
@@ -134,7 +130,30 @@ def _read_yaml(path, required):
 def read_options(directory, name):
     """The options of a charm's config.yaml ({} without one), each with its `type`
     (string when not given), checked; InvalidCharm naming the option otherwise."""
-    config = _read_yaml(os.path.join(directory, "config.yaml"), required=False)
+    return _checked_options(_read_yaml(os.path.join(directory, "config.yaml"), required=False), name)
+
+
+def bundle_options(bundle, name):
+    """The options of the config.yaml in a charm bundle, as read_options gives them."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(bundle)) as archive:
+            text = archive.read("config.yaml")
+    except KeyError:
+        return {}
+    except zipfile.BadZipFile:
+        raise InvalidCharm(f"charm {name}: its stored bundle is not a zip file")
+    try:
+        config = yaml.safe_load(text)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InvalidCharm(f"charm {name}: config.yaml is not valid YAML: {str(e).splitlines()[0]}")
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise InvalidCharm(f"charm {name}: config.yaml must be a YAML mapping")
+    return _checked_options(config, name)
+
+
+def _checked_options(config, name):
     options = config.get("options") or {}
     if not isinstance(options, dict):
         raise InvalidCharm(f"charm {name}: config.yaml 'options' must be a mapping")
@@ -149,6 +168,23 @@ def read_options(directory, name):
             raise InvalidCharm(f"charm {name}: the default of option {key!r} is not a {kind}")
         checked[key] = {**option, "type": kind}
     return checked
+
+
+def typed_values(charm_name, options, texts):
+    """{key: text} given by a user, each checked against the charm's options and typed;
+    InvalidValue naming the option and the type it wants otherwise."""
+    values = {}
+    for key, text in texts.items():
+        if key not in options:
+            known = ", ".join(sorted(options)) or "none"
+            raise InvalidValue(f"charm {charm_name} has no option {key!r} (options: {known})")
+        values[key] = _coerce(key, text, options[key].get("type", "string"))
+    return values
+
+
+def mismatched_values(options, values):
+    """The keys of `values` the options know but whose value is not of the option's type."""
+    return sorted(k for k, v in values.items() if k in options and not _matches(v, options[k]["type"]))
 
 
 def config_values(options, values):

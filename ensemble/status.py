@@ -11,7 +11,7 @@ from ensemble.state.environment import get_environment
 from ensemble.state.machine import MachineStateManager
 from ensemble.state.relation import RelationStateManager
 from ensemble.state.service import ServiceStateManager
-from ensemble.state.unit import DYING, OPEN_PORTS, RELATION_ERRORS, UnitStateManager
+from ensemble.state.unit import CHARM, DYING, OPEN_PORTS, RELATION_ERRORS, WORKLOAD, UnitStateManager
 
 
 async def collect(client):
@@ -75,6 +75,8 @@ async def collect(client):
     for unit, alive in zip(units, unit_alive):
         entry = _unit_entry(unit, alive)
         service = result["services"].setdefault(unit.service_name, {"units": {}})
+        if unit.data.get(CHARM) and service.get("charm") and unit.data[CHARM] != service["charm"]:
+            entry["upgrading-from"] = unit.data[CHARM]  # an upgrade-charm has not reached it yet
         service["units"][unit.name] = entry
     return result
 
@@ -108,6 +110,12 @@ def _unit_entry(unit, alive):
         "agent-state": unit.state,
         "agent": "alive" if alive else "down",
     }
+    workload = data.get(WORKLOAD)
+    if isinstance(workload, dict) and workload.get("hook"):
+        # What the charm last did, beside what the agent is doing.
+        status = workload.get("status")
+        entry["workload"] = {"hook": workload["hook"], "result": "ok" if status == 0 else f"exit {status}",
+                             "at": workload.get("at")}
     if data.get(OPEN_PORTS):
         entry[OPEN_PORTS] = list(data[OPEN_PORTS])
     if data.get("error"):

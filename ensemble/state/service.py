@@ -275,6 +275,68 @@ class ServiceStateManager:
                                      _placements(name, first, machines), drop=False)
             return names
 
+    async def update_config(self, name, values, reset=()):
+        """Set options `values` ({key: typed value}) and drop `reset` (back to their
+        defaults) in the service's config, in one write; returns the config before and
+        after. Every unit runs config-changed for a write that changed something."""
+        await self._read_alive(name)
+        path = config_path(name)
+        while True:
+            try:
+                data, version = await nodes.read(self.client, path)
+            except NoNode:
+                raise ServiceNotFound(name)
+            before = dict(data.get("config") or {})
+            after = {k: v for k, v in {**before, **values}.items() if k not in reset}
+            if after == before:
+                return before, after
+            try:
+                await self.client.set(path, nodes.dump({**data, "config": after}), version)
+                return before, after
+            except BadVersion:
+                continue
+            except NoNode:
+                raise ServiceNotFound(name)
+
+    async def upgrade_charm(self, name, charm_bundle_id, bundle, endpoints, charm_dir=None):
+        """Move the service to another charm (its units run upgrade-charm, then
+        config-changed); returns the id of the charm it had. The caller checked that the
+        charm keeps every relation the service is in."""
+        policy = auth.admin_policy(self.client)
+        while True:
+            data, version = await self._read_alive(name)
+            old = data.get("charm")
+            if old == charm_bundle_id:
+                return old
+            placements = {}
+            if policy is not None:
+                for unit in await ServiceState(self.client, name, data).unit_names():
+                    try:
+                        unit_data, _ = await nodes.read(self.client, unit_path(unit))
+                    except NoNode:
+                        continue
+                    if unit_data.get("machine") is not None:
+                        placements[unit] = unit_data["machine"]
+            tx = self.client.transaction()
+            if await self.client.exists(charm_path(charm_bundle_id)) is None:
+                tx.create(charm_path(charm_bundle_id), bundle, acl=policy and policy.service_node(placements))
+                if policy is not None:
+                    tx.create(f"{charm_path(charm_bundle_id)}/{auth.GUARD}", b"", acl=policy.public())
+            elif policy is not None:
+                await auth.change_grants(self.client, charm_path(charm_bundle_id), add=policy.service_node(placements))
+            changed = {**data, "charm": charm_bundle_id, "endpoints": stored(endpoints)}
+            if charm_dir:
+                changed[CHARM_DIR] = charm_dir
+            tx.set(service_path(name), nodes.dump(changed), version)
+            try:
+                await tx.commit()
+            except (BadVersion, NodeExists):
+                continue  # the service changed (a unit added: it needs the grant too), or the charm was stored
+            except NoNode:
+                raise ServiceNotFound(name)
+            await self._remove_charm_if_unused(old)
+            return old
+
     async def set_exposed(self, name, exposed):
         """Expose the service (or stop); returns whether it was exposed before."""
         while True:

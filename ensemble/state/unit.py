@@ -16,6 +16,13 @@ ALIVE, DYING = "alive", "dying"
 # Fields the unit agent writes besides its state: the ports its hooks opened ("PORT/proto",
 # which the machine agent's firewall follows) and {relation id: why its hook failed}.
 OPEN_PORTS, RELATION_ERRORS = "open-ports", "relation-errors"
+# The charm the unit's hooks run from (its service's, once an upgrade reached it).
+CHARM = "charm"
+# The last hook the unit ran: {hook, status (its exit status), at (UTC time)}.
+WORKLOAD = "workload"
+# Asked by `ensemble resolved`, cleared by the unit agent once acted on: {retry: bool}
+# for the unit's own failed hook, {relation id: retry} for failed relation hooks.
+RESOLVED, RELATION_RESOLVED = "resolved", "relation-resolved"
 
 
 def unit_path(name):
@@ -64,6 +71,14 @@ class UnitState:
 
         try:
             self.data = await nodes.update(self.client, self.path, nodes.merge(fields))
+        except NoNode:
+            raise UnitNotFound(self.name)
+        return self.data
+
+    async def update_with(self, change):
+        """Set the unit node to `change(data)`, re-read and retried on a concurrent write."""
+        try:
+            self.data = await nodes.update(self.client, self.path, change)
         except NoNode:
             raise UnitNotFound(self.name)
         return self.data

@@ -4,8 +4,10 @@
   directory: the hooks' only way to the unit's state (the agent holds the only
   ZooKeeper session and credential);
 - one HookExecutor that runs every hook of the unit, one at a time;
-- the Lifecycle: install, config-changed, start; stop on removal;
-- UnitRelations: a HookScheduler per relation, once the unit has started.
+- the Lifecycle: install, config-changed, start; config-changed when the service's
+  config changes, upgrade-charm when its charm does; stop on removal;
+- UnitRelations: a HookScheduler per relation, once the unit has started;
+- what `ensemble resolved` asks of both, through fields of the unit node.
 
 It is restarted by the container's supervisor when it dies; charm services keep
 running meanwhile, and hooks owed are neither lost nor run twice (see Lifecycle and
@@ -14,18 +16,23 @@ HookScheduler).
 
 import logging
 import os
-import shutil
 import sys
+import time
 
 from ensemble.agent import BaseAgent
-from ensemble.charm import extract_bundle
+from ensemble.errors import MalformedState
+from ensemble.state import nodes
 from ensemble.state.client import ConnectionLost, SessionExpired
-from ensemble.state.service import ServiceStateManager
-from ensemble.state.unit import DYING, UnitStateManager
+from ensemble.state.nodes import service_path
+from ensemble.state.service import config_path
+from ensemble.state.unit import DYING, RELATION_RESOLVED, RESOLVED, WORKLOAD, UnitStateManager
+from ensemble.state.watch import DataWatch
+from ensemble.unit.charm_dir import CharmDirectory
 from ensemble.unit.executor import HookExecutor
 from ensemble.unit.hooks import hook_logger, link_tools
-from ensemble.unit.lifecycle import Lifecycle
+from ensemble.unit.lifecycle import Lifecycle, NotInError
 from ensemble.unit.relations import UnitRelations
+from ensemble.unit.scheduler import RelationNotInError
 from ensemble.unit.state import ZooKeeperHookState
 from ensemble.unit.tools.server import HookToolFactory, listen
 
@@ -53,6 +60,7 @@ class UnitAgent(BaseAgent):
         self.relations = None
         self._tools_port = None
         self._watch = None
+        self._service_watches = []
         self._start_done = False
         self._stop_done = False
 
@@ -80,58 +88,110 @@ class UnitAgent(BaseAgent):
         # The tools' console scripts are in the venv, mounted from the host.
         tools_dir = link_tools(os.path.join(self.unit_dir, TOOLS_DIR), os.path.dirname(sys.executable))
         self.executor = HookExecutor(self.reactor, state, tools, self.socket_path, self.charm_dir, self.unit_dir,
-                                     self.log_path, tools_dir, logger)
+                                     self.log_path, tools_dir, logger, report=self._report_hook)
         self.relations.executor = self.executor
-        self.lifecycle = Lifecycle(self.unit, self.executor, self.unit_dir)
+        charm = CharmDirectory(self.client, self.unit.service_name, self.charm_dir)
+        self.lifecycle = Lifecycle(self.unit, self.executor, self.unit_dir, charm, self.reactor,
+                                   on_started=self.relations.start)
         self._watch = await self.unit.watch(self.unit_changed)
+
+    async def _report_hook(self, hook, status):
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        await self.unit.update(**{WORKLOAD: {"hook": hook, "status": status, "at": at}})
 
     async def unit_changed(self, data):
         if data is None:
             log.info("%s: unit removed", self.name)
             return
         self.unit.data = data
-        # Only two things drive the agent: its own start, and the unit becoming dying.
-        # Reacting to every change would mean reacting to its own state writes.
+        # What drives the agent: its own start, the unit becoming dying, and `resolved`.
+        # Its own state writes come here too and change nothing.
         # (The watch calls one at a time, folding changes made meanwhile into one call.)
         try:
             if data.get("life") == DYING:
                 if not self._stop_done:
                     self._stop_done = True
+                    self._stop_following_service()
                     await self.relations.stop()
                     await self.lifecycle.stop()
-            elif not self._start_done:
+                return
+            if not self._start_done:
                 self._start_done = True
-                await self._ensure_charm()
-                if await self.lifecycle.start():
-                    await self.relations.start()
+                # Followed first: the queue then knows which config its config-changed is for.
+                await self._follow_service()
+                await self.lifecycle.start()
+            await self._act_on_resolved(data)
+            self.lifecycle.resume()
         except (ConnectionLost, SessionExpired) as e:
             # ZooKeeper went away mid-way: try again on the watch's next delivery
-            # (after the reconnection); the marker keeps hooks from running twice.
+            # (after the reconnection); the queue keeps hooks from running twice.
             log.warning("%s: lost ZooKeeper while acting on the unit (%s); will resume", self.name, e)
+            self._stop_following_service()
             self._start_done = self._stop_done = False
 
-    async def _ensure_charm(self):
-        """The service's charm unpacked in the charm directory (once per charm)."""
-        service = await ServiceStateManager(self.client).get_service(self.unit.service_name)
-        stamp = os.path.join(self.charm_dir, ".ensemble-charm")
-        try:
-            with open(stamp) as f:
-                if f.read().strip() == service.charm_id:
-                    return
-        except OSError:
-            pass
-        bundle = await service.charm_bundle()
-        staging = self.charm_dir + ".new"
-        shutil.rmtree(staging, ignore_errors=True)
-        extract_bundle(bundle, staging)
-        with open(os.path.join(staging, ".ensemble-charm"), "w") as f:
-            f.write(service.charm_id + "\n")
-        shutil.rmtree(self.charm_dir, ignore_errors=True)
-        os.replace(staging, self.charm_dir)
+    async def _follow_service(self):
+        """Feed the lifecycle the service's config version and charm as they change."""
+
+        def config(value):
+            if value is not None:
+                self.lifecycle.config_changed(value[1].version)
+
+        def service(value):
+            if value is None:
+                return
+            try:
+                charm_id = nodes.load(value[0], self.unit.service_name).get("charm")
+            except MalformedState as e:
+                log.error("%s: %s", self.name, e)
+                return
+            if charm_id:
+                self.lifecycle.charm_changed(charm_id)
+
+        self._service_watches = [
+            await DataWatch(self.client, config_path(self.unit.service_name), config).start(),
+            await DataWatch(self.client, service_path(self.unit.service_name), service).start(),
+        ]
+
+    def _stop_following_service(self):
+        for watch in self._service_watches:
+            watch.stop()
+        self._service_watches = []
+
+    async def _act_on_resolved(self, data):
+        """Do what `ensemble resolved` asked, then clear the request."""
+        request = data.get(RESOLVED)
+        relation_requests = data.get(RELATION_RESOLVED) or {}
+        if not request and not relation_requests:
+            return
+        if isinstance(request, dict):
+            try:
+                self.lifecycle.resolve(retry=request.get("retry") is True)
+            except NotInError:
+                log.info("%s: resolved asked, but no hook of the unit is in error", self.name)
+        handled = set()
+        if isinstance(relation_requests, dict):
+            schedulers = self.relations.schedulers
+            for relation_id, retry in sorted(relation_requests.items()):
+                handled.add(relation_id)
+                scheduler = schedulers.get(relation_id)
+                try:
+                    if scheduler is None:
+                        raise RelationNotInError(relation_id)
+                    await self.relations.resolve(relation_id, retry=retry is True)
+                except RelationNotInError:
+                    log.info("%s: resolved asked for %s, which is not in error", self.name, relation_id)
+
+        def clear(current):
+            left = {k: v for k, v in (current.get(RELATION_RESOLVED) or {}).items() if k not in handled}
+            return {**{k: v for k, v in current.items() if k not in (RESOLVED, RELATION_RESOLVED)},
+                    **({RELATION_RESOLVED: left} if left else {})}
+
+        await self.unit.update_with(clear)
 
     async def stopping(self):
         if self._watch:
             self._watch.stop()
+        self._stop_following_service()
         if self.relations is not None:
             await self.relations.stop()
         if self._tools_port is not None:

@@ -18,10 +18,11 @@ log = logging.getLogger("ensemble.unit")
 
 
 class HookExecutor:
-    def __init__(self, reactor, state, tools, socket_path, charm_dir, home, log_path, path_prefix, logger=None):
+    def __init__(self, reactor, state, tools, socket_path, charm_dir, home, log_path, path_prefix, logger=None,
+                 report=None):
         """`state`: the unit's ZooKeeperHookState (or any HookState with `commit`);
         `tools`: the HookToolFactory serving `socket_path`; `logger`: where juju-log
-        goes."""
+        goes; `report(hook name, exit status)`: awaited after every hook that ran."""
         self.reactor = reactor
         self.state = state
         self.tools = tools
@@ -31,6 +32,7 @@ class HookExecutor:
         self.log_path = log_path
         self.path_prefix = path_prefix
         self.logger = logger
+        self.report = report
         self._lock = defer.DeferredLock()  # its waiters are served in order: FIFO
 
     async def run(self, hook, relation=None):
@@ -54,9 +56,23 @@ class HookExecutor:
             broken=relation is not None and relation.kind == "broken",
             logger=self.logger,
         )
-        with self.tools.hook(context) as client_id:
-            env = hook_environment(self.state.unit_name, self.charm_dir, self.home, self.socket_path, client_id,
-                                   self.path_prefix, relation)
-            await run_hook(self.reactor, name, self.charm_dir, env, self.log_path)
+        try:
+            with self.tools.hook(context) as client_id:
+                env = hook_environment(self.state.unit_name, self.charm_dir, self.home, self.socket_path, client_id,
+                                       self.path_prefix, relation)
+                await run_hook(self.reactor, name, self.charm_dir, env, self.log_path)
+        except HookFailed as e:
+            await self._report(name, e.status)
+            raise
         # Past the block the context answers no tool: what it holds is final.
         await self.state.commit(context.changes)
+        await self._report(name, 0)
+
+    async def _report(self, name, status):
+        if self.report is None:
+            return
+        try:
+            await self.report(name, status)
+        except Exception as e:
+            # What the unit shows of its workload is not worth failing a hook for.
+            log.warning("%s: cannot report %s: %s", self.state.unit_name, name, e)

@@ -29,7 +29,7 @@ from ensemble.state.relation import RelationState, relation_path, role_path, set
 from ensemble.state.unit import RELATION_ERRORS
 from ensemble.state.watch import ChildrenWatch, DataWatch
 from ensemble.unit.hooks import HookFailed
-from ensemble.unit.scheduler import BROKEN, HookScheduler
+from ensemble.unit.scheduler import BROKEN, HookScheduler, RelationNotInError
 
 log = logging.getLogger("ensemble.unit")
 
@@ -296,6 +296,18 @@ class UnitRelations:
                                                                  f.getErrorMessage()))
 
     # -- what hooks did ----------------------------------------------------------------
+
+    async def resolve(self, relation_id, retry=False):
+        """Go on past the relation's failed hook (`ensemble resolved UNIT RELATION`):
+        skip it, or with `retry` run it again."""
+        scheduler = self.schedulers.get(relation_id)
+        if scheduler is None:
+            raise RelationNotInError(relation_id)
+        scheduler.resolved(retry)
+        if relation_id in self._errors:
+            # A retry that fails again puts it back.
+            del self._errors[relation_id]
+            await self.unit.update(**{RELATION_ERRORS: dict(self._errors) or None})
 
     async def hook_done(self, hook, error):
         """Record a relation hook's outcome: `error` (why it failed) or None."""
