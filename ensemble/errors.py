@@ -113,3 +113,26 @@ class SettingsTooLarge(EnsembleError):
     def __init__(self, relation_id, limit):
         super().__init__(f"relation {relation_id}: this unit's settings would exceed {limit} bytes, "
                          f"the most a unit may keep in one relation")
+
+
+class UsageError(EnsembleError):
+    """The command line itself is wrong (an unknown option, a missing argument): the
+    CLI exits 2, as argparse has users expect."""
+
+
+class UnitsNotStarted(EnsembleError):
+    """`--wait` ended with units in error, removed, or not started in time."""
+
+
+class UnitUnreachable(EnsembleError):
+    """`ensemble ssh` cannot enter the unit from this host: its container is on another
+    machine's host, not made yet, or not running."""
+
+
+class UpgradeRefused(EnsembleError):
+    """upgrade-charm would leave the service without something it is using (a relation
+    it is in, a set option of another type) or with another charm than its own."""
+
+
+class NotInError(EnsembleError):
+    """`ensemble resolved` for a unit (or a relation of it) whose hooks did not fail."""

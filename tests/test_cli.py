@@ -22,8 +22,8 @@ COMMANDS = [
 ]
 
 
-def one_line_error(result):
-    assert result.returncode == 1, (result.stdout, result.stderr)
+def one_line_error(result, status=1):
+    assert result.returncode == status, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
@@ -62,12 +62,12 @@ async def test_deploy_add_remove_and_status(env_client, cli):
     assert report["machines"]["1"] == {"address": "192.0.2.10", "subnet": None, "agent": "down"}
     db = report["services"]["db"]
     assert db["limits"] == {"memory": "512M", "cpu-weight": 200, "pids": 256}
-    assert db["config"] == {"port": 7070, "data-dir": "/var/lib/example-db"}
+    assert db["config"] == {}  # only what was set: `ensemble get` shows the defaults too
     assert db["charm"].startswith("db-")
     assert {n: u["machine"] for n, u in db["units"].items()} == {"db/0": 0, "db/1": 0, "db/2": 1, "db/3": 1}
     assert db["units"]["db/0"]["agent-state"] == "pending"
     front = report["services"]["front"]
-    assert front["config"] == {"port": 8080, "state-dir": "/var/lib/example-web"}
+    assert front["config"] == {"port": 8080}
     assert front["units"]["front/1"]["machine"] == 1
 
     result = cli("remove-unit", "db/0", "db/3")
@@ -175,7 +175,6 @@ BAD_INPUT = [
     (["add-machine", "--address", "300.1.1.1"], "invalid address"),
     (["create-environment", "--name", "x"], "an environment already exists"),
     (["create-environment", "--name", "x/y"], "invalid environment name"),
-    (["create-environment", "--name", "x", "--network-mode", "fan"], "invalid choice: 'fan'"),
     (["create-environment", "--name", "x", "--network", "10.1.0.0/33"], "invalid network"),
     (["create-environment", "--name", "x", "--units-zookeeper", "10.77.0.1:2181/other"], "the root is the environment's"),
     (["create-environment", "--name", "x", "--units-zookeeper", "10.77.0.1"], "invalid ZooKeeper address"),
@@ -187,6 +186,10 @@ BAD_INPUT = [
     (["expose", "nosuch"], "service 'nosuch' not found"),
     (["unexpose", "nosuch"], "service 'nosuch' not found"),
     (["expose", "Web"], "invalid service name 'Web'"),
+]
+# What argparse refuses: the same one line, with exit status 2.
+USAGE_INPUT = [
+    (["create-environment", "--name", "x", "--network-mode", "fan"], "invalid choice: 'fan'"),
     (["expose"], "the following arguments are required"),
     (["deploy"], "the following arguments are required"),
     (["frobnicate"], "invalid choice"),
@@ -199,6 +202,15 @@ async def test_bad_input_is_one_line_and_writes_nothing(env_client, cli, argv, m
     assert cli("deploy", DB, "--to", "0").returncode == 0
     before = await snapshot(env_client)
     assert message in one_line_error(cli(*argv))
+    assert await snapshot(env_client) == before
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("argv,message", USAGE_INPUT, ids=[" ".join(a) for a, _ in USAGE_INPUT])
+async def test_usage_errors_are_one_line_and_write_nothing(env_client, cli, argv, message):
+    assert cli("deploy", DB, "--to", "0").returncode == 0
+    before = await snapshot(env_client)
+    assert message in one_line_error(cli(*argv), status=2)
     assert await snapshot(env_client) == before
 
 

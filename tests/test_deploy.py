@@ -232,7 +232,9 @@ async def test_remove_unit_frees_the_machine_for_the_next_unit(environment):
         owned = [os.path.join(d, n) for d, dirs, files in os.walk(env.home) for n in dirs + files
                  if ids.first <= os.lstat(os.path.join(d, n)).st_uid < ids.first + ids.count]
         assert owned == []
-        assert (env.home / "logs" / "units" / "db-0").exists()  # its log stays, host root's
+        # Its log stays, host root's, out of the way of a later db/0 (debug-log --removed).
+        assert not (env.home / "logs" / "units" / "db-0").exists()
+        assert len(list((env.home / "logs" / "units" / "removed").glob("db-0.*"))) == 1
         env.cli("add-unit", "db", "--to", "0")
         second = (await all_started(env, ["db/1"]))["db/1"]
         assert second["container"] != first["container"]

@@ -32,10 +32,15 @@ UNIT_SESSION_TIMEOUT = 4  # what machine agents give unit agents (deploy.py)
 def hooks_ran(env, unit):
     """The 'HOOK ran' lines of the unit's log, as the host keeps it, in order."""
     key = unit.replace("/", "-")
+    units = env.home / "logs" / "units"
+    # A removed unit's is below removed/ (the last one of its name).
+    kept = sorted((units / "removed").glob(f"{key}.*"), key=lambda p: p.stat().st_mtime)
     try:
-        text = (env.home / "logs" / "units" / key / f"{key}.log").read_text()
+        text = (units / key / f"{key}.log").read_text()
     except FileNotFoundError:
-        return []
+        if not kept:
+            return []
+        text = (kept[-1] / f"{key}.log").read_text()
     return re.findall(r"\b((?:install|start|stop) ran)$", text, re.M)
 
 

@@ -268,13 +268,13 @@ def debug_env(tmp_path, zk_spec, env_client):
 
 def test_debug_log_prints_the_tail_of_the_units_log(debug_env):
     env, unit = debug_env
-    code, _, err, _ = run_capped("debug-log", "db/0", env=env)
-    assert "no log for db/0 on this host" in one_line_error(Result(code, "", err))
+    code, out, err, _ = run_capped("debug-log", "db/0", env=env)
+    assert (code, out, err) == (0, "", "")  # its hooks have not run yet
     (unit / "db-0.log").write_text("".join(f"line {i}\n" for i in range(300)))
     code, out, err, _ = run_capped("debug-log", "db/0", "-n", "3", env=env)
-    assert (code, out, err) == (0, "line 297\nline 298\nline 299\n", "")
+    assert (code, out, err) == (0, "db/0 | line 297\ndb/0 | line 298\ndb/0 | line 299\n", "")
     code, out, _, _ = run_capped("debug-log", "db/0", env=env)
-    assert out.splitlines() == [f"line {i}" for i in range(200, 300)]
+    assert out.splitlines() == [f"db/0 | line {i}" for i in range(200, 300)]
     code, _, err, _ = run_capped("debug-log", "db/0", "-n", "-3", env=env)
     assert one_line_error(Result(code, "", err)) == "invalid -n -3: give a number of lines, or 0 for all"
 
@@ -308,14 +308,14 @@ def test_debug_log_of_a_huge_log_reads_a_bounded_tail(debug_env):
         f.seek(0, os.SEEK_END)
         f.write(b"".join(b"line %d\n" % i for i in range(10)))
     code, out, err, rss = run_capped("debug-log", "db/0", "-n", "2", env=env)
-    assert (code, out, err) == (0, "line 8\nline 9\n", "")
+    assert (code, out, err) == (0, "db/0 | line 8\ndb/0 | line 9\n", "")
     code, out, err, rss = run_capped("debug-log", "db/0", "-n", "0", env=env)
-    assert code == 0 and out.endswith("line 9\n") and len(out) <= hostfs.TAIL_LIMIT
-    assert err == "(earlier output left out: showing the last 4 MiB of the log)\n"
+    assert code == 0 and out.endswith("db/0 | line 9\n") and len(out) <= hostfs.TAIL_LIMIT
+    assert err == f"(earlier output of {unit / 'db-0.log'} left out: showing its last 4 MiB)\n"
     assert rss < 300, f"{rss} MiB"
 
 
-def test_debug_log_follow_stops_at_a_link_with_one_line(debug_env, secret):
+def test_debug_log_follow_refuses_a_link_with_one_line_and_goes_on(debug_env, secret):
     env, unit = debug_env
     log = unit / "db-0.log"
     log.write_text("first\n")
@@ -325,19 +325,21 @@ def test_debug_log_follow_stops_at_a_link_with_one_line(debug_env, secret):
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP,) * 2),
     )
     try:
-        assert follower.stdout.readline() == "first\n"
+        assert follower.stdout.readline() == "db/0 | first\n"
         with open(log, "a") as f:
             f.write("second\n")
-        assert follower.stdout.readline() == "second\n"
+        assert follower.stdout.readline() == "db/0 | second\n"
         (unit / "swap").symlink_to(secret)
         os.replace(unit / "swap", log)
-        out, err = follower.communicate(timeout=30)
+        # Said once; the unit's other file (and any other log) is still followed.
+        assert follower.stderr.readline() == f"({refusal(log)}; following the others)\n"
+        with open(unit / "agent.log", "a") as f:
+            f.write("2026-12-02 14:00:00,000 INFO ensemble.unit: still followed\n")
+        assert follower.stdout.readline() == "db/0 | 2026-12-02 14:00:00,000 INFO ensemble.unit: still followed\n"
     finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait()
+        follower.terminate()
+        out, err = follower.communicate(timeout=30)
     assert SECRET not in out + err and out == ""
-    assert one_line_error(Result(follower.returncode, out, err)) == refusal(log)
 
 
 # -- LXC's monitor -----------------------------------------------------------------------

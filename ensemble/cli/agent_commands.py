@@ -103,8 +103,12 @@ async def _run_agent(reactor, agent):
 
 
 def register(command):
-    sub = command("machine-agent", cmd_machine_agent, "run a machine agent in the foreground")
-    sub.add_argument("--machine-id", required=True, metavar="N")
+    sub = command("machine-agent", cmd_machine_agent, "run a machine agent in the foreground", examples=[
+        "ENSEMBLE_AUTH=<what machine-credential 1 printed> ensemble machine-agent --machine-id 1 "
+        "--zookeeper 192.0.2.1:2181",
+        "ensemble machine-agent --machine-id 0 --no-bridge --no-containers",
+    ])
+    sub.add_argument("--machine-id", required=True, metavar="N", help="the machine this agent runs (add-machine's id)")
     sub.add_argument(
         "--no-bridge", action="store_true", help="do not create the host bridge (the network is managed elsewhere)"
     )
@@ -130,5 +134,6 @@ def register(command):
     )
 
 
-    sub = command("unit-agent", cmd_unit_agent, "run a unit agent in the foreground")
-    sub.add_argument("--unit", required=True, metavar="NAME")
+    sub = command("unit-agent", cmd_unit_agent, "run a unit agent in the foreground (machine agents start one "
+                  "in each unit's container)", examples=["ensemble unit-agent --unit db/0 --zookeeper 10.77.0.1:2181"])
+    sub.add_argument("--unit", required=True, metavar="NAME", help="the unit this agent runs, as SERVICE/N")

@@ -78,7 +78,9 @@ async def cmd_add_machine(reactor, args):
 async def cmd_remove_machine(reactor, args):
     machine_id = parse_machine_id(args.machine_id)
     async with environment(args) as client:
-        await MachineStateManager(client).remove_machine(machine_id)
+        removed = await MachineStateManager(client).remove_machine(machine_id, force=args.force)
+    if removed:
+        print(f"removed units {', '.join(removed)} (in place of machine {machine_id}'s agent)")
     print(f"removed machine {machine_id}")
 
 
@@ -137,7 +139,11 @@ def _network_mode_argument(sub):
 
 
 def register(command):
-    sub = command("bootstrap", cmd_bootstrap, "start a local environment on this host", zookeeper=False)
+    sub = command("bootstrap", cmd_bootstrap, "start a local environment on this host", zookeeper=False, examples=[
+        "ensemble bootstrap",
+        "ENSEMBLE_HOME=~/lab ensemble bootstrap --network 10.199.0.0/16 --name lab",
+        "ensemble bootstrap --zookeeper-servers 3 --network-mode vxlan",
+    ])
     sub.add_argument("--network", metavar="CIDR", help="address range for containers (default 10.77.0.0/16)")
     sub.add_argument(
         "--host-prefix", type=int, default=24, metavar="N", help="each machine's subnet is a /N of it (default 24)"
@@ -155,6 +161,7 @@ def register(command):
     sub = command(
         "create-environment", cmd_create_environment,
         "create an environment in a running ZooKeeper, for machines that each run 'ensemble machine-agent'",
+        examples=["ensemble create-environment --zookeeper 192.0.2.1:2181/prod --name prod --network 10.80.0.0/16"],
     )
     sub.add_argument("--name", required=True, help="environment name (used in container and bridge names)")
     sub.add_argument("--network", metavar="CIDR", help="address range for containers (default 10.77.0.0/16)")
@@ -169,20 +176,28 @@ def register(command):
     _package_cache_arguments(sub)
 
 
-    sub = command("add-machine", cmd_add_machine, "register a machine that will run its own agent")
+    sub = command("add-machine", cmd_add_machine, "register a machine that will run its own agent",
+                  examples=["ensemble add-machine --address 192.0.2.10"])
     sub.add_argument("--address", metavar="IP", help="the machine's address")
 
 
     sub = command("machine-credential", cmd_machine_credential,
-                  "print the ZooKeeper credential machine MACHINE's agent runs with (as $ENSEMBLE_AUTH)")
-    sub.add_argument("machine_id", metavar="MACHINE")
+                  "print the ZooKeeper credential machine MACHINE's agent runs with (as $ENSEMBLE_AUTH)",
+                  examples=["ENSEMBLE_AUTH=$(ensemble machine-credential 1) ensemble machine-agent --machine-id 1 "
+                            "--zookeeper 192.0.2.1:2181"])
+    sub.add_argument("machine_id", metavar="MACHINE", help="the machine's id, as add-machine printed it")
 
 
-    sub = command("remove-machine", cmd_remove_machine, "deregister a machine without units; frees its subnet")
-    sub.add_argument("machine_id", metavar="MACHINE")
+    sub = command("remove-machine", cmd_remove_machine, "deregister a machine without units; frees its subnet",
+                  examples=["ensemble remove-machine 2", "ensemble remove-machine --force 2"])
+    sub.add_argument("machine_id", metavar="MACHINE", help="the machine's id")
+    sub.add_argument("--force", action="store_true",
+                     help="for a machine whose agent will never run again: first remove its units from the "
+                          "environment, as its agent would have (refused while its agent runs)")
 
 
     sub = command(
-        "destroy-environment", cmd_destroy_environment, "stop and remove the local environment", zookeeper=False
+        "destroy-environment", cmd_destroy_environment, "stop and remove the local environment", zookeeper=False,
+        examples=["ensemble destroy-environment", "ENSEMBLE_HOME=~/lab ensemble destroy-environment -y"],
     )
     sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")

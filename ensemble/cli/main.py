@@ -2,12 +2,16 @@
 in COMMAND_MODULES, each registering its own commands).
 
 Every failure a user can cause ends as `error: <one line>` on stderr and exit status 1;
-an unexpected one too, with the traceback in the log rather than on the screen.
+an unexpected one too, with the traceback in the log rather than on the screen. A wrong
+command line exits 2; an interrupt 130 (143 for SIGTERM); a closed output pipe ends the
+command quietly with 141, as shells report a process SIGPIPE killed.
 """
 
 import argparse
 import logging
 import os
+import select
+import signal
 import sys
 import tempfile
 import traceback
@@ -15,20 +19,37 @@ import traceback
 from twisted.internet import defer
 
 from ensemble import __version__, connection
-from ensemble.cli import agent_commands, environment_commands, service_commands, status_commands
-from ensemble.errors import EnsembleError
+from ensemble.cli import (agent_commands, charm_commands, environment_commands, log_commands, service_commands,
+                          ssh_command, status_commands)
+from ensemble.errors import EnsembleError, UsageError
 from ensemble.state import auth
 
-COMMAND_MODULES = (environment_commands, service_commands, status_commands, agent_commands)
+COMMAND_MODULES = (environment_commands, service_commands, charm_commands, status_commands, log_commands,
+                   agent_commands, ssh_command)
 
 
-class UsageError(EnsembleError):
-    pass
+# What shells report for a process killed by that signal (128 + its number), and
+# argparse's status for a wrong command line.
+USAGE_STATUS = 2
+INTERRUPTED_STATUS = 128 + signal.SIGINT
+CLOSED_PIPE_STATUS = 128 + signal.SIGPIPE
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports a subcommand's unknown options from the top parser: name the
+        # subcommand's help instead, where those options are listed.
+        known, extras = self.parse_known_args(args, namespace)
+        if extras:
+            chosen = self
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    chosen = action.choices.get(getattr(known, "command", None), self)
+            chosen.error(f"unrecognized arguments: {' '.join(extras)}")
+        return known
 
 
 def build_parser():
@@ -79,10 +100,42 @@ def _crash_log(exc):
     return path
 
 
-def _report(exc):
+def _pipe_closed(stream):
+    """Whether `stream` is a pipe (or socket) nobody reads any more."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def output_closed():
+    """Whether the reader of stdout or stderr has gone (`ensemble status | head -1`)."""
+    return _pipe_closed(sys.stdout) or _pipe_closed(sys.stderr)
+
+
+def _end_quietly():
+    # What is still buffered goes to /dev/null: the interpreter's last flush at exit
+    # would otherwise fail again and print "Exception ignored ...".
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        if _pipe_closed(stream):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    return CLOSED_PIPE_STATUS
+
+
+def _report(exc, status=None):
+    """Print `exc` as one line; returns the exit status it calls for."""
     from ensemble.state.client import ConnectionLost, NoAuth, SessionExpired
 
-    if isinstance(exc, EnsembleError):
+    if isinstance(exc, BrokenPipeError) and output_closed():
+        return _end_quietly()
+    if isinstance(exc, UsageError):
+        message, status = str(exc), USAGE_STATUS
+    elif isinstance(exc, EnsembleError):
         message = str(exc)
     elif isinstance(exc, NoAuth):
         user = os.environ.get(connection.AUTH_VARIABLE, "").partition(":")[0]
@@ -99,20 +152,41 @@ def _report(exc):
             "taken effect: check 'ensemble status'"
         )
     elif isinstance(exc, KeyboardInterrupt):
-        message = "interrupted"
+        message, status = "interrupted", status or INTERRUPTED_STATUS
     else:
         where = _crash_log(exc)
         message = f"unexpected {type(exc).__name__}: {exc}" + (f" (details in {where})" if where else "")
-    print(f"error: {message}", file=sys.stderr)
-    return 1
+    try:
+        print(f"error: {message}", file=sys.stderr)
+    except BrokenPipeError:
+        return _end_quietly()
+    return status or 1
+
+
+def _note_signals(outcome):
+    """Remember which signal stopped the reactor: Twisted's handlers stop it alike on
+    SIGINT and SIGTERM, and the exit status tells them apart."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            def noted(number, frame, handler=handler):
+                outcome.setdefault("signal", number)
+                handler(number, frame)
+
+            signal.signal(signum, noted)
 
 
 def run(argv=None):
     """Run one command; returns the exit status."""
     try:
-        args = build_parser().parse_args(argv)
-    except EnsembleError as e:
+        return _run(argv)
+    except (KeyboardInterrupt, BrokenPipeError, EnsembleError) as e:
+        # Outside the reactor: parsing (--help into a closed pipe, say), or after it stopped.
         return _report(e)
+
+
+def _run(argv):
+    args = build_parser().parse_args(argv)
     _configure_logging(args)
     from twisted.internet import reactor
 
@@ -123,7 +197,7 @@ def run(argv=None):
 
     async def body():
         try:
-            await args.function(reactor, args)
+            outcome["then"] = await args.function(reactor, args)
         except (Exception, KeyboardInterrupt) as e:  # everything ends as one line
             outcome["status"] = _report(e)
         finally:
@@ -132,6 +206,7 @@ def run(argv=None):
                 reactor.stop()
 
     def begin():
+        _note_signals(outcome)  # Twisted has installed its handlers by now
         # Held here: a coroutine nothing refers to can be collected mid-await.
         outcome["running"] = defer.ensureDeferred(body())
 
@@ -142,9 +217,21 @@ def run(argv=None):
         agent = getattr(args, "agent", None)
         if agent is not None and getattr(agent, "stopped_cleanly", False):
             return 0  # stopped on request while still starting (a hook was running, say)
-        return _report(KeyboardInterrupt())
+        return _report(KeyboardInterrupt(), 128 + outcome.get("signal", signal.SIGINT))
+    if outcome["status"] == 0 and callable(outcome.get("then")):
+        # A command may return its last step, run with the reactor and the session gone
+        # and the terminal its own (ssh becomes lxc-attach); it returns the exit status.
+        return outcome["then"]()
     return outcome["status"]
 
 
 def main():
-    sys.exit(run())
+    try:
+        status = run()
+    except SystemExit as e:  # argparse's --help and --version: their output is flushed below
+        status = e.code
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        status = _end_quietly()
+    sys.exit(status)

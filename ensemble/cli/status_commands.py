@@ -1,28 +1,68 @@
-"""Commands that show the environment: status, service addresses, a unit's log."""
+"""Commands that show the environment: status, service addresses (logs: log_commands)."""
 
+import errno
+import math
 import os
 import sys
 
 from ensemble.cli.common import environment
-from ensemble.errors import EnsembleError, InvalidValue
-from ensemble.home import EnsembleHome
-from ensemble.names import parse_unit_name, validate_service_name
+from ensemble.errors import InvalidValue
+from ensemble.names import validate_service_name
 from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import STARTED, UnitStateManager
 from ensemble.status import collect, render
 
 
-async def cmd_status(reactor, args):
+# Before each new status on a terminal: cursor home, clear the screen.
+CLEAR_SCREEN = "\033[H\033[2J"
+# Between statuses written elsewhere (a YAML document separator: the stream stays YAML).
+SEPARATOR = "---"
+
+
+async def _status_text(client, fmt):
     from twisted.internet import threads
 
     from ensemble.zookeeper import server_modes
 
-    async with environment(args) as client:
-        status = await collect(client)
-        # Each server's own view: a lost member shows as down while the others serve.
-        modes = await threads.deferToThread(server_modes, client.servers)
+    status = await collect(client)
+    # Each server's own view: a lost member shows as down while the others serve.
+    modes = await threads.deferToThread(server_modes, client.servers)
     head = {k: status.pop(k) for k in ("environment", "network")}
-    print(render({**head, "zookeeper": modes, **status}, args.format))
+    return render({**head, "zookeeper": modes, **status}, fmt)
+
+
+async def cmd_status(reactor, args):
+    if args.watch is None:
+        async with environment(args) as client:
+            text = await _status_text(client, args.format)
+        print(text)
+        return
+    if not 0 < args.watch < math.inf:
+        raise InvalidValue(f"--watch takes a number of seconds above 0, not {args.watch:g}")
+    await _watch_status(reactor, args)
+
+
+async def _watch_status(reactor, args):
+    """Print the status, then again whenever it changed, until interrupted (the
+    reactor stops on Ctrl-C) or nobody reads the output any more."""
+    from twisted.internet import task
+
+    from ensemble.cli.main import output_closed
+
+    terminal = sys.stdout.isatty()
+    async with environment(args) as client:
+        shown = None
+        while True:
+            text = await _status_text(client, args.format)
+            if text != shown:
+                if shown is not None or terminal:
+                    sys.stdout.write(CLEAR_SCREEN if terminal else SEPARATOR + "\n")
+                print(text, flush=True)
+                shown = text
+            elif output_closed():
+                # Unchanged, so nothing was written that would have found out.
+                raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+            await task.deferLater(reactor, args.watch, lambda: None)
 
 
 async def cmd_service_addresses(reactor, args):
@@ -38,64 +78,19 @@ async def cmd_service_addresses(reactor, args):
         print(address)
 
 
-async def cmd_debug_log(reactor, args):
-    from ensemble import hostfs
-    from ensemble.names import unit_key
-
-    parse_unit_name(args.unit)
-    if args.lines < 0:
-        raise InvalidValue(f"invalid -n {args.lines}: give a number of lines, or 0 for all")
-    async with environment(args) as client:
-        unit = await UnitStateManager(client).get_unit(args.unit)
-    # The unit's root writes in this directory: read through hostfs (no links, regular
-    # files only, a bounded tail), or it could print any host file, or never end.
-    root = os.path.join(EnsembleHome().logs_dir, "units")
-    relative = os.path.join(unit_key(args.unit), f"{unit_key(args.unit)}.log")
-    try:
-        text, end, cut = hostfs.tail_lines(root, relative, args.lines)
-    except FileNotFoundError:
-        raise EnsembleError(
-            f"no log for {args.unit} on this host (it runs on machine {unit.machine_id}; "
-            f"its hooks have not run yet, or its log is on that machine's host)"
-        )
-    if cut:
-        print(f"(earlier output left out: showing the last {hostfs.TAIL_LIMIT >> 20} MiB of the log)",
-              file=sys.stderr)
-    sys.stdout.write(text)
-    sys.stdout.flush()
-    if args.follow:
-        await _follow(reactor, root, relative, end)
-
-
-async def _follow(reactor, root, relative, offset):
-    from twisted.internet import task
-
-    from ensemble import hostfs
-
-    while True:
-        await task.deferLater(reactor, 0.5, lambda: None)
-        try:
-            data, begin = hostfs.read_tail(root, relative, hostfs.TAIL_LIMIT, start=offset)
-        except FileNotFoundError:
-            return  # the unit was removed
-        if begin > offset:
-            print(f"({begin - offset} bytes left out)", file=sys.stderr)
-        offset = begin + len(data)
-        if data:
-            sys.stdout.write(data.decode(errors="replace"))
-            sys.stdout.flush()
-
-
 def register(command):
-    sub = command("status", cmd_status, "show machines, services and units")
-    sub.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    sub = command("status", cmd_status, "show machines, services and units", examples=[
+        "ensemble status",
+        "ensemble status --format json",
+        "ensemble status --watch 5",
+    ])
+    sub.add_argument("--format", choices=("yaml", "json"), default="yaml", help="output format (default yaml)")
+    sub.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                     help="look again every SECONDS (default 2) and print the status again whenever it changed, "
+                          "until Ctrl-C")
 
 
-    sub = command("service-addresses", cmd_service_addresses, "print the addresses of a service's started units")
-    sub.add_argument("service", metavar="SERVICE")
+    sub = command("service-addresses", cmd_service_addresses, "print the addresses of a service's started units",
+                  examples=["ensemble service-addresses db"])
+    sub.add_argument("service", metavar="SERVICE", help="the service whose units' private addresses to print")
 
-
-    sub = command("debug-log", cmd_debug_log, "show a unit's hook output (from this host)")
-    sub.add_argument("unit", metavar="UNIT")
-    sub.add_argument("-n", "--lines", type=int, default=100, help="last N lines (0: all; default 100)")
-    sub.add_argument("-f", "--follow", action="store_true", help="keep printing new output")

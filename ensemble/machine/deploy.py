@@ -3,8 +3,10 @@
 Every step is safe to repeat, so a reconcile after a crash at any point converges.
 """
 
+import itertools
 import logging
 import os
+import time
 
 import netaddr
 from twisted.internet import task
@@ -33,6 +35,43 @@ UNIT_SESSION_TIMEOUT = "4"
 def unit_log_path(unit_log_dir, unit_name):
     """The host directory holding a unit's log (hook output and its agent's log)."""
     return os.path.join(unit_log_dir, unit_key(unit_name))
+
+
+# Below the units' log directory: each removed unit's directory, as
+# <unit key>.<YYYYMMDD-HHMMSS of its removal>[.<n>], so that a unit's own directory only
+# ever holds its live incarnation (a name can come back: destroy-service, deploy).
+REMOVED_LOGS = "removed"
+REMOVED_TIME = "%Y%m%d-%H%M%S"
+
+
+def retire_log_dir(unit_log_dir, unit_name, now=None):
+    """Move a torn-down unit's log directory to REMOVED_LOGS, given to host root (the
+    unit's ids are free for another unit, which must find nothing of this one's); an
+    empty one is removed. The new path, or None. Blocking: call through a thread."""
+    key = unit_key(unit_name)
+    if not os.path.lexists(os.path.join(unit_log_dir, key)):
+        return None
+    hostfs.own_tree(unit_log_dir, key, 0, 0)
+    source = os.path.join(unit_log_dir, key)
+    if not os.listdir(source):
+        os.rmdir(source)
+        return None
+    removed = os.path.join(unit_log_dir, REMOVED_LOGS)
+    os.makedirs(removed, mode=0o700, exist_ok=True)
+    stamp = time.strftime(REMOVED_TIME, time.localtime(now))
+    for n in itertools.count():
+        target = os.path.join(removed, f"{key}.{stamp}" + (f".{n}" if n else ""))
+        # Checked first: a rename onto an empty directory would replace it.
+        if not os.path.lexists(target):
+            try:
+                os.rename(source, target)
+            except OSError as e:
+                # The removal must not hang on its log (it is host root's now, as
+                # before); a later unit of the name would show these lines as its own.
+                log.warning("%s: could not move its log to %s (%s): it stays in %s", unit_name, target,
+                            e.strerror, source)
+                return None
+            return target
 
 
 def agent_log_tail(unit_log_dir, unit_name, lines=AGENT_LOG_TAIL):
@@ -161,9 +200,12 @@ class UnitDeployer:
             await self._wait_for_stop_hook(unit_name)
         await self.driver.destroy(name)
         if self.unit_log_dir:
-            # Its log stays for the operator, owned by host root: the unit's ids are free
-            # for another unit, which must find nothing of this one's.
-            await self.host.in_thread(hostfs.own_tree, self.unit_log_dir, unit_key(unit_name), 0, 0)
+            # Its log stays for the operator (`debug-log --removed`), out of the way of a
+            # later unit of the same name. The container is gone, so what it held is
+            # all here now (disk.release kept it).
+            kept = await self.host.in_thread(retire_log_dir, self.unit_log_dir, unit_name)
+            if kept:
+                log.info("kept the log of %s in %s", unit_name, kept)
         log.info("destroyed %s of %s", name, unit_name)
 
     async def _wait_for_stop_hook(self, unit_name):

@@ -37,7 +37,8 @@ def hook_logger(unit_name, log_path):
     logger = logging.getLogger(f"ensemble.unit.hook.{unit_name}")
     if not any(getattr(h, "baseFilename", None) == os.path.abspath(log_path) for h in logger.handlers):
         handler = logging.FileHandler(log_path, delay=True)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        # Milliseconds, as the hooks' own lines have: debug-log merges them by time.
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)  # juju-log -l DEBUG is the charm's to choose
     return logger
@@ -92,29 +93,67 @@ def _cut(line):
     return text if len(text) <= TAIL_LINE_CHARS else text[:TAIL_LINE_CHARS] + "…"
 
 
+def log_time(now=None):
+    """`now` as the agents' logging writes its times (local, to the millisecond), so
+    `ensemble debug-log` orders hook output among their lines."""
+    now = time.time() if now is None else now
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now * 1000) % 1000:03d}"
+
+
+# A line this long without its end is written as it is: the log, not this process,
+# holds what a hook prints.
+PARTIAL_LINE_BYTES = 64 << 10
+
+
 class _HookProcess(protocol.ProcessProtocol):
-    def __init__(self, log_file, done):
+    def __init__(self, log_file, done, hook=""):
         self.log_file = log_file
         self.tail = deque(maxlen=TAIL_LINES)
         self._partial = b""
         self.done = done
+        self._prefix = f" {hook}: ".encode()
+        # Per stream: a line is written whole, with the time its first bytes came, so
+        # stdout and stderr lines never splice into one.
+        self._pending = {1: [b"", None], 2: [b"", None]}
 
     def connectionMade(self):
         # Nothing to read: a hook (or a package's script) that asks gets EOF, not a wait.
         self.transport.closeStdin()
 
-    def outReceived(self, data):
-        self.log_file.write(data)
-        self.log_file.flush()
+    def _write(self, fd, data):
+        pending = self._pending[fd]
+        now = log_time()
+        lines = (pending[0] + data).split(b"\n")
+        pending[0] = lines.pop()
+        out = []
+        for line in lines:
+            out.append((pending[1] or now).encode() + self._prefix + line + b"\n")
+            pending[1] = None
+        if pending[0] and pending[1] is None:
+            pending[1] = now
+        if len(pending[0]) >= PARTIAL_LINE_BYTES:
+            out.append(pending[1].encode() + self._prefix + pending[0] + b"\n")
+            pending[0], pending[1] = b"", None
+        if out:
+            self.log_file.write(b"".join(out))
+            self.log_file.flush()
+
+    def _flush(self):
+        for fd, (partial, _) in self._pending.items():
+            if partial:
+                self._write(fd, b"\n")
+
+    def childDataReceived(self, fd, data):
+        self._write(fd if fd in self._pending else 2, data)
+        # The tail as it always was: both streams, one partial line between them.
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         for line in lines:
             if line.strip():
                 self.tail.append(_cut(line))
 
-    errReceived = outReceived
-
     def processEnded(self, reason):
+        self._flush()
         if self._partial.strip():
             self.tail.append(_cut(self._partial))
         self.done.callback(reason.value.exitCode if reason.value.exitCode is not None else -1)
@@ -130,13 +169,14 @@ async def run_hook(reactor, hook, charm_dir, env, log_path, timeout=HOOK_TIMEOUT
     The caller has checked that the hook exists (a missing hook is success)."""
     path = hook_path(charm_dir, hook)
     with open(log_path, "ab") as log_file:
-        log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {hook} hook\n".encode())
+        # Every line has its time (as the agents' logs have): debug-log merges by it.
+        log_file.write(f"--- {log_time()} {hook} hook\n".encode())
         log_file.flush()
         if not os.access(path, os.X_OK):
-            log_file.write(f"{path} is not executable\n".encode())
+            log_file.write(f"{log_time()} {hook}: {path} is not executable\n".encode())
             raise HookFailed(hook, 126, [f"hooks/{hook} is not executable"])
         done = defer.Deferred()
-        process = _HookProcess(log_file, done)
+        process = _HookProcess(log_file, done, hook)
         transport = reactor.spawnProcess(process, path, [path], env=env, path=charm_dir)
         timer = reactor.callLater(timeout, _kill, transport)
         status = await done
@@ -144,7 +184,7 @@ async def run_hook(reactor, hook, charm_dir, env, log_path, timeout=HOOK_TIMEOUT
             timer.cancel()
         else:
             process.tail.append(f"killed after {timeout:g}s")
-        log_file.write(f"--- {hook} hook exited with status {status}\n".encode())
+        log_file.write(f"--- {log_time()} {hook} hook exited with status {status}\n".encode())
     if status != 0:
         raise HookFailed(hook, status, list(process.tail))
 

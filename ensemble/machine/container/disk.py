@@ -260,6 +260,9 @@ def ensure_mounted(container, binds=(), mountinfo="/proc/self/mountinfo"):
             os.mkdir(source, 0o700)
             # What an earlier container of the unit left (kept when it went) goes on
             # in this one's: the host directory is hidden under the bind while it runs.
+            # Only the same unit's: a removed unit's directory was moved out of the way
+            # at its teardown (deploy.retire_log_dir), so a new unit of the same name
+            # starts from an empty one.
             keep(host_dir, source)
             os.chown(source, st.st_uid, st.st_gid)
             os.chmod(source, st.st_mode & 0o7777)

@@ -871,11 +871,7 @@ class LXCDriver:
         self._require(name)
         if isinstance(argv, str) or not argv:
             raise ValueError("exec() takes a non-empty list of arguments")
-        command = self._lxc("lxc-attach", name, "--clear-env")
-        for key, value in (env or {}).items():
-            if not key or "=" in key:
-                raise ValueError(f"invalid environment variable {key!r}")
-            command += ["-v", f"{key}={value}"]
+        command = self._attach(name, env)
         inner = [str(a) for a in argv]
         if timeout is not None:
             inner = ["/usr/bin/timeout", "-s", "KILL", f"{timeout:g}"] + inner
@@ -890,6 +886,24 @@ class LXCDriver:
             if "init pid" in reason or "not running" in reason:
                 raise ContainerError(f"cannot run {argv[0]} in container {name}: it is not running")
         return code, out, err
+
+    async def attach_argv(self, name, argv, env=None):
+        """The command line that runs argv inside as exec() does, for a caller that runs
+        it itself with its own stdio (lxc-attach gives the container a pty for those that
+        are terminals). With a netns it goes through the namespace helper: run it before
+        close(), from this process."""
+        self._require(name)
+        if isinstance(argv, str) or not argv:
+            raise ValueError("attach_argv() takes a non-empty list of arguments")
+        return (await self._prefix()) + self._attach(name, env) + ["--"] + [str(a) for a in argv]
+
+    def _attach(self, name, env):
+        command = self._lxc("lxc-attach", name, "--clear-env")
+        for key, value in (env or {}).items():
+            if not key or "=" in key:
+                raise ValueError(f"invalid environment variable {key!r}")
+            command += ["-v", f"{key}={value}"]
+        return command
 
 
 _INSIDE_RE = re.compile(r"/[A-Za-z0-9_.+@/-]+\Z")
