@@ -159,7 +159,7 @@ async def test_upgrade_charm_runs_upgrade_then_config_changed_and_keeps_the_unit
     result = cli("upgrade-charm", "probe")
     assert result.returncode == 0, result.stderr
     new = (await ServiceStateManager(env_client).get_service("probe")).charm_id
-    assert new != old and result.stdout == f"probe: upgraded {old} -> {new}; probe/0 run upgrade-charm\n"
+    assert new != old and result.stdout == f"probe: upgraded {old} -> {new} for probe/0\n"
     await eventually(lambda: _async("config-changed 2" in hooks(probe)), timeout=20)
     assert hooks(probe)[-2:] == ["upgrade-charm 2", "config-changed 2"]
     assert hooks(probe).count("install 1") == 1 and "install 2" not in hooks(probe)

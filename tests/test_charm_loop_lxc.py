@@ -60,7 +60,7 @@ async def test_break_fix_upgrade_retry_set_get_in_a_container(env, tmp_path):
     # Fixed in the directory, shipped, and retried: the fixed install runs.
     write_hook(charm, "install", "echo fixed; mkdir -p /var/lib/hello; echo kept > /var/lib/hello/data")
     result = env.cli("upgrade-charm", "hello")
-    assert result.stdout.startswith("hello: upgraded hello-") and "hello/0 run upgrade-charm" in result.stdout
+    assert result.stdout.startswith("hello: upgraded hello-") and result.stdout.rstrip().endswith(" for hello/0")
     assert states(env)["hello/0"] == "error"  # the failure stands until resolved
     assert env.cli("resolved", "--retry", "hello/0").stdout == (
         "hello/0: retrying install hook exited with status 100: installing hello | "

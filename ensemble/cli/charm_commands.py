@@ -119,7 +119,8 @@ async def cmd_upgrade_charm(reactor, args):
         old = await manager.upgrade_charm(name, new_id, bundle, charm.endpoints,
                                           charm_dir=os.path.abspath(directory) if args.path else None)
         units = await service.unit_names()
-    print(f"{name}: upgraded {old} -> {new_id}" + (f"; {', '.join(units)} run upgrade-charm" if units else ""))
+    # A started unit runs upgrade-charm; one in error takes the new charm for its retry.
+    print(f"{name}: upgraded {old} -> {new_id}" + (f" for {', '.join(units)}" if units else ""))
 
 
 async def _check_relations_kept(client, service, charm):

@@ -25,7 +25,7 @@ from ensemble.errors import EnsembleError, UsageError
 from ensemble.state import auth
 
 COMMAND_MODULES = (environment_commands, service_commands, charm_commands, status_commands, log_commands,
-                   agent_commands, ssh_command)
+                   ssh_command, agent_commands)
 
 
 # What shells report for a process killed by that signal (128 + its number), and

@@ -158,35 +158,31 @@ class UnitAgent(BaseAgent):
         self._service_watches = []
 
     async def _act_on_resolved(self, data):
-        """Do what `ensemble resolved` asked, then clear the request."""
+        """Do what `ensemble resolved` asked. The request is cleared first: a delivery
+        of the unit node made meanwhile (the hook's own state writes) must not act on
+        it twice, retrying a hook that failed again."""
         request = data.get(RESOLVED)
-        relation_requests = data.get(RELATION_RESOLVED) or {}
+        relation_requests = data.get(RELATION_RESOLVED)
         if not request and not relation_requests:
             return
+        asked = set(relation_requests) if isinstance(relation_requests, dict) else set()
+
+        def clear(current):
+            left = {k: v for k, v in (current.get(RELATION_RESOLVED) or {}).items() if k not in asked}
+            return {**{k: v for k, v in current.items() if k not in (RESOLVED, RELATION_RESOLVED)},
+                    **({RELATION_RESOLVED: left} if left else {})}
+
+        await self.unit.update_with(clear)
         if isinstance(request, dict):
             try:
                 self.lifecycle.resolve(retry=request.get("retry") is True)
             except NotInError:
                 log.info("%s: resolved asked, but no hook of the unit is in error", self.name)
-        handled = set()
-        if isinstance(relation_requests, dict):
-            schedulers = self.relations.schedulers
-            for relation_id, retry in sorted(relation_requests.items()):
-                handled.add(relation_id)
-                scheduler = schedulers.get(relation_id)
-                try:
-                    if scheduler is None:
-                        raise RelationNotInError(relation_id)
-                    await self.relations.resolve(relation_id, retry=retry is True)
-                except RelationNotInError:
-                    log.info("%s: resolved asked for %s, which is not in error", self.name, relation_id)
-
-        def clear(current):
-            left = {k: v for k, v in (current.get(RELATION_RESOLVED) or {}).items() if k not in handled}
-            return {**{k: v for k, v in current.items() if k not in (RESOLVED, RELATION_RESOLVED)},
-                    **({RELATION_RESOLVED: left} if left else {})}
-
-        await self.unit.update_with(clear)
+        for relation_id in sorted(asked):
+            try:
+                await self.relations.resolve(relation_id, retry=relation_requests[relation_id] is True)
+            except RelationNotInError:
+                log.info("%s: resolved asked for %s, which is not in error", self.name, relation_id)
 
     async def stopping(self):
         if self._watch:
