@@ -12,18 +12,15 @@ import pytest
 import pytest_twisted
 
 from conftest import make_charm
-from test_deploy import DB, WEB, Environment, all_started, sh, states, until
+from test_deploy import DB, WEB, all_started, bootstrapped, sh, states, until
 
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    env = Environment(tmp_path_factory.mktemp("loop") / "home")
-    env.cli("bootstrap", "--network", env.network)
-    yield env
-    result = env.cli("destroy-environment", "-y", check=False)
-    assert result.returncode == 0, result.stderr
+    with bootstrapped(tmp_path_factory.mktemp("loop") / "home") as env:
+        yield env
 
 
 def unit(env, name):

@@ -19,7 +19,7 @@ from ensemble.unit import hooks
 from ensemble.unit.hooks import HookFailed, run_hook
 
 from conftest import ensemble_env, make_charm, run_ensemble
-from test_deploy import Environment, all_started, until
+from test_deploy import all_started, bootstrapped, until
 
 TIME = re.compile(r"(?:--- )?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:,\d{3})?)")
 
@@ -298,12 +298,8 @@ def test_the_command_works_from_the_files_when_the_environment_is_down(logs, tmp
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """One environment for the module's system tests (each bootstrap costs seconds)."""
-    environment = Environment(tmp_path_factory.mktemp("debug-log") / "home")
-    environment.cli("bootstrap", "--network", environment.network)
-    yield environment
-    result = environment.cli("destroy-environment", "-y", check=False)
-    assert result.returncode == 0, result.stderr
+    with bootstrapped(tmp_path_factory.mktemp("debug-log") / "home") as env:
+        yield env
 
 
 def sources_and_times(output):

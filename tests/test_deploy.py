@@ -2,6 +2,7 @@
 environment (bootstrap on this host, a bridge of the test's own network, ZooKeeper on
 the bridge address): the mission's flow, end to end."""
 
+import contextlib
 import itertools
 import json
 import os
@@ -67,13 +68,25 @@ class Environment:
         return int((self.home / "run" / "machine-0.pid").read_text())
 
 
+@contextlib.contextmanager
+def bootstrapped(home):
+    """A bootstrapped Environment in `home`, destroyed afterwards, even if what the
+    fixture does with it first fails (a module's own fixture, when its tests can share
+    one: each bootstrap costs seconds)."""
+    env = Environment(home)
+    try:
+        env.cli("bootstrap", "--network", env.network)
+        yield env
+    finally:
+        if EnsembleHome(str(home)).exists():
+            result = env.cli("destroy-environment", "-y", check=False)
+            assert result.returncode == 0, result.stderr
+
+
 @pytest.fixture
 def environment(tmp_path):
-    env = Environment(tmp_path / "home")
-    env.cli("bootstrap", "--network", env.network)
-    yield env
-    result = env.cli("destroy-environment", "-y", check=False)
-    assert result.returncode == 0, result.stderr
+    with bootstrapped(tmp_path / "home") as env:
+        yield env
 
 
 async def until(check, timeout=120.0, what="condition"):

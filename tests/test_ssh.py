@@ -17,28 +17,21 @@ import pytest_twisted
 from twisted.internet import defer
 
 from ensemble import process
-from ensemble.home import EnsembleHome
 
-from test_deploy import DB, Environment, all_started, until
+from test_deploy import DB, all_started, bootstrapped, until
 
 REMOTE = "192.0.2.10"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    environment = Environment(tmp_path_factory.mktemp("ssh") / "home")
-    try:
-        environment.cli("bootstrap", "--network", environment.network)
+    with bootstrapped(tmp_path_factory.mktemp("ssh") / "home") as environment:
         environment.cli("deploy", DB, "--to", "0")
         environment.cli("add-unit", "db", "--to", "0")
         pytest_twisted.blockon(defer.ensureDeferred(all_started(environment, ["db/0", "db/1"])))
         assert environment.cli("add-machine", "--address", REMOTE).stdout.strip() == "1"
         environment.cli("deploy", DB, "remote", "--to", "1")
         yield environment
-    finally:
-        if EnsembleHome(str(environment.home)).exists():
-            result = environment.cli("destroy-environment", "-y", check=False)
-            assert result.returncode == 0, result.stderr
 
 
 def ssh(env, *args, input="", extra_env=None):

@@ -151,6 +151,17 @@ async def _grant_service(client, policy, name, charm_id, placements, drop=True):
             pass  # a new charm (created with these grants), or config stored in the service node
 
 
+async def _store_charm(client, tx, charm_id, bundle, policy, placements):
+    """Add to `tx` the charm's node, readable by the units {name: machine id} and their
+    machines; one stored already (the same bytes) gets their grants now instead."""
+    if await client.exists(charm_path(charm_id)) is None:
+        tx.create(charm_path(charm_id), bundle, acl=policy and policy.service_node(placements))
+        if policy is not None:
+            tx.create(f"{charm_path(charm_id)}/{auth.GUARD}", b"", acl=policy.public())
+    elif policy is not None:
+        await auth.change_grants(client, charm_path(charm_id), add=policy.service_node(placements))
+
+
 def _add_unit_ops(tx, service, first_number, machines, policy=None):
     names = []
     for offset, machine_id in enumerate(machines):
@@ -205,12 +216,7 @@ class ServiceStateManager:
             first_id, relations_version = await relation.counter(self.client)
             used = await relation.peer_ops(self.client, tx, name, endpoints, placements, first_id, policy)
             tx.set(nodes.RELATIONS, nodes.dump({"next-id": first_id + used}), relations_version)
-        if await self.client.exists(charm_path(charm_bundle_id)) is None:
-            tx.create(charm_path(charm_bundle_id), bundle, acl=policy and policy.service_node(placements))
-            if policy is not None:
-                tx.create(f"{charm_path(charm_bundle_id)}/{auth.GUARD}", b"", acl=policy.public())
-        elif policy is not None:
-            await auth.change_grants(self.client, charm_path(charm_bundle_id), add=policy.service_node(placements))
+        await _store_charm(self.client, tx, charm_bundle_id, bundle, policy, placements)
         tx.create(service_path(name), nodes.dump(data), acl=policy and policy.service_node(placements))
         tx.create(config_path(name), nodes.dump({"config": config}), acl=policy and policy.service_config(placements))
         names = _add_unit_ops(tx, name, 0, machines, policy)
@@ -318,12 +324,7 @@ class ServiceStateManager:
                     if unit_data.get("machine") is not None:
                         placements[unit] = unit_data["machine"]
             tx = self.client.transaction()
-            if await self.client.exists(charm_path(charm_bundle_id)) is None:
-                tx.create(charm_path(charm_bundle_id), bundle, acl=policy and policy.service_node(placements))
-                if policy is not None:
-                    tx.create(f"{charm_path(charm_bundle_id)}/{auth.GUARD}", b"", acl=policy.public())
-            elif policy is not None:
-                await auth.change_grants(self.client, charm_path(charm_bundle_id), add=policy.service_node(placements))
+            await _store_charm(self.client, tx, charm_bundle_id, bundle, policy, placements)
             changed = {**data, "charm": charm_bundle_id, "endpoints": stored(endpoints)}
             if charm_dir:
                 changed[CHARM_DIR] = charm_dir
