@@ -77,8 +77,14 @@ async def cmd_add_machine(reactor, args):
 
 async def cmd_remove_machine(reactor, args):
     machine_id = parse_machine_id(args.machine_id)
+    removed = []
     async with environment(args) as client:
-        removed = await MachineStateManager(client).remove_machine(machine_id, force=args.force)
+        if args.force:
+            from ensemble.state.dead_machine import force_remove_machine
+
+            removed = await force_remove_machine(client, machine_id)
+        else:
+            await MachineStateManager(client).remove_machine(machine_id)
     if removed:
         print(f"removed units {', '.join(removed)} (in place of machine {machine_id}'s agent)")
     print(f"removed machine {machine_id}")

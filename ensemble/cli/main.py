@@ -10,7 +10,6 @@ command quietly with 141, as shells report a process SIGPIPE killed.
 import argparse
 import logging
 import os
-import select
 import signal
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import traceback
 from twisted.internet import defer
 
 from ensemble import __version__, connection
+from ensemble.cli.common import output_closed, pipe_closed
 from ensemble.cli import (agent_commands, charm_commands, environment_commands, log_commands, service_commands,
                           ssh_command, status_commands)
 from ensemble.errors import EnsembleError, UsageError
@@ -100,28 +100,12 @@ def _crash_log(exc):
     return path
 
 
-def _pipe_closed(stream):
-    """Whether `stream` is a pipe (or socket) nobody reads any more."""
-    try:
-        fd = stream.fileno()
-    except (AttributeError, ValueError, OSError):
-        return False
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-
-
-def output_closed():
-    """Whether the reader of stdout or stderr has gone (`ensemble status | head -1`)."""
-    return _pipe_closed(sys.stdout) or _pipe_closed(sys.stderr)
-
-
 def _end_quietly():
     # What is still buffered goes to /dev/null: the interpreter's last flush at exit
     # would otherwise fail again and print "Exception ignored ...".
     devnull = os.open(os.devnull, os.O_WRONLY)
     for stream in (sys.stdout, sys.stderr):
-        if _pipe_closed(stream):
+        if pipe_closed(stream):
             os.dup2(devnull, stream.fileno())
     os.close(devnull)
     return CLOSED_PIPE_STATUS

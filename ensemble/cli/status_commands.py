@@ -5,7 +5,7 @@ import math
 import os
 import sys
 
-from ensemble.cli.common import environment
+from ensemble.cli.common import environment, output_closed
 from ensemble.errors import InvalidValue
 from ensemble.names import validate_service_name
 from ensemble.state.service import ServiceStateManager
@@ -47,7 +47,6 @@ async def _watch_status(reactor, args):
     reactor stops on Ctrl-C) or nobody reads the output any more."""
     from twisted.internet import task
 
-    from ensemble.cli.main import output_closed
 
     terminal = sys.stdout.isatty()
     async with environment(args) as client:

@@ -6,8 +6,8 @@ the machines' reader credential, for this machine's agent alone (auth.join)."""
 from twisted.internet import defer
 
 from ensemble.errors import MachineBusy, MachineNotFound, MalformedState
-from ensemble.names import machine_id_from_key, machine_key, unit_key, unit_name_from_key
-from ensemble.state import auth, nodes, presence, quota
+from ensemble.names import machine_id_from_key, machine_key, unit_name_from_key
+from ensemble.state import auth, nodes, presence
 from ensemble.state.client import BadVersion, NoNode, NotEmpty
 from ensemble.state.watch import ChildrenWatch
 
@@ -78,25 +78,6 @@ def reader_data(policy):
     return nodes.dump({"credential": str(auth.machines_reader(policy.admin))})
 
 
-async def _remove_relation_nodes(client, unit_name):
-    """A removed unit's settings node in each relation of its service, and its member
-    node if its (dead) agent's session left one; with their quotas."""
-    from ensemble.state.relation import ROLES, RelationStateManager, role_path, settings_path
-
-    settings, members = [], []
-    for relation in await RelationStateManager(client).relations_of(unit_name.rpartition("/")[0]):
-        settings.append(settings_path(relation.key, unit_name))
-        members += [f"{role_path(relation.key, role)}/{unit_key(unit_name)}" for role in ROLES]
-    for path in members + settings:
-        try:
-            await client.delete(path)
-        except NoNode:
-            pass
-    if auth.admin_policy(client) is not None:
-        for path in settings:
-            await quota.forget(client, path)
-
-
 def _unit_names(keys):
     names = []
     for key in keys:
@@ -144,17 +125,15 @@ class MachineStateManager:
                 continue
             return machine
 
-    async def remove_machine(self, machine_id, force=False):
+    async def remove_machine(self, machine_id):
         """Deregister a machine with no units and no running agent; its subnet lease and
-        address reservations go in the same transaction. `force`: first remove its units
-        as its agent would have (for a machine whose agent will never run again).
-        Returns the units removed."""
+        address reservations go in the same transaction (dead_machine.py removes the
+        units of a machine whose agent will never run again first)."""
         from ensemble.state.network import release_ops
 
         from ensemble.state.unit import UnitStateManager
 
         machine = await self.get_machine(machine_id)
-        removed = await self._remove_units_of_dead_machine(machine) if force else []
         units = await machine.assigned_units()
         if units:
             raise MachineBusy(f"machine {machine_id} still has units: {', '.join(units)}; remove them first "
@@ -183,51 +162,6 @@ class MachineStateManager:
         if policy is not None:
             for path in auth.MACHINE_PARENT_GRANTS:
                 await auth.change_grants(self.client, path, remove_ids={policy.machine(machine_id).id})
-        return removed
-
-    async def _remove_units_of_dead_machine(self, machine):
-        """Do for each unit of `machine` (assigned, or unassigned and not yet torn down)
-        what its agent's teardown does in ZooKeeper (ensemble/machine/reconcilers/
-        units.py), as no agent will: unassign it, free its address, remove its nodes,
-        and its service if it was a dying one's last unit. Returns their names. Refused
-        while the machine's agent, or one of its units' agents, is alive: their
-        containers still run. Each step is safe to repeat."""
-        from ensemble.state.network import ZooKeeperAddressStore
-        from ensemble.state.service import ServiceStateManager
-        from ensemble.state.unit import UnitStateManager
-
-        if await machine.agent_alive():
-            raise MachineBusy(
-                f"machine {machine.id}'s agent is running: remove its units with remove-unit and let it tear "
-                f"them down, then remove the machine without --force"
-            )
-        units = UnitStateManager(self.client)
-        mine = [u for u in await units.get_all_units() if u.machine_id == machine.id]
-        for unit in mine:
-            if await unit.agent_alive():
-                raise MachineBusy(
-                    f"unit {unit.name} on machine {machine.id} still has a running agent; "
-                    f"--force is for a machine whose agents are gone"
-                )
-        # Assignments whose unit node is gone or unreadable: nothing else to remove for them.
-        known = {unit_key(u.name) for u in mine}
-        for key in await self.client.get_children(machine.units_path):
-            if key not in known:
-                try:
-                    await self.client.delete(f"{machine.units_path}/{key}")
-                except NoNode:
-                    pass
-        addresses = ZooKeeperAddressStore(self.client, machine.id)
-        services = ServiceStateManager(self.client)
-        for unit in mine:
-            await units.remove_unit(unit.name)
-            await addresses.free(unit.name)
-            await _remove_relation_nodes(self.client, unit.name)
-            await self.client.delete_tree(unit.path)
-            if auth.admin_policy(self.client) is not None:
-                await quota.forget(self.client, unit.path)
-            await services.remove_service_if_done(unit.service_name)
-        return [u.name for u in mine]
 
     async def get_machine(self, machine_id):
         path = f"{nodes.MACHINES}/{machine_key(machine_id)}"
