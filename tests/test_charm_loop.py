@@ -5,6 +5,8 @@ kind shown in status and moved past with `resolved` (skipping it, or `--retry`).
 Containers add nothing to these rules; test_charm_loop_lxc.py runs them on real LXC."""
 
 import json
+import os
+import sys
 import textwrap
 
 import pytest
@@ -338,3 +340,28 @@ async def test_one_set_reaches_the_units_on_every_machine(env_client, cli, units
                    for name in ("probe/0", "probe/1"))
     await eventually(both, timeout=20)
     await units.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ten_sets_from_a_shell_loop_run_config_changed_at_most_twice(env_client, units, tmp_path, zk_spec):
+    import subprocess
+
+    from conftest import deploy_charm, ensemble_env
+    charm = loop_charm(tmp_path / "charm", extra_hooks={
+        "config-changed": 'echo run >> "$HOME/runs"; config-get port >> "$HOME/ports"'})
+    await deploy_charm(env_client, charm)
+    await units.start("probe/0", "10.9.0.2")
+    await started(env_client)
+    before = len(units.file("probe/0", "runs").splitlines())
+    # As a user's script would: one `ensemble set` after the other, each its own process.
+    loop = subprocess.Popen(
+        ["sh", "-c", 'for p in $(seq 7001 7010); do ensemble set probe port=$p || exit 1; done'],
+        env={**ensemble_env(tmp_path / "home", zk_spec), "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    async def done():
+        return loop.poll() is not None and (units.file("probe/0", "ports") or "").splitlines()[-1:] == ["7010"]
+    await eventually(done, timeout=60)
+    assert loop.returncode == 0, loop.stderr.read()
+    await units.close()
+    assert 1 <= len(units.file("probe/0", "runs").splitlines()) - before <= 2

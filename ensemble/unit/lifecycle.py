@@ -32,8 +32,9 @@ STOPPED = "stopped"
 MARKER = ".ensemble-state"
 INSTALL, CONFIG_CHANGED, START, UPGRADE_CHARM, STOP = "install", "config-changed", "start", "upgrade-charm", "stop"
 # How long the config must be still before config-changed is queued, and the most a
-# stream of changes can hold it back.
-SETTLE, SETTLE_MAX = 0.5, 5.0
+# stream of changes can hold it back. One `ensemble set` takes about 0.5 s here (a new
+# interpreter, a session): a shell loop of them comes well inside SETTLE.
+SETTLE, SETTLE_MAX = 1.0, 5.0
 
 
 def container_run_id():
