@@ -40,6 +40,15 @@ def write_hook(charm, hook, body):
 
 @pytest_twisted.ensureDeferred
 async def test_break_fix_upgrade_retry_set_get_in_a_container(env, tmp_path):
+    try:
+        await _break_fix_upgrade_retry_set_get(env, tmp_path)
+    finally:
+        # Gone whatever happened: the next test counts every unit of the environment.
+        env.cli("destroy-service", "hello", check=False)
+        await until(lambda: "hello/0" not in env.units(), what="hello/0 removed")
+
+
+async def _break_fix_upgrade_retry_set_get(env, tmp_path):
     charm = tmp_path / "hello"
     make_charm(charm, name="hello", hooks={
         "install": 'echo "installing hello"; echo "E: Unable to locate package hello-server" >&2; exit 100',
@@ -99,8 +108,6 @@ async def test_break_fix_upgrade_retry_set_get_in_a_container(env, tmp_path):
             1, "error: unit hello/0 is started, not in error: nothing to resolve\n")
     finally:
         await driver.close()
-    env.cli("destroy-service", "hello")
-    await until(lambda: "hello/0" not in env.units(), what="hello/0 removed")
 
 
 async def _equals(reading, value):

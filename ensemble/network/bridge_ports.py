@@ -126,14 +126,19 @@ def state(bridge, netns=None):
         bridge_index = _index(ipr, bridge)
         if bridge_index is None:
             return None
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        links = ipr.get_links()
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
         ports = {}
-        for index, name in names.items():
-            link = ipr.get_links(index)[0]
-            if link.get("master") != bridge_index:
+        for link in links:
+            if link.get_attr("IFLA_MASTER") != bridge_index:
                 continue
-            info = ipr.brport("show", index=index)[0].get_attr("IFLA_PROTINFO")
-            ports[name] = {
+            try:
+                info = ipr.brport("show", index=link["index"])[0].get_attr("IFLA_PROTINFO")
+            except NetlinkError as e:
+                if e.code == ENODEV:
+                    continue  # a port going with its container since the dump
+                raise
+            ports[names[link["index"]]] = {
                 "learning": bool(info.get_attr("IFLA_BRPORT_LEARNING")),
                 "unicast_flood": bool(info.get_attr("IFLA_BRPORT_UNICAST_FLOOD")),
             }
