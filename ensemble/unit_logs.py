@@ -27,13 +27,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ensemble import hostfs
+from ensemble.log_layout import AGENT_LOG, REMOVED, REMOVED_TIME, UNITS, hook_log
 from ensemble.errors import UnsafeFile
 from ensemble.names import parse_unit_name, unit_key, unit_name_from_key
 
-UNITS = "units"
-REMOVED = "removed"          # as ensemble.machine.deploy.REMOVED_LOGS
-REMOVED_TIME = "%Y%m%d-%H%M%S"
-AGENT_LOG = "agent.log"
 CHUNK = 256 << 10
 # How far before the last N lines a read looks for the timed line they continue.
 LOOKBACK = 64 << 10
@@ -113,7 +110,7 @@ def unit_sources(logs_dir, name, directory, removed=None):
     label = f"{name} (removed {removed})" if removed else name
     units = os.path.join(logs_dir, UNITS)
     return [Source(label, units, os.path.join(directory, f), unit=name, removed=removed)
-            for f in (f"{key}.log", AGENT_LOG)]
+            for f in (hook_log(key), AGENT_LOG)]
 
 
 def sources(logs_dir, units=None, removed=False, machines=True):

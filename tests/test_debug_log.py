@@ -14,7 +14,8 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from ensemble import hostfs, unit_logs
-from ensemble.machine.deploy import REMOVED_LOGS, retire_log_dir
+from ensemble.log_layout import REMOVED
+from ensemble.machine.deploy import retire_log_dir
 from ensemble.unit import hooks
 from ensemble.unit.hooks import HookFailed, run_hook
 
@@ -165,7 +166,7 @@ def test_a_removed_units_log_goes_out_of_the_way_of_a_new_one(tmp_path):
     write(units / "hello-0" / "hello-0.log", "2026-12-02 14:00:01,000 install: old incarnation")
     when = time.mktime(time.strptime("2026-12-02 14:03:05", "%Y-%m-%d %H:%M:%S"))
     kept = retire_log_dir(str(units), "hello/0", now=when)
-    assert kept == str(units / REMOVED_LOGS / "hello-0.20261202-140305")
+    assert kept == str(units / REMOVED / "hello-0.20261202-140305")
     assert not (units / "hello-0").exists()
     st = os.stat(kept)
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, 0o700)

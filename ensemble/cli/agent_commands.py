@@ -5,7 +5,7 @@ import os
 
 from twisted.internet import defer
 
-from ensemble import connection
+from ensemble import connection, log_layout
 from ensemble.errors import EnsembleError, InvalidValue
 from ensemble.home import EnsembleHome
 from ensemble.limits import parse_memory, parse_pids
@@ -51,7 +51,7 @@ async def cmd_machine_agent(reactor, args):
         logging.getLogger("ensemble.machine").info("machine-%s: containers in %s", machine_id, driver.lxc_path)
     args.agent = MachineAgent(
         client, machine_id, reactor, manage_bridge=not args.no_bridge, driver=driver, template=template,
-        unit_log_dir=os.path.join(home.logs_dir, "units"), overlay=not (args.no_bridge or args.no_overlay),
+        unit_log_dir=os.path.join(home.logs_dir, log_layout.UNITS), overlay=not (args.no_bridge or args.no_overlay),
         firewall=not (args.no_bridge or args.no_firewall), names=not args.no_bridge,
         package_cache_dir=None if args.no_bridge or driver is None else os.path.join(home.storage_dir, "packages", f"machine-{machine_id}"),
         units_memory=units_memory, units_pids=units_pids,

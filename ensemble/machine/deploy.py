@@ -11,7 +11,7 @@ import time
 import netaddr
 from twisted.internet import task
 
-from ensemble import hostfs
+from ensemble import hostfs, log_layout
 from ensemble import limits as unit_limits
 from ensemble.errors import UnsafeFile
 from ensemble.machine.container.config import AGENT_LOG
@@ -37,15 +37,10 @@ def unit_log_path(unit_log_dir, unit_name):
     return os.path.join(unit_log_dir, unit_key(unit_name))
 
 
-# Below the units' log directory: each removed unit's directory, as
-# <unit key>.<YYYYMMDD-HHMMSS of its removal>[.<n>], so that a unit's own directory only
-# ever holds its live incarnation (a name can come back: destroy-service, deploy).
-REMOVED_LOGS = "removed"
-REMOVED_TIME = "%Y%m%d-%H%M%S"
 
 
 def retire_log_dir(unit_log_dir, unit_name, now=None):
-    """Move a torn-down unit's log directory to REMOVED_LOGS, given to host root (the
+    """Move a torn-down unit's log directory among the removed ones (ensemble.log_layout), given to host root (the
     unit's ids are free for another unit, which must find nothing of this one's); an
     empty one is removed. The new path, or None. Blocking: call through a thread."""
     key = unit_key(unit_name)
@@ -56,9 +51,9 @@ def retire_log_dir(unit_log_dir, unit_name, now=None):
     if not os.listdir(source):
         os.rmdir(source)
         return None
-    removed = os.path.join(unit_log_dir, REMOVED_LOGS)
+    removed = os.path.join(unit_log_dir, log_layout.REMOVED)
     os.makedirs(removed, mode=0o700, exist_ok=True)
-    stamp = time.strftime(REMOVED_TIME, time.localtime(now))
+    stamp = time.strftime(log_layout.REMOVED_TIME, time.localtime(now))
     for n in itertools.count():
         target = os.path.join(removed, f"{key}.{stamp}" + (f".{n}" if n else ""))
         # Checked first: a rename onto an empty directory would replace it.
@@ -124,7 +119,7 @@ class UnitDeployer:
             log_dir = unit_log_path(self.unit_log_dir, unit.name)
             os.makedirs(self.unit_log_dir, exist_ok=True)
             hostfs.own_directory(self.unit_log_dir, unit_key(unit.name), 0, 0, 0o755)
-            mounts.append((log_dir, "/var/log/ensemble", False))
+            mounts.append((log_dir, log_layout.INSIDE, False))
         network = netaddr.IPNetwork(self.host.subnet)
         gateway = self.host.gateway
         name_server = gateway if self.name_domain is not None else None

@@ -19,8 +19,10 @@ import os
 import sys
 import time
 
+from ensemble import log_layout
 from ensemble.agent import BaseAgent
 from ensemble.errors import MalformedState
+from ensemble.names import unit_key
 from ensemble.state import nodes
 from ensemble.state.client import ConnectionLost, SessionExpired
 from ensemble.state.nodes import service_path
@@ -40,7 +42,7 @@ log = logging.getLogger("ensemble.unit")
 
 DEFAULT_UNIT_DIR = "/var/lib/ensemble/unit"
 DEFAULT_CHARM_DIR = "/var/lib/ensemble/charm"
-DEFAULT_LOG_DIR = "/var/log/ensemble"
+DEFAULT_LOG_DIR = log_layout.INSIDE
 HOOK_SOCKET = ".ensemble.hookcli.sock"  # in the unit directory (pyjuju: .juju.hookcli.sock)
 RELATIONS_DIR = "relations"  # in the unit directory: each relation's owed hooks
 TOOLS_DIR = ".tools"  # in the unit directory: the hook tools, first on hooks' PATH
@@ -66,7 +68,7 @@ class UnitAgent(BaseAgent):
 
     @property
     def log_path(self):
-        return os.path.join(self.log_dir, f"{self.unit_name.replace('/', '-')}.log")
+        return os.path.join(self.log_dir, log_layout.hook_log(unit_key(self.unit_name)))
 
     @property
     def socket_path(self):

@@ -18,6 +18,7 @@ import shlex
 
 import netaddr
 
+from ensemble import log_layout
 from ensemble.searchable import unsearchable
 
 log = logging.getLogger("ensemble.container")
@@ -26,7 +27,7 @@ log = logging.getLogger("ensemble.container")
 MARKER = "# ensemble container"
 SERVICE_DIR = "ensemble"             # in the container's lxc dir
 SERVICE_MOUNT = "etc/ensemble"       # where it is seen inside (relative to the rootfs)
-AGENT_LOG = "/var/log/ensemble/agent.log"
+AGENT_LOG = f"{log_layout.INSIDE}/{log_layout.AGENT_LOG}"
 INIT_CMD = "/usr/bin/tini -- /usr/bin/runsv /etc/ensemble/service/agent"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Under a user namespace LXC mounts the rootfs and the bind mounts as the container's
