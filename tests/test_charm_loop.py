@@ -128,24 +128,35 @@ def _async(value):
     return check()
 
 
-@pytest_twisted.ensureDeferred
-async def test_ten_quick_sets_run_config_changed_at_most_twice(env_client, units, tmp_path):
-    charm = loop_charm(tmp_path / "charm", extra_hooks={
-        "config-changed": 'echo run >> "$HOME/runs"; sleep 0.2; config-get port >> "$HOME/ports"'})
+async def counting_probe(env_client, units, tmp_path, pause=""):
+    """A started probe/0 whose config-changed notes each run and the port it saw;
+    returns how many runs there were so far."""
     from conftest import deploy_charm
+
+    charm = loop_charm(tmp_path / "charm", extra_hooks={
+        "config-changed": f'echo run >> "$HOME/runs"; {pause} config-get port >> "$HOME/ports"'})
     await deploy_charm(env_client, charm)
     await units.start("probe/0", "10.9.0.2")
     await started(env_client)
-    before = len(units.file("probe/0", "runs").splitlines())
+    return len(units.file("probe/0", "runs").splitlines())
+
+
+async def runs_once_the_last_is_seen(units, before, done=None):
+    """The config-changed runs since `before`, once one saw port 7010 (and `done()`)."""
+    async def seen():
+        return (done is None or done()) and (units.file("probe/0", "ports") or "").splitlines()[-1:] == ["7010"]
+    await eventually(seen, timeout=60)
+    await units.close()
+    return len(units.file("probe/0", "runs").splitlines()) - before
+
+
+@pytest_twisted.ensureDeferred
+async def test_ten_quick_sets_run_config_changed_at_most_twice(env_client, units, tmp_path):
+    before = await counting_probe(env_client, units, tmp_path, pause="sleep 0.2;")
     manager = ServiceStateManager(env_client)
     for port in range(7001, 7011):
         await manager.update_config("probe", {"port": port})
-
-    async def saw_the_last():
-        return (units.file("probe/0", "ports") or "").splitlines()[-1:] == ["7010"]
-    await eventually(saw_the_last, timeout=20)
-    await units.close()
-    assert 1 <= len(units.file("probe/0", "runs").splitlines()) - before <= 2
+    assert 1 <= await runs_once_the_last_is_seen(units, before) <= 2
 
 
 @pytest_twisted.ensureDeferred
@@ -346,22 +357,14 @@ async def test_one_set_reaches_the_units_on_every_machine(env_client, cli, units
 async def test_ten_sets_from_a_shell_loop_run_config_changed_at_most_twice(env_client, units, tmp_path, zk_spec):
     import subprocess
 
-    from conftest import deploy_charm, ensemble_env
-    charm = loop_charm(tmp_path / "charm", extra_hooks={
-        "config-changed": 'echo run >> "$HOME/runs"; config-get port >> "$HOME/ports"'})
-    await deploy_charm(env_client, charm)
-    await units.start("probe/0", "10.9.0.2")
-    await started(env_client)
-    before = len(units.file("probe/0", "runs").splitlines())
+    from conftest import ensemble_env
+
+    before = await counting_probe(env_client, units, tmp_path)
     # As a user's script would: one `ensemble set` after the other, each its own process.
     loop = subprocess.Popen(
         ["sh", "-c", 'for p in $(seq 7001 7010); do ensemble set probe port=$p || exit 1; done'],
         env={**ensemble_env(tmp_path / "home", zk_spec), "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin"},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    async def done():
-        return loop.poll() is not None and (units.file("probe/0", "ports") or "").splitlines()[-1:] == ["7010"]
-    await eventually(done, timeout=60)
+    runs = await runs_once_the_last_is_seen(units, before, done=lambda: loop.poll() is not None)
     assert loop.returncode == 0, loop.stderr.read()
-    await units.close()
-    assert 1 <= len(units.file("probe/0", "runs").splitlines()) - before <= 2
+    assert 1 <= runs <= 2
