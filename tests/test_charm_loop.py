@@ -368,3 +368,32 @@ async def test_ten_sets_from_a_shell_loop_run_config_changed_at_most_twice(env_c
     runs = await runs_once_the_last_is_seen(units, before, done=lambda: loop.poll() is not None)
     assert loop.returncode == 0, loop.stderr.read()
     assert 1 <= runs <= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upgrade_waits_for_a_running_relation_hook_to_finish_with_its_charm(env_client, units, tmp_path):
+    """A hook sees one charm from start to end: the directory is not replaced under it."""
+    db = tmp_path / "db-charm"
+    await deploy_pair(env_client, tmp_path, db_hooks=relation_hooks("db", {
+        "joined": 'cat "$CHARM_DIR/version" > "$HOME/first"; touch "$HOME/running"; sleep 1.5; '
+                  'cat "$CHARM_DIR/version" > "$HOME/last"'}))
+    (db / "version").write_text("1\n")
+    from ensemble.charm import Charm, bundle_id
+    await units.start("db/0", "10.9.0.2")
+    await units.start("web/0", "10.9.0.3")
+    await started(env_client, "db/0")
+    # The service's first revision had no version file: ship one, then relate.
+    manager = ServiceStateManager(env_client)
+    charm = Charm.load(str(db))
+    await manager.upgrade_charm("db", bundle_id(charm.name, charm.bundle()), charm.bundle(), charm.endpoints)
+    await eventually(lambda: _async(units.file("db/0", "version") is None and
+                                    (units.dir("db/0") / "charm" / "version").exists()), timeout=20)
+    await RelationStateManager(env_client).add_relation("web", "db")
+    await eventually(lambda: _async(units.file("db/0", "running") is not None), timeout=20)
+    (db / "version").write_text("2\n")
+    charm = Charm.load(str(db))
+    await manager.upgrade_charm("db", bundle_id(charm.name, charm.bundle()), charm.bundle(), charm.endpoints)
+    await eventually(lambda: _async(units.file("db/0", "last") is not None), timeout=20)
+    assert units.file("db/0", "first") == units.file("db/0", "last") == "1\n"
+    await eventually(lambda: _async((units.dir("db/0") / "charm" / "version").read_text() == "2\n"), timeout=20)
+    await units.close()

@@ -39,6 +39,9 @@ class FakeExecutor:
         self._held = None
         self.hold = False
 
+    async def exclusive(self, action):
+        return await action()
+
     async def run(self, hook):
         if self.hold:
             self._held = defer.Deferred()

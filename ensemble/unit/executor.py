@@ -45,6 +45,15 @@ class HookExecutor:
         finally:
             self._lock.release()
 
+    async def exclusive(self, action):
+        """Await `action()` while no hook runs (replacing the charm directory a hook
+        runs from, say); returns its result."""
+        await self._lock.acquire()
+        try:
+            return await action()
+        finally:
+            self._lock.release()
+
     async def _run(self, name, relation):
         if not os.path.lexists(hook_path(self.charm_dir, name)):
             log.debug("%s: the charm has no %s hook", self.state.unit_name, name)

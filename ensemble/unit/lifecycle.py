@@ -244,7 +244,8 @@ class Lifecycle:
                     self._save()
             self._running = hook
             try:
-                charm_id = await self.charm.ensure(self._latest_charm)
+                # Not under a relation hook running from the charm directory it replaces.
+                charm_id = await self.executor.exclusive(lambda: self.charm.ensure(self._latest_charm))
                 self._state["charm"] = charm_id
                 if self.unit.data.get(CHARM) != charm_id:
                     await self.unit.update(**{CHARM: charm_id})
