@@ -229,3 +229,33 @@ async def test_a_restarted_agent_goes_on_and_a_restarted_container_starts_again(
     life.config_changed(1)
     await life.start()
     assert executor.ran == ["config-changed@c1", "start@c1"] and unit.data["state"] == "started"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_last_hook_is_published_in_the_background_folding_what_ended_meanwhile():
+    from ensemble.unit.workload import WorkloadReport
+
+    class SlowUnit(FakeUnit):
+        def __init__(self):
+            super().__init__()
+            self.writes, self.pending = [], []
+
+        async def update(self, **fields):
+            self.writes.append(fields["workload"]["hook"])
+            waiting = defer.Deferred()
+            self.pending.append(waiting)
+            await waiting
+            return await super().update(**fields)
+
+    unit = SlowUnit()
+    report = WorkloadReport(unit)
+    report.hook_ended("install", 0)          # its write is in flight: the hooks go on
+    report.hook_ended("config-changed", 0)
+    report.hook_ended("start", 3)
+    unit.pending.pop(0).callback(None)
+    unit.pending.pop(0).callback(None)
+    assert unit.writes == ["install", "start"] and unit.data["workload"]["status"] == 3
+    report.hook_ended("stop", 0)
+    assert report.fields()["workload"]["hook"] == "stop"  # goes with a state write instead
+    unit.pending.pop(0).callback(None)
+    assert report.fields() == {} and not unit.pending

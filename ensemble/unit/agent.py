@@ -17,7 +17,8 @@ HookScheduler).
 import logging
 import os
 import sys
-import time
+
+from twisted.internet import defer
 
 from ensemble import log_layout
 from ensemble.agent import BaseAgent
@@ -27,7 +28,7 @@ from ensemble.state import nodes
 from ensemble.state.client import ConnectionLost, SessionExpired
 from ensemble.state.nodes import service_path
 from ensemble.state.service import config_path
-from ensemble.state.unit import DYING, RELATION_RESOLVED, RESOLVED, WORKLOAD, UnitStateManager
+from ensemble.state.unit import DYING, RELATION_RESOLVED, RESOLVED, UnitStateManager
 from ensemble.state.watch import DataWatch
 from ensemble.unit.charm_dir import CharmDirectory
 from ensemble.unit.executor import HookExecutor
@@ -37,6 +38,7 @@ from ensemble.unit.relations import UnitRelations
 from ensemble.unit.scheduler import RelationNotInError
 from ensemble.unit.state import ZooKeeperHookState
 from ensemble.unit.tools.server import HookToolFactory, listen
+from ensemble.unit.workload import WorkloadReport
 
 log = logging.getLogger("ensemble.unit")
 
@@ -89,17 +91,15 @@ class UnitAgent(BaseAgent):
         state = ZooKeeperHookState(self.client, self.unit, self.charm_dir, self.relations)
         # The tools' console scripts are in the venv, mounted from the host.
         tools_dir = link_tools(os.path.join(self.unit_dir, TOOLS_DIR), os.path.dirname(sys.executable))
+        self.workload = WorkloadReport(self.unit)
         self.executor = HookExecutor(self.reactor, state, tools, self.socket_path, self.charm_dir, self.unit_dir,
-                                     self.log_path, tools_dir, logger, report=self._report_hook)
+                                     self.log_path, tools_dir, logger, report=self.workload.hook_ended)
         self.relations.executor = self.executor
         charm = CharmDirectory(self.client, self.unit.service_name, self.charm_dir)
         self.lifecycle = Lifecycle(self.unit, self.executor, self.unit_dir, charm, self.reactor,
-                                   on_started=self.relations.start)
+                                   on_started=self.relations.start, workload=self.workload)
         self._watch = await self.unit.watch(self.unit_changed)
 
-    async def _report_hook(self, hook, status):
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-        await self.unit.update(**{WORKLOAD: {"hook": hook, "status": status, "at": at}})
 
     async def unit_changed(self, data):
         if data is None:
@@ -149,10 +149,10 @@ class UnitAgent(BaseAgent):
             if charm_id:
                 self.lifecycle.charm_changed(charm_id)
 
-        self._service_watches = [
-            await DataWatch(self.client, config_path(self.unit.service_name), config).start(),
-            await DataWatch(self.client, service_path(self.unit.service_name), service).start(),
-        ]
+        self._service_watches = await defer.gatherResults([
+            defer.ensureDeferred(DataWatch(self.client, config_path(self.unit.service_name), config).start()),
+            defer.ensureDeferred(DataWatch(self.client, service_path(self.unit.service_name), service).start()),
+        ], consumeErrors=True)
 
     def _stop_following_service(self):
         for watch in self._service_watches:

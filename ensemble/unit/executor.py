@@ -22,7 +22,7 @@ class HookExecutor:
                  report=None):
         """`state`: the unit's ZooKeeperHookState (or any HookState with `commit`);
         `tools`: the HookToolFactory serving `socket_path`; `logger`: where juju-log
-        goes; `report(hook name, exit status)`: awaited after every hook that ran."""
+        goes; `report(hook name, exit status)`: called after every hook that ran."""
         self.reactor = reactor
         self.state = state
         self.tools = tools
@@ -71,17 +71,12 @@ class HookExecutor:
                                        self.path_prefix, relation)
                 await run_hook(self.reactor, name, self.charm_dir, env, self.log_path)
         except HookFailed as e:
-            await self._report(name, e.status)
+            self._report(name, e.status)
             raise
         # Past the block the context answers no tool: what it holds is final.
         await self.state.commit(context.changes)
-        await self._report(name, 0)
+        self._report(name, 0)
 
-    async def _report(self, name, status):
-        if self.report is None:
-            return
-        try:
-            await self.report(name, status)
-        except Exception as e:
-            # What the unit shows of its workload is not worth failing a hook for.
-            log.warning("%s: cannot report %s: %s", self.state.unit_name, name, e)
+    def _report(self, name, status):
+        if self.report is not None:
+            self.report(name, status)

@@ -53,14 +53,16 @@ class NotInError(Exception):
 class Lifecycle:
     """`charm`: the unit's CharmDirectory, brought to the service's charm before each
     hook; `on_started`: called once the start hook has run (or was resolved) in this
-    container run, e.g. to begin the relation hooks."""
+    container run, e.g. to begin the relation hooks; `workload`: the unit's
+    WorkloadReport, whose latest hook goes with the state the unit reports."""
 
-    def __init__(self, unit, executor, unit_dir, charm, reactor, on_started=None, run_id=None):
+    def __init__(self, unit, executor, unit_dir, charm, reactor, on_started=None, run_id=None, workload=None):
         self.unit = unit
         self.executor = executor
         self.charm = charm
         self.reactor = reactor
         self.on_started = on_started
+        self.workload = workload
         self.marker_path = os.path.join(unit_dir, MARKER)
         self.run_id = run_id or container_run_id()
         self._state = {}
@@ -232,8 +234,6 @@ class Lifecycle:
     async def _drive(self):
         while not self._stopping and not self.failed and self.todo:
             hook = self.todo[0]
-            if hook == INSTALL and self.unit.state != INSTALLING:
-                await self.unit.update(state=INSTALLING, error=None)
             if hook == CONFIG_CHANGED:
                 # It reads the config as it is now: changes waiting to settle are in it.
                 if self._settle is not None and self._settle.active():
@@ -247,8 +247,14 @@ class Lifecycle:
                 # Not under a relation hook running from the charm directory it replaces.
                 charm_id = await self.executor.exclusive(lambda: self.charm.ensure(self._latest_charm))
                 self._state["charm"] = charm_id
+                # One write for both, where both changed (a new unit's first hook).
+                report = {}
+                if hook == INSTALL and self.unit.state != INSTALLING:
+                    report.update(state=INSTALLING, error=None)
                 if self.unit.data.get(CHARM) != charm_id:
-                    await self.unit.update(**{CHARM: charm_id})
+                    report[CHARM] = charm_id
+                if report:
+                    await self.unit.update(**report)
                 await self.executor.run(hook)
             except HookFailed as e:
                 await self._fail(hook, str(e))
@@ -266,7 +272,7 @@ class Lifecycle:
             self._save()
         if not self._stopping and not self.failed and self.started:
             if self.unit.state != STARTED or self.unit.data.get("error"):
-                await self.unit.update(state=STARTED, error=None)
+                await self.unit.update(state=STARTED, error=None, **self._workload())
                 log.info("%s: started", self.unit.name)
             if not self._announced:
                 if self.on_started is not None:
@@ -279,11 +285,14 @@ class Lifecycle:
         elif hook == START:
             self._state["started"] = "yes"
 
+    def _workload(self):
+        return self.workload.fields() if self.workload is not None else {}
+
     async def _fail(self, hook, error):
         log.error("%s: %s", self.unit.name, error)
         self._state["failed"] = hook
         self._save()
-        await self.unit.update(state=ERROR, error=error)
+        await self.unit.update(state=ERROR, error=error, **self._workload())
 
     async def stop(self):
         """No more queued hooks; once the one running is done, run stop."""
