@@ -173,13 +173,16 @@ def _checked_options(config, name):
 def typed_values(charm_name, options, texts):
     """{key: text} given by a user, each checked against the charm's options and typed;
     InvalidValue naming the option and the type it wants otherwise."""
-    values = {}
-    for key, text in texts.items():
+    require_options(charm_name, options, texts)
+    return {key: _coerce(key, text, options[key].get("type", "string")) for key, text in texts.items()}
+
+
+def require_options(charm_name, options, keys):
+    """InvalidValue naming the first of `keys` the charm has no option for, if any."""
+    for key in keys:
         if key not in options:
             known = ", ".join(sorted(options)) or "none"
             raise InvalidValue(f"charm {charm_name} has no option {key!r} (options: {known})")
-        values[key] = _coerce(key, text, options[key].get("type", "string"))
-    return values
 
 
 def mismatched_values(options, values):

@@ -259,3 +259,19 @@ async def test_the_last_hook_is_published_in_the_background_folding_what_ended_m
     assert report.fields()["workload"]["hook"] == "stop"  # goes with a state write instead
     unit.pending.pop(0).callback(None)
     assert report.fields() == {} and not unit.pending
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_halted_queue_runs_nothing_more_and_the_next_agent_owes_the_change(tmp_path):
+    life, unit, executor, clock, _ = lifecycle(tmp_path)
+    life.config_changed(1)
+    await life.start()
+    life.config_changed(2)       # settling when the agent stops
+    await life.halt()
+    await settle(clock, SETTLE_MAX)
+    assert executor.ran[3:] == []
+    life, unit, executor, clock, _ = lifecycle(tmp_path)
+    life.config_changed(2)
+    await life.start()
+    await settle(clock)
+    assert executor.ran == ["config-changed@c1"]

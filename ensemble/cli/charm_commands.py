@@ -6,7 +6,8 @@ import os
 
 import yaml
 
-from ensemble.charm import Charm, bundle_id, bundle_options, config_values, mismatched_values, typed_values
+from ensemble.charm import (Charm, bundle_id, bundle_options, config_values, mismatched_values, require_options,
+                            typed_values)
 from ensemble.cli.common import environment
 from ensemble.errors import InvalidCharm, InvalidValue, NotInError, UpgradeRefused
 from ensemble.names import parse_unit_name, validate_service_name
@@ -44,7 +45,7 @@ async def cmd_set(reactor, args):
         manager = ServiceStateManager(client)
         _, charm_name, options = await _service_options(manager, name)
         values = typed_values(charm_name, options, texts)
-        typed_values(charm_name, options, {key: "" for key in reset if key not in options})  # unknown: an error
+        require_options(charm_name, options, reset)
         before, after = await manager.update_config(name, values, reset)
     changed = sorted(k for k in set(before) | set(after) if before.get(k, _UNSET) != after.get(k, _UNSET))
     if changed:

@@ -100,7 +100,6 @@ class UnitAgent(BaseAgent):
                                    on_started=self.relations.start, workload=self.workload)
         self._watch = await self.unit.watch(self.unit_changed)
 
-
     async def unit_changed(self, data):
         if data is None:
             log.info("%s: unit removed", self.name)
@@ -190,6 +189,8 @@ class UnitAgent(BaseAgent):
         if self._watch:
             self._watch.stop()
         self._stop_following_service()
+        if self.lifecycle is not None:
+            await self.lifecycle.halt()
         if self.relations is not None:
             await self.relations.stop()
         if self._tools_port is not None:

@@ -294,13 +294,18 @@ class Lifecycle:
         self._save()
         await self.unit.update(state=ERROR, error=error, **self._workload())
 
-    async def stop(self):
-        """No more queued hooks; once the one running is done, run stop."""
+    async def halt(self):
+        """No more hooks (the agent is stopping, or the unit is going); returns once the
+        one running is done. What is owed stays in the queue for the next agent."""
         self._stopping = True
         if self._settle is not None and self._settle.active():
             self._settle.cancel()
         if self._driving is not None:
             await self._driving
+
+    async def stop(self):
+        """No more queued hooks; once the one running is done, run stop."""
+        await self.halt()
         if self.unit.state == STOPPED:
             return
         await self.unit.update(state=STOPPING)
