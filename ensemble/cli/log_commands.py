@@ -3,7 +3,7 @@
 
 import sys
 
-from ensemble import hostfs, unit_logs
+from ensemble import hostfs, log_layout, unit_logs
 from ensemble.cli.common import environment
 from ensemble.errors import EnsembleError, InvalidValue, UnitNotFound
 from ensemble.home import EnsembleHome
@@ -40,7 +40,7 @@ def _where(name, machine, local_machines):
     if machine in local_machines:
         return f"{name} runs on machine {machine}, on this host: no log yet"
     return (f"{name} runs on machine {machine}: its log is on that machine's host, in "
-            f"$ENSEMBLE_HOME/logs/units/{unit_key(name)}/{unit_key(name)}.log there")
+            f"$ENSEMBLE_HOME/logs/{log_layout.UNITS}/{unit_key(name)}/{log_layout.hook_log(unit_key(name))} there")
 
 
 def _report_elsewhere(names, units, logs, show_removed):
