@@ -2,7 +2,11 @@
 environment (its own ENSEMBLE_HOME and network) with real containers. Prints one JSON
 object. The template must be cached (the machine agent builds it once otherwise).
 
-    .venv/bin/python bench/deploy.py [--sequential 30] [--concurrent 10] [--many 100]
+    .venv/bin/python bench/deploy.py [--sequential 30] [--concurrent 10] [--many 100] [--floor]
+
+Each sequential deploy's timeline (deploy_timeline.py) is reported as the median of
+each step. --floor interleaves each sequential deploy with one sample of the physical
+floor (deploy_floor.py), so that the machine's drift hits both alike.
 """
 
 import argparse
@@ -21,8 +25,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from stats import percentile  # noqa: E402
 
+from deploy_floor import Floor  # noqa: E402
+from deploy_timeline import durations, timeline  # noqa: E402
+
 from ensemble import local  # noqa: E402
 from ensemble.home import EnsembleHome  # noqa: E402
+from ensemble.state.machine import MachineStateManager  # noqa: E402
 from ensemble.state.service import ServiceStateManager  # noqa: E402
 from ensemble.state.unit import UnitStateManager  # noqa: E402
 
@@ -81,15 +89,25 @@ def monitor_rss(container):
 async def benchmark(reactor, args, env, config):
     client = await local.admin_client(EnsembleHome(env["ENSEMBLE_HOME"]))
     services = ServiceStateManager(client)
+    floor = None
     try:
-        # Sequential: one unit at a time.
-        latencies = []
-        for _ in range(args.sequential):
+        if args.floor:
+            machines = await MachineStateManager(client).get_all_machines()
+            leased = [m.data["subnet"] for m in machines if m.data.get("subnet")]
+            floor = Floor(reactor, client, config["network"], leased, config["zookeeper"])
+            await floor.prepare()
+        # Sequential: one unit at a time (each followed by a floor sample).
+        latencies, floors, timelines = [], [], []
+        for i in range(args.sequential):
+            begin = reactor.seconds()
             (name,) = await services.add_units("idle", n=1, to=0)
             took = await started(reactor, client, [name], timeout=60)
             if name not in took:
                 raise SystemExit(f"{name} did not start within 60s")
             latencies.append(took[name] * 1000)
+            timelines.append({**timeline(env["ENSEMBLE_HOME"], 0, name, begin), "seen": took[name] * 1000})
+            if floor is not None:
+                floors.append(await floor.sample(i))
         # Ten at once.
         names = await services.add_units("idle", n=args.concurrent, to=0)
         took = await started(reactor, client, names, timeout=120)
@@ -107,7 +125,7 @@ async def benchmark(reactor, args, env, config):
         more = await services.add_units("idle", n=max(0, args.many - have), to=0)
         every = [u.name for u in await UnitStateManager(client).get_all_units()]
         took = await started(reactor, client, every, timeout=600)
-        print(json.dumps({
+        result = {
             "deploy_p50_ms": round(statistics.median(latencies), 1),
             "deploy_p99_ms": round(percentile(latencies, 99), 1),
             "concurrent10_all_started_ms": round(concurrent_ms, 1) if concurrent_ms else None,
@@ -115,9 +133,29 @@ async def benchmark(reactor, args, env, config):
             f"units_started_of_{len(every)}": len(took),
             "sequential": args.sequential,
             "added_for_many": len(more),
-        }))
+            "timeline_p50_ms": _median_steps(timelines),
+            "steps_p50_ms": _median_steps([durations(t) for t in timelines]),
+        }
+        if floors:
+            result.update({
+                "floor_p50_ms": round(statistics.median(floors), 1),
+                "floor_p99_ms": round(percentile(floors, 99), 1),
+                "ratio_p50": round(statistics.median(latencies) / statistics.median(floors), 2),
+                "ratio_p99": round(percentile(latencies, 99) / percentile(floors, 99), 2),
+            })
+        print(json.dumps(result))
     finally:
+        if floor is not None:
+            await floor.close()
         await client.close()
+
+
+def _median_steps(samples):
+    steps = {}
+    for sample in samples:
+        for step, ms in sample.items():
+            steps.setdefault(step, []).append(ms)
+    return {step: round(statistics.median(values), 1) for step, values in steps.items()}
 
 
 def main():
@@ -126,6 +164,7 @@ def main():
     parser.add_argument("--concurrent", type=int, default=10)
     parser.add_argument("--many", type=int, default=100)
     parser.add_argument("--network", default="10.240.0.0/16")
+    parser.add_argument("--floor", action="store_true", help="interleave samples of the physical floor")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ENSEMBLE_")}

@@ -12,7 +12,7 @@ from ensemble import limits
 from ensemble.agent import BaseAgent
 from ensemble.errors import EnsembleError
 from ensemble.machine import host as hosts
-from ensemble.machine.content import UnrunnableInstallation, check_installation
+from ensemble.machine.content import UnrunnableInstallation, check_installation, compile_agent_code
 from ensemble.machine.deploy import UnitDeployer
 from ensemble.machine.reconcilers.bridge import BridgeReconciler
 from ensemble.machine.reconcilers.firewall import FirewallReconciler
@@ -201,6 +201,7 @@ class MachineAgent(BaseAgent):
             log.error("%s: %s", self.name, e)
             await self.machine.update(error=str(e))
             return str(e)
+        await host.in_thread(compile_agent_code)
         return None
 
     async def _start(self, reconciler):

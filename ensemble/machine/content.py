@@ -28,6 +28,18 @@ def ensemble_mounts():
     return mounts
 
 
+def compile_agent_code():
+    """Write the bytecode of this host's `ensemble` package next to it, where the host
+    may write: units mount the package read-only, so a module without it would be
+    compiled again by every unit agent that starts (tens of ms each, on the way to
+    `started`). Only what is missing or stale is written; a package the host cannot
+    write to is left as it is. Blocking: run it in a thread."""
+    import compileall
+
+    package = os.path.dirname(os.path.abspath(ensemble.__file__))
+    return compileall.compile_dir(package, quiet=2, workers=1)
+
+
 def agent_python():
     """The venv's python: works inside a container given ensemble_mounts(). (Outside
     a venv, the rootfs's own python3, which does not have ensemble's dependencies.)"""

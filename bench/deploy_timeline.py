@@ -1,0 +1,81 @@
+"""One deploy's timeline, for bench/deploy.py: when each step of a unit's deploy
+happened, read from the timestamped lines the agents already write (the machine
+agent's log, the unit agent's log and its hook log). Milliseconds after the add-unit
+transaction began; a step whose line is missing is left out.
+"""
+
+import datetime
+import os
+import re
+
+from ensemble import log_layout
+from ensemble.names import unit_key
+
+STAMP = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
+
+# (step, where, pattern with {unit}/{container}), in the order they happen.
+STEPS = (
+    ("assigned", "machine", r"assigned units: .*\(added: (?:[^;]*, )?{unit}[,;]"),
+    ("address", "machine", r": {unit} has address "),
+    ("created", "machine", r"created (?P<container>\S+) for {unit} at "),
+    ("container_started", "machine", r"started {container}$"),
+    ("agent_connected", "agent", r"zookeeper \S+: connected"),
+    ("agent_present", "agent", r": present \(session"),
+    ("install_begin", "hooks", r"^--- \S+ \S+ install hook$"),
+    ("install_end", "hooks", r"^--- \S+ \S+ install hook exited"),
+    ("start_begin", "hooks", r"^--- \S+ \S+ start hook$"),
+    ("start_end", "hooks", r"^--- \S+ \S+ start hook exited"),
+    ("started", "agent", r": {unit}: started$"),
+)
+
+
+def _when(line):
+    match = re.search(STAMP, line)
+    if match is None:
+        return None
+    return datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def _lines(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def timeline(home, machine_id, unit, since):
+    """{step: ms after `since` (epoch seconds)} for `unit`'s deploy on `machine_id`."""
+    key = unit_key(unit)
+    unit_dir = os.path.join(home, "logs", log_layout.UNITS, key)
+    sources = {
+        "machine": _lines(os.path.join(home, "logs", f"machine-{machine_id}.log")),
+        "agent": _lines(os.path.join(unit_dir, log_layout.AGENT_LOG)),
+        "hooks": _lines(os.path.join(unit_dir, log_layout.hook_log(key))),
+    }
+    fields = {"unit": re.escape(unit), "container": None}
+    found = {}
+    for step, where, pattern in STEPS:
+        if "{container}" in pattern and fields["container"] is None:
+            continue
+        regex = re.compile(pattern.format(**fields))
+        for line in sources[where]:
+            match = regex.search(line)
+            when = _when(line) if match else None
+            if when is not None and when >= since - 0.002:  # log stamps are to the ms
+                found[step] = round((when - since) * 1000, 1)
+                if "container" in regex.groupindex:
+                    fields["container"] = re.escape(match.group("container"))
+                break
+    return found
+
+
+def durations(steps):
+    """Each step's own time: from the step before it that was found ("seen": when the
+    benchmark saw `started`, if the caller added it)."""
+    result, last = {}, 0.0
+    for step in [step for step, _, _ in STEPS] + ["seen"]:
+        if step in steps:
+            result[step] = round(steps[step] - last, 1)
+            last = steps[step]
+    return result
