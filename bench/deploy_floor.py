@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 from twisted.internet import task, threads
 
@@ -60,6 +61,8 @@ class Floor:
             raise RuntimeError(f"{' '.join(argv[:2])}: {result.stderr.strip()}")
 
     def _clone_and_start(self, name, address, node):
+        """(ms the clone took, ms lxc-start took)."""
+        begin = time.perf_counter()
         self._lxc("lxc-copy", "-P", self.template.lxc_path, "-n", self.template.name,
                   "-p", self.lxc_path, "-N", name, "-s", "-B", "overlayfs")
         settings = {
@@ -68,28 +71,32 @@ class Floor:
             "lxc.net.0.ipv4.gateway": self.gateway,
             "lxc.init.cmd": f"{agent_python()} {os.path.join(HERE, 'floor_agent.py')} {self.zookeeper} {node}",
         }
+        cloned = time.perf_counter()
         argv = ["lxc-start", "-d", "-n", name, "-P", self.lxc_path]
         for key, value in settings.items():
             argv += ["-s", f"{key}={value}"]
         for host, inside, _ in ensemble_mounts() + [(HERE, HERE, True)]:
             argv += ["-s", f"lxc.mount.entry={host} {inside.lstrip('/')} none bind,ro,create=dir 0 0"]
         self._lxc(*argv)
+        return (cloned - begin) * 1000, (time.perf_counter() - cloned) * 1000
 
     async def sample(self, i):
-        """Milliseconds from the clone to the floor agent's node seen here."""
+        """{step: ms}: the clone, lxc-start, from there to the floor agent's node seen
+        here, and "total"."""
         name, node = f"floor-{i}", f"{NODE}/{i}"
         address = self.subnet[2 + i % (self.subnet.size - 3)]
         begin = self.reactor.seconds()
         self.running.append((name, i))
-        await threads.deferToThread(self._clone_and_start, name, address, node)
+        clone, start = await threads.deferToThread(self._clone_and_start, name, address, node)
         while await self.client.exists(node) is None:
             if self.reactor.seconds() - begin > 60:
                 raise RuntimeError(f"the floor agent in {name} made no node within 60 s")
             await task.deferLater(self.reactor, 0.01, lambda: None)
         took = (self.reactor.seconds() - begin) * 1000
+        steps = {"clone": clone, "lxc_start": start, "agent": took - clone - start, "total": took}
         await threads.deferToThread(self._remove, name)
         self.running.remove((name, i))
-        return took
+        return {k: round(v, 1) for k, v in steps.items()}
 
     def _remove(self, name):
         subprocess.run(["lxc-stop", "-k", "-n", name, "-P", self.lxc_path], capture_output=True)

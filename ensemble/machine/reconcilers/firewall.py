@@ -148,6 +148,11 @@ class FirewallReconciler(Reconciler):
         """`unit` has an address here: follow the ports it opens."""
         name = unit.name
         self._leaving.discard(name)
+        if name not in self._watches:
+            # What it published so far, as its watch would say: the watch's first call
+            # then changes nothing, and the new unit's container waits for one sync,
+            # not two.
+            self._note_opening(name, unit.data)
         wanted = unit_ports(self.host.environment["name"], await self.host.allocator.hardware()).get(name)
         if wanted is not None and self._loaded_ports.get(name) != wanted:
             # Its port's entry loaded before its container is made (the gate asks).
@@ -173,17 +178,24 @@ class FirewallReconciler(Reconciler):
             await self.sync()
 
     async def _unit_node_changed(self, name, data):
+        if self._note_opening(name, data):
+            await self.sync_quietly()
+
+    def _note_opening(self, name, data):
+        """Keep the ports `name` published in `data` (its node; None: gone); True if
+        that changed them."""
         if data is None or "malformed" in data:
             opening = None
         else:
             ports = data.get(OPEN_PORTS) or []
             opening = list(ports) if isinstance(ports, list) else [str(ports)]
-        if self._openings.get(name) != opening:
-            if opening is None:
-                self._openings.pop(name, None)
-            else:
-                self._openings[name] = opening
-            await self.sync_quietly()
+        if self._openings.get(name) == opening:
+            return False
+        if opening is None:
+            self._openings.pop(name, None)
+        else:
+            self._openings[name] = opening
+        return True
 
     async def converge(self):
         """The firewall made what ZooKeeper says of the units here and their relations."""
