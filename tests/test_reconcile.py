@@ -13,6 +13,7 @@ from ensemble.machine.reconciler import Reconciler
 from ensemble.machine.reconcilers.units import AGENT_REPORT_TIMEOUT, SILENT_AGENT_PREFIX
 from ensemble.state.environment import initialize
 from ensemble.state.machine import MachineStateManager
+from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import ERROR, UnitStateManager
 
 from conftest import deploy_charm, make_charm
@@ -82,6 +83,27 @@ async def test_assigned_units_get_addresses_and_running_containers(clock, tmp_pa
         assert container.state == "RUNNING" and container.spec.address == data["private-address"]
         assert container.spec.files["/etc/hosts"][0].count(f"{data['private-address']}\tdb-{i}") == 1
     assert host.agent.assigned == ["db/0", "db/1", "db/2"]
+    await host.agent.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_unit_starts_without_waiting_for_lxc_to_list_the_running_ones(clock, tmp_path):
+    host = Host(clock, tmp_path)
+    await host.setup()
+    await deploy_charm(host.admin, host.charm, "db", n=2)
+    await host.start_agent()
+    # Asking LXC which containers run is slow (a process per pass); a unit that has no
+    # container yet needs no answer, and goes first.
+    host.driver.delays["running"] = 3.0
+    host.driver.calls.clear()
+    await ServiceStateManager(host.admin).add_units("db", to=0)
+    new = host.container("db/2")
+    assert host.driver.containers[new].state == "RUNNING"
+    assert ("running", None) in host.driver.calls  # the others' containers still checked
+    assert [c for c in host.driver.calls if c[0] in ("create", "start")] == [("create", new), ("start", new)]
+    clock.advance(3.0)
+    assert (await host.unit("db/2")).data["container"] == new
+    assert [c for c in host.driver.calls if c[0] in ("create", "start")] == [("create", new), ("start", new)]
     await host.agent.stop()
 
 

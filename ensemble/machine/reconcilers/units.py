@@ -61,6 +61,8 @@ class UnitsReconciler(Reconciler):
         self._removed = set()     # unassigned since the last pass
         self._audited = None
         self._running_containers = None
+        self._listed = set()      # this pass: containers of units here, as listed at its start
+        self._asking_lxc = defer.DeferredLock()
         self._limits = {}
         self._watch = None
         self._started_at = {}     # unit -> when this agent saw its container start
@@ -111,21 +113,40 @@ class UnitsReconciler(Reconciler):
         # leaks from before a crash) and kept current by its own takes and releases.
         leaving = (removed | set(await self.host.allocator.reserved())) - wanted
         # Removals first: what they free may be what a waiting unit needs.
-        await self._bounded(leaving, self.finish_removal)
+        await self._bounded(sorted(leaving), self.finish_removal)
         self._running_containers = None
+        self._listed = set()
         if self.deployer is not None:
             driver = self.deployer.driver
             expected = {self.deployer.container_for(u) for u in wanted | leaving}
-            for orphan in sorted(set(await driver.list()) - expected):
+            listed = set(await driver.list())
+            for orphan in sorted(listed - expected):
                 log.warning("%s: destroying %s, which no unit here owns", self.host.name, orphan)
                 await driver.destroy(orphan)
-            self._running_containers = await driver.running()
+            self._listed = listed & expected
             self._limits = await self._service_limits({u.rpartition("/")[0] for u in wanted})
-        await self._bounded(wanted, self.ensure_unit)
+        # Units without a container first: someone is waiting for them, and they need
+        # not wait for LXC to say which containers run (`_running`).
+        await self._bounded(sorted(wanted, key=lambda n: (self._has_container(n), n)), self.ensure_unit)
+
+    def _has_container(self, name):
+        return self.deployer is not None and self.deployer.container_for(name) in self._listed
+
+    async def _containers_running(self, name):
+        """The containers running now if `name` has one (asked of LXC once per pass, by
+        the first unit that needs it); none if it has none yet."""
+        if not self._has_container(name):
+            return frozenset()
+        async with self._asking_lxc:
+            if self._running_containers is None:
+                self._running_containers = await self.deployer.driver.running()
+        return self._running_containers
 
     async def _bounded(self, names, work):
+        """`work(name)` for each of `names`, in that order, at most
+        max_concurrent_deploys at a time."""
         await defer.gatherResults(
-            [self._deploys.run(lambda n=n: defer.ensureDeferred(self._guard(n, work(n)))) for n in sorted(names)],
+            [self._deploys.run(lambda n=n: defer.ensureDeferred(self._guard(n, work(n)))) for n in names],
             consumeErrors=True,
         )
 
@@ -170,7 +191,8 @@ class UnitsReconciler(Reconciler):
                 await unit.update(state=ERROR, error=self.refusal)
             return
         if self.deployer is not None:
-            running = self.deployer.container_for(name) in (self._running_containers or ())
+            running_now = await self._containers_running(name)
+            running = self.deployer.container_for(name) in running_now
             if not running or self.host.safeguards.held(name):
                 # About to create or start it (or it waits already): the gate. What runs
                 # keeps running; only a start waits.
@@ -178,7 +200,7 @@ class UnitsReconciler(Reconciler):
                 if waiting is not None and not running:
                     return
             started = await self.deployer.deploy(
-                unit, address, self._limits.get(unit.service_name), self._running_containers
+                unit, address, self._limits.get(unit.service_name), running_now
             )
             if started:
                 for listener in self.listeners:
