@@ -79,3 +79,16 @@ def durations(steps):
             result[step] = round(steps[step] - last, 1)
             last = steps[step]
     return result
+
+
+def slow_passes(home, machine_id, since):
+    """{reconciler: [seconds, ...]} of the passes the machine agent logged as slow
+    (0.25 s or more) after `since`."""
+    regex = re.compile(r": (\S+) pass took ([\d.]+)s$")
+    found = {}
+    for line in _lines(os.path.join(home, "logs", f"machine-{machine_id}.log")):
+        match = regex.search(line)
+        when = _when(line) if match else None
+        if when is not None and when >= since:
+            found.setdefault(match.group(1), []).append(float(match.group(2)))
+    return found

@@ -266,6 +266,19 @@ def test_a_pass_a_watch_asked_for_fails_into_the_log_not_the_watch(clock, caplog
     assert stopping.called and "pass failed" not in caplog.text
 
 
+def test_a_slow_pass_is_logged_with_how_long_it_took(clock, caplog):
+    class Host:
+        name = "machine-7"
+        reactor = clock
+
+    reconciler = Counting(clock)
+    reconciler.host = Host()
+    reconciler.sync()
+    clock.advance(1)  # a 1 s pass: the goal's limit, a warning
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if "pass took" in r.getMessage()] == [
+        ("WARNING", "machine-7: reconciler pass took 1.00s")]
+
+
 class SlowTemplate(FakeTemplate):
     """A build that reports progress until the test lets it finish."""
 

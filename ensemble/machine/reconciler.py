@@ -13,6 +13,8 @@ from twisted.python.failure import Failure
 
 log = logging.getLogger("ensemble.machine")
 
+SLOW_PASS = 0.25  # seconds: a pass that took longer is logged
+
 
 class Reconciler:
     name = "reconciler"
@@ -44,11 +46,21 @@ class Reconciler:
         return waiter
 
     def _run(self, waiters):
+        began = self._now()
         self._running = defer.ensureDeferred(self.converge())
-        self._running.addBoth(self._finished, waiters)
+        self._running.addBoth(self._finished, waiters, began)
 
-    def _finished(self, result, waiters):
+    def _now(self):
+        reactor = getattr(self.host, "reactor", None)
+        return reactor.seconds() if reactor is not None else None
+
+    def _finished(self, result, waiters, began=None):
         self._running = None
+        took = self._now() - began if began is not None else None
+        if took is not None and took >= SLOW_PASS:
+            # On a busy host, the figure to watch: a slow pass delays every unit's deploy.
+            log.log(logging.WARNING if took >= 1.0 else logging.INFO, "%s: %s pass took %.2fs",
+                    getattr(self.host, "name", "agent"), self.name, took)
         for waiter in waiters:
             if isinstance(result, Failure):
                 waiter.errback(result)

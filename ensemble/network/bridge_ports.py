@@ -30,6 +30,16 @@ class UnitPort:
     address: str
 
 
+class _Forwarding:
+    """The bridge's forwarding entries, (port index, MAC, state), by port and by MAC."""
+
+    def __init__(self, entries):
+        self.on_port, self.of_mac = {}, {}
+        for entry in entries:
+            self.on_port.setdefault(entry[0], []).append(entry)
+            self.of_mac.setdefault(entry[1], []).append(entry)
+
+
 def _fdb(ipr, bridge_index):
     """[(port index, MAC, state)] of the bridge's forwarding entries (its own local ones
     included)."""
@@ -86,34 +96,47 @@ def secure(bridge, units, subnet=None, netns=None):
         for address, mac in wanted.items():
             ipr.neigh("replace", dst=address, lladdr=mac, ifindex=bridge_index, state=NUD_PERMANENT)
 
-        fdb = _fdb(ipr, bridge_index)
+        # One dump each of the bridge's ports and forwarding entries, whatever the
+        # number of units: a lookup per port made a pass over 250 units take seconds.
+        ports = _ports(ipr, bridge_index)
+        fdb = _Forwarding(_fdb(ipr, bridge_index))
         for unit in units:
-            index = _index(ipr, unit.port)
+            port = ports.get(unit.port)
             # Missing, or not a port yet (LXC makes the veth, then enslaves it, while a
             # start is under way): nothing of it reaches the bridge. The pass right after
             # the start holds it.
-            if index is None or ipr.get_links(index)[0].get("master") != bridge_index:
+            if port is None:
                 continue
             try:
-                _secure_port(ipr, bridge_index, index, unit, fdb)
+                _secure_port(ipr, port, unit, fdb)
             except NetlinkError as e:
                 problems[unit.port] = str(e) or type(e).__name__
     return problems
 
 
-def _secure_port(ipr, bridge_index, index, unit, fdb):
-    info = ipr.brport("show", index=index)[0].get_attr("IFLA_PROTINFO")
+def _ports(ipr, bridge_index):
+    """{name: (index, protinfo)} of the bridge's ports."""
+    found = {}
+    for link in ipr.brport("dump"):
+        if link.get_attr("IFLA_MASTER") == bridge_index:
+            found[link.get_attr("IFLA_IFNAME")] = (link["index"], link.get_attr("IFLA_PROTINFO"))
+    return found
+
+
+def _secure_port(ipr, port, unit, fdb):
+    index, info = port
     if info is None or info.get_attr("IFLA_BRPORT_LEARNING") != 0 or info.get_attr("IFLA_BRPORT_UNICAST_FLOOD") != 0:
         ipr.brport("set", index=index, learning=0, unicast_flood=0)
     present = False
-    for port, mac, state in fdb:
+    for entry in fdb.on_port.get(index, []) + [e for e in fdb.of_mac.get(unit.mac, []) if e[0] != index]:
+        port_index, mac, state = entry
         if state & NUD_PERMANENT:
             continue  # the bridge's own (the ports' MACs, multicast groups)
-        if port == index and mac == unit.mac and state & NUD_NOARP:
+        if port_index == index and mac == unit.mac and state & NUD_NOARP:
             present = True
-        elif port == index or mac == unit.mac:
+        else:
             # Learned on its port before learning was off, or its MAC anywhere else.
-            _quietly(ipr.fdb, "del", ifindex=port, lladdr=mac, flags=NTF_MASTER)
+            _quietly(ipr.fdb, "del", ifindex=port_index, lladdr=mac, flags=NTF_MASTER)
     if not present:
         ipr.fdb("replace", ifindex=index, lladdr=unit.mac, flags=NTF_MASTER, state=NUD_NOARP)
 
@@ -126,22 +149,14 @@ def state(bridge, netns=None):
         bridge_index = _index(ipr, bridge)
         if bridge_index is None:
             return None
-        links = ipr.get_links()
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in links}
-        ports = {}
-        for link in links:
-            if link.get_attr("IFLA_MASTER") != bridge_index:
-                continue
-            try:
-                info = ipr.brport("show", index=link["index"])[0].get_attr("IFLA_PROTINFO")
-            except NetlinkError as e:
-                if e.code == ENODEV:
-                    continue  # a port going with its container since the dump
-                raise
-            ports[names[link["index"]]] = {
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        ports = {
+            name: {
                 "learning": bool(info.get_attr("IFLA_BRPORT_LEARNING")),
                 "unicast_flood": bool(info.get_attr("IFLA_BRPORT_UNICAST_FLOOD")),
             }
+            for name, (_, info) in _ports(ipr, bridge_index).items() if info is not None
+        }
         fdb = {}
         for port, mac, st in _fdb(ipr, bridge_index):
             kind = "local" if st & NUD_PERMANENT else "static" if st & NUD_NOARP else "learned"
