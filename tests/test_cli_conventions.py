@@ -4,6 +4,7 @@ wait: deploy/add-unit --wait, status --watch; and remove-machine --force."""
 import argparse
 import importlib
 import json
+import logging
 import os
 import select
 import signal
@@ -130,6 +131,14 @@ def test_usage_errors_exit_2(cli, argv, help_of):
 
 def test_other_errors_still_exit_1(cli):
     assert one_line_error(cli("deploy", DB, "--wait", "--timeout", "0")).startswith("--timeout must be")
+
+
+def test_an_agents_log_level_comes_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("ENSEMBLE_LOG_LEVEL", "loud")
+    assert cli_main.run(["unit-agent", "--unit", "db/0", "--zookeeper", "127.0.0.1:1"]) == 1
+    assert capsys.readouterr().err == (
+        "error: $ENSEMBLE_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, not 'loud'\n")
+    assert cli_main._log_level(" debug") == logging.DEBUG
 
 
 def test_interrupt_before_the_reactor_runs_exits_130(monkeypatch, capsys):

@@ -72,6 +72,15 @@ async def test_failed_transaction_writes_nothing(client):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_session_counts_the_requests_it_issues(client):
+    before = client.requests
+    await client.create("/counted", b"1")
+    await client.get("/counted")
+    await client.transaction().set("/counted", b"2").check("/counted").commit()
+    assert client.requests - before == 3  # a transaction is one request
+
+
+@pytest_twisted.ensureDeferred
 async def test_watches_fire_on_the_reactor_thread(client):
     seen = defer.Deferred()
     await client.create("/w", b"")

@@ -2,6 +2,8 @@
 ZooKeeper, a fake container driver and a Clock (tests/fakes.py). The same behaviour on
 real ZooKeeper, LXC and namespaces is in test_deploy.py, test_faults.py and friends."""
 
+import logging
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
@@ -271,12 +273,24 @@ def test_a_slow_pass_is_logged_with_how_long_it_took(clock, caplog):
         name = "machine-7"
         reactor = clock
 
-    reconciler = Counting(clock)
+    class Client:
+        requests = 40
+
+    class Asking(Counting):
+        async def converge(self):
+            self.host.client.requests += 3
+            await super().converge()
+
+    caplog.set_level(logging.DEBUG, logger="ensemble.machine")
+    reconciler = Asking(clock)
     reconciler.host = Host()
+    reconciler.host.client = Client()
     reconciler.sync()
     clock.advance(1)  # a 1 s pass: the goal's limit, a warning
-    assert [(r.levelname, r.getMessage()) for r in caplog.records if "pass took" in r.getMessage()] == [
-        ("WARNING", "machine-7: reconciler pass took 1.00s")]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if "pass" in r.getMessage()] == [
+        ("WARNING", "machine-7: reconciler pass took 1.00s"),
+        ("DEBUG", "machine-7: reconciler pass: 1.000s, 3 ZooKeeper requests"),
+    ]
 
 
 class SlowTemplate(FakeTemplate):

@@ -21,7 +21,7 @@ from ensemble import __version__, connection
 from ensemble.cli.common import output_closed, pipe_closed
 from ensemble.cli import (agent_commands, charm_commands, environment_commands, log_commands, service_commands,
                           ssh_command, status_commands)
-from ensemble.errors import EnsembleError, UsageError
+from ensemble.errors import EnsembleError, InvalidValue, UsageError
 from ensemble.state import auth
 
 COMMAND_MODULES = (environment_commands, service_commands, charm_commands, status_commands, log_commands,
@@ -31,6 +31,8 @@ COMMAND_MODULES = (environment_commands, service_commands, charm_commands, statu
 # What shells report for a process killed by that signal (128 + its number), and
 # argparse's status for a wrong command line.
 USAGE_STATUS = 2
+LOG_LEVEL_VARIABLE = "ENSEMBLE_LOG_LEVEL"  # agents': INFO unless it says otherwise
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 INTERRUPTED_STATUS = 128 + signal.SIGINT
 CLOSED_PIPE_STATUS = 128 + signal.SIGPIPE
 
@@ -81,6 +83,8 @@ def build_parser():
 def _configure_logging(args):
     agent = args.command in ("machine-agent", "unit-agent")
     level = logging.INFO if (agent or args.verbose) else logging.CRITICAL
+    if agent and os.environ.get(LOG_LEVEL_VARIABLE):
+        level = _log_level(os.environ[LOG_LEVEL_VARIABLE])
     logging.basicConfig(
         level=level,
         stream=sys.stderr,
@@ -88,6 +92,15 @@ def _configure_logging(args):
     )
     # kazoo narrates every reconnect attempt; agents keep the warnings.
     logging.getLogger("ensemble.kazoo").setLevel(logging.WARNING if agent else logging.CRITICAL)
+
+
+def _log_level(name):
+    """An agent's log level from $ENSEMBLE_LOG_LEVEL (DEBUG shows every reconciler pass
+    and what it asked of ZooKeeper)."""
+    level = logging.getLevelName(name.strip().upper())
+    if name.strip().upper() not in LOG_LEVELS:
+        raise InvalidValue(f"${LOG_LEVEL_VARIABLE} must be one of {', '.join(LOG_LEVELS)}, not {name!r}")
+    return level
 
 
 def _crash_log(exc):

@@ -46,7 +46,7 @@ class Reconciler:
         return waiter
 
     def _run(self, waiters):
-        began = self._now()
+        began = (self._now(), self._requests())
         self._running = defer.ensureDeferred(self.converge())
         self._running.addBoth(self._finished, waiters, began)
 
@@ -54,13 +54,12 @@ class Reconciler:
         reactor = getattr(self.host, "reactor", None)
         return reactor.seconds() if reactor is not None else None
 
-    def _finished(self, result, waiters, began=None):
+    def _requests(self):
+        return getattr(getattr(self.host, "client", None), "requests", None)
+
+    def _finished(self, result, waiters, began=(None, None)):
         self._running = None
-        took = self._now() - began if began is not None else None
-        if took is not None and took >= SLOW_PASS:
-            # On a busy host, the figure to watch: a slow pass delays every unit's deploy.
-            log.log(logging.WARNING if took >= 1.0 else logging.INFO, "%s: %s pass took %.2fs",
-                    getattr(self.host, "name", "agent"), self.name, took)
+        self._log_pass(*began)
         for waiter in waiters:
             if isinstance(result, Failure):
                 waiter.errback(result)
@@ -74,6 +73,19 @@ class Reconciler:
             else:
                 self._run(queued)
         return None
+
+    def _log_pass(self, began, requests):
+        if began is None:
+            return
+        took = self._now() - began
+        # The session's requests while the pass ran (other reconcilers' among them, if
+        # they ran meanwhile): what a pass costs ZooKeeper.
+        asked = self._requests() - requests if requests is not None else None
+        name = getattr(self.host, "name", "agent")
+        if took >= SLOW_PASS:
+            # On a busy host, the figure to watch: a slow pass delays every unit's deploy.
+            log.log(logging.WARNING if took >= 1.0 else logging.INFO, "%s: %s pass took %.2fs", name, self.name, took)
+        log.debug("%s: %s pass: %.3fs, %s ZooKeeper requests", name, self.name, took, asked)
 
     async def sync_quietly(self):
         """A sync for a watch's callback: a failed pass is logged, not raised into the

@@ -183,6 +183,7 @@ class ZKClient:
         self._outside_lock = defer.DeferredLock()
         self._closing = False
         self.connected = False
+        self.requests = 0  # issued by this session so far (a transaction counts once)
 
     # -- connection -----------------------------------------------------------
 
@@ -319,6 +320,7 @@ class ZKClient:
     # -- operations -------------------------------------------------------------
 
     def _bridge(self, async_result):
+        self.requests += 1
         d = defer.Deferred()
 
         def done(result):
