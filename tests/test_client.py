@@ -15,6 +15,7 @@ from ensemble.state.client import (
     NotEmpty,
     WatchEvent,
     ZKClient,
+    count_requests,
     expire_session,
 )
 from ensemble.state.watch import ChildrenWatch, DataWatch
@@ -78,6 +79,19 @@ async def test_the_session_counts_the_requests_it_issues(client):
     await client.get("/counted")
     await client.transaction().set("/counted", b"2").check("/counted").commit()
     assert client.requests - before == 3  # a transaction is one request
+
+    async def counted(n):
+        counter = count_requests()
+        for i in range(n):
+            await defer.ensureDeferred(read())  # what it starts is its too
+        return counter[0]
+
+    async def read():
+        await client.get("/counted")
+
+    elsewhere = defer.ensureDeferred(counted(5))
+    await client.get("/counted")  # not its: another context
+    assert await elsewhere == 5
 
 
 @pytest_twisted.ensureDeferred

@@ -11,6 +11,8 @@ import logging
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from ensemble.state.client import count_requests
+
 log = logging.getLogger("ensemble.machine")
 
 SLOW_PASS = 0.25  # seconds: a pass that took longer is logged
@@ -46,20 +48,23 @@ class Reconciler:
         return waiter
 
     def _run(self, waiters):
-        began = (self._now(), self._requests())
-        self._running = defer.ensureDeferred(self.converge())
-        self._running.addBoth(self._finished, waiters, began)
+        counted = []
+        self._running = defer.ensureDeferred(self._pass(counted))
+        self._running.addBoth(self._finished, waiters, self._now(), counted)
+
+    async def _pass(self, counted):
+        # Counted in this pass's own context: other reconcilers' passes and watch
+        # callbacks running meanwhile are not this pass's.
+        counted.append(count_requests())
+        await self.converge()
 
     def _now(self):
         reactor = getattr(self.host, "reactor", None)
         return reactor.seconds() if reactor is not None else None
 
-    def _requests(self):
-        return getattr(getattr(self.host, "client", None), "requests", None)
-
-    def _finished(self, result, waiters, began=(None, None)):
+    def _finished(self, result, waiters, began=None, counted=()):
         self._running = None
-        self._log_pass(*began)
+        self._log_pass(began, counted[0][0] if counted else None)
         for waiter in waiters:
             if isinstance(result, Failure):
                 waiter.errback(result)
@@ -74,13 +79,10 @@ class Reconciler:
                 self._run(queued)
         return None
 
-    def _log_pass(self, began, requests):
+    def _log_pass(self, began, asked):
         if began is None:
             return
         took = self._now() - began
-        # The session's requests while the pass ran (other reconcilers' among them, if
-        # they ran meanwhile): what a pass costs ZooKeeper.
-        asked = self._requests() - requests if requests is not None else None
         name = getattr(self.host, "name", "agent")
         if took >= SLOW_PASS:
             # On a busy host, the figure to watch: a slow pass delays every unit's deploy.

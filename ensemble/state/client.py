@@ -4,6 +4,7 @@ Every call returns a Deferred that fires on the reactor thread; watch callbacks 
 connection events are hopped onto the reactor thread too. No other module imports kazoo.
 """
 
+import contextvars
 import logging
 import warnings
 
@@ -102,6 +103,19 @@ class WatchEvent:
 
     def __repr__(self):
         return f"WatchEvent({self.type}, {self.path})"
+
+
+# What a coroutine asks of ZooKeeper, across its awaits and the coroutines it starts
+# (each runs in a copy of its context), whichever session it asks through.
+_COUNTED = contextvars.ContextVar("ensemble_counted_requests", default=None)
+
+
+def count_requests():
+    """Count the requests this coroutine (and what it starts from now on) issues:
+    returns a one-element list that they increment."""
+    counter = [0]
+    _COUNTED.set(counter)
+    return counter
 
 
 class Stat:
@@ -321,6 +335,9 @@ class ZKClient:
 
     def _bridge(self, async_result):
         self.requests += 1
+        counted = _COUNTED.get()
+        if counted is not None:
+            counted[0] += 1
         d = defer.Deferred()
 
         def done(result):

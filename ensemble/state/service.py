@@ -180,7 +180,13 @@ class ServiceStateManager:
         self.client = client
 
     async def _placements(self, n, to):
-        return place(await MachineStateManager(self.client).unit_counts(), n, to)
+        if to is not None:
+            # One read, not one per machine: placing on a named machine is how an
+            # operator adds units to a big environment.
+            if await self.client.exists(f"{nodes.MACHINES}/{machine_key(to)}/units") is None:
+                raise MachineNotFound(to)
+            return [to] * n
+        return place(await MachineStateManager(self.client).unit_counts(), n)
 
     async def deploy(self, name, charm_bundle_id, bundle, config, limits, n=1, to=None, _retry=0, endpoints=None,
                      charm_dir=None):

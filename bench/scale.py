@@ -1,0 +1,220 @@
+"""Scale benchmark: one ZooKeeper holding an environment of --machines machines and
+--units units, of which only machine 0 is real: a lab host (ensemble/lab.py, a network
+namespace with no route off the machine) running its machine agent, with containers.
+The other machines are simulated as their agents would leave them, without
+containers: registered with an address of their own, their subnets leased, their
+units added (services related in pairs), addressed from their machines' ranges and
+`started`, every agent's presence node held. Nothing runs for them.
+
+It measures, in the same run: add-unit to `started` on machine 0 in the empty
+environment; the ZooKeeper requests of each of machine 0's reconciler passes (from its
+agent's log at DEBUG) with its units in place; then fills the environment and measures
+both again (the passes first, with the same units on machine 0, then the deploys).
+Then the ZooKeeper server: its memory (the JVM's resident set), node count and
+requests per second while only machine 0 and its units are active. Prints one JSON
+object.
+
+    .venv/bin/python bench/scale.py [--machines 1000] [--units 10000] [--samples 15]
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import netaddr  # noqa: E402
+from twisted.internet import defer, task  # noqa: E402
+
+from ensemble import connection  # noqa: E402
+from ensemble.charm import Charm, bundle_id  # noqa: E402
+from ensemble.connection import AUTH_VARIABLE  # noqa: E402
+from ensemble.lab import Lab  # noqa: E402
+from ensemble.machine.container.names import container_name  # noqa: E402
+from ensemble.network.ipam import Allocator  # noqa: E402
+from ensemble.network.netns import netns_path  # noqa: E402
+from ensemble.state.machine import MachineStateManager  # noqa: E402
+from ensemble.state.network import ZooKeeperAddressStore, lease_subnet  # noqa: E402
+from ensemble.state.presence import agent_info  # noqa: E402
+from ensemble.state.relation import RelationStateManager  # noqa: E402
+from ensemble.state.service import ServiceStateManager  # noqa: E402
+from ensemble.state.unit import STARTED, UnitStateManager  # noqa: E402
+from ensemble.zookeeper import four_letter  # noqa: E402
+
+IDLE = os.path.join(HERE, "charms", "idle")
+CHARMS = os.path.join(os.path.dirname(HERE), "examples", "charms")
+NETWORK = "10.64.0.0/14"  # 1024 machine subnets of /24
+SIMULATED_ADDRESSES = netaddr.IPNetwork("192.168.252.0/22")  # routed nowhere in the lab
+PASS_RE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) DEBUG \S+: machine-0: (\S+) pass: ([\d.]+)s, (\d+) ZooKeeper")
+QUIET = 16  # seconds of passes read: three resync ticks
+
+
+def outside(args):
+    os.environ["ENSEMBLE_LOG_LEVEL"] = "DEBUG"  # machine 0's agent: every pass, with its requests
+    with tempfile.TemporaryDirectory(prefix="ensemble-scale-", dir="/var/tmp") as tmp:
+        with Lab(tmp, hosts=1, mode="vxlan", cidr=NETWORK) as lab:
+            lab.ensemble("deploy", IDLE, "--to", "0")
+            env = dict(os.environ, ENSEMBLE_ZOOKEEPER=lab.zookeeper_address)
+            env[AUTH_VARIABLE] = lab.admin_auth
+            inner = subprocess.run(
+                ["nsenter", f"--net={netns_path(lab.network.lab)}", "--", sys.executable, os.path.abspath(__file__),
+                 "--inside", "--agent-log", lab.agent_log(0), "--machines", str(args.machines),
+                 "--units", str(args.units), "--samples", str(args.samples)],
+                env=env, capture_output=True, text=True,
+            )
+            if inner.returncode != 0:
+                raise SystemExit(f"the measuring side failed: {inner.stderr.strip()[-2000:]}")
+            result = json.loads(inner.stdout)
+            result["zookeeper_rss_mb"] = _rss_mb(lab.zookeeper.pid())
+            print(json.dumps(result))
+
+
+def _rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+async def inside(reactor, args):
+    from deploy import started
+
+    client = await connection.connect()
+    server = client.servers.split(",")[0]
+    result = {"machines": args.machines, "units": args.units, "samples": args.samples}
+    try:
+        async def deploys():
+            latencies = []
+            for _ in range(args.samples):
+                begin = reactor.seconds()
+                (name,) = await ServiceStateManager(client).add_units("idle", n=1, to=0)
+                took = await started(reactor, client, [name], timeout=120)
+                if name not in took:
+                    raise SystemExit(f"{name} did not start within 120 s")
+                latencies.append((reactor.seconds() - begin) * 1000)
+            return latencies
+
+        empty = await deploys()
+        result["empty_passes"] = await passes(reactor, args.agent_log)
+        began = time.monotonic()
+        await populate(client, args.machines, args.units)
+        result["populate_s"] = round(time.monotonic() - began, 1)
+        result["full_passes"] = await passes(reactor, args.agent_log)
+        full = await deploys()
+        result["empty_add_unit_p50_ms"] = round(statistics.median(empty), 1)
+        result["full_add_unit_p50_ms"] = round(statistics.median(full), 1)
+        result["full_to_empty_p50"] = round(statistics.median(full) / statistics.median(empty), 2)
+        result["units_in_environment"] = len(await client.get_children("/units"))
+        result["machines_in_environment"] = len(await MachineStateManager(client).machine_ids())
+        result["zookeeper"] = await server_load(reactor, server)
+    finally:
+        await client.close()
+    print(json.dumps(result))
+
+
+async def passes(reactor, agent_log):
+    """{reconciler: {"requests": median per pass, "seconds": median}} of machine 0's
+    passes in the next QUIET seconds."""
+    since = time.time()
+    await task.deferLater(reactor, QUIET, lambda: None)
+    found = {}
+    with open(agent_log, errors="replace") as f:
+        for line in f:
+            match = PASS_RE.search(line)
+            if not match:
+                continue
+            when = time.mktime(time.strptime(match.group(1).split(",")[0], "%Y-%m-%d %H:%M:%S"))
+            if when >= int(since):
+                found.setdefault(match.group(2), []).append((float(match.group(3)), int(match.group(4))))
+    return {name: {"requests": statistics.median(r for _, r in seen),
+                   "seconds": round(statistics.median(s for s, _ in seen), 3), "passes": len(seen)}
+            for name, seen in sorted(found.items())}
+
+
+async def server_load(reactor, server):
+    """The server's node count and requests per second over 10 s (srvr's counters)."""
+    host, port = server.rsplit(":", 1)
+
+    def srvr():
+        answer = four_letter(host, int(port), "srvr", timeout=2) or ""
+        return dict(line.split(": ", 1) for line in answer.splitlines() if ": " in line)
+
+    first = await defer.maybeDeferred(srvr)
+    await task.deferLater(reactor, 10, lambda: None)
+    second = await defer.maybeDeferred(srvr)
+    return {"nodes": int(second.get("Node count", 0)),
+            "requests_per_s": round((int(second["Received"]) - int(first["Received"])) / 10, 1),
+            "latency_min_avg_max_ms": second.get("Latency min/avg/max")}
+
+
+async def populate(client, machines, units):
+    """Machines 1..machines-1 and `units` units on them, as their agents would leave them."""
+    services = ServiceStateManager(client)
+    per_service = 100
+    pairs = max(1, units // (2 * per_service))
+    charms = {name: Charm.load(os.path.join(CHARMS, name)) for name in ("db", "web")}
+    for i in range(pairs):
+        for kind in ("db", "web"):
+            charm = charms[kind]
+            bundle = charm.bundle()
+            await services.deploy(f"{kind}-{i}", bundle_id(charm.name, bundle), bundle, charm.config({}), {}, n=0)
+        await RelationStateManager(client).add_relation(f"web-{i}:db", f"db-{i}:db")
+    manager = MachineStateManager(client)
+    addresses = iter(SIMULATED_ADDRESSES.iter_hosts())
+    ids = []
+    for _ in range(machines - 1):
+        ids.append((await manager.add_machine(address=str(next(addresses)))).id)
+    # Each service's units on per_service / per_machine machines of their own.
+    per_machine = max(1, units // max(1, len(ids)))
+    names = [f"{kind}-{i}" for i in range(pairs) for kind in ("db", "web")]
+    plan = {}  # service -> [machine, ...]
+    for n, machine in enumerate(ids):
+        plan.setdefault(names[(n // max(1, per_service // per_machine)) % len(names)], []).append(machine)
+    limit = defer.DeferredSemaphore(32)
+    await defer.gatherResults(
+        [limit.run(lambda s=s, m=m: defer.ensureDeferred(simulate_service(client, s, m, per_machine)))
+         for s, m in plan.items()],
+        consumeErrors=True,
+    )
+
+
+async def simulate_service(client, service, machines, per_machine):
+    for machine_id in machines:
+        machine = await MachineStateManager(client).get_machine(machine_id)
+        subnet = await lease_subnet(client, machine_id)
+        store = ZooKeeperAddressStore(client, machine_id)
+        await store.ensure(subnet)
+        allocator = Allocator(store, subnet)
+        await machine.register_agent(agent_info())
+        for name in await ServiceStateManager(client).add_units(service, n=per_machine, to=machine_id):
+            address = await allocator.allocate(name)
+            unit = await UnitStateManager(client).get_unit(name)
+            await unit.update(state=STARTED, container=container_name("sim", name), **{"private-address": address})
+            await unit.register_agent(agent_info())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--machines", type=int, default=1000)
+    parser.add_argument("--units", type=int, default=10000)
+    parser.add_argument("--samples", type=int, default=15)
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--agent-log", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inside:
+        sys.path.insert(0, HERE)
+        task.react(lambda reactor: defer.ensureDeferred(inside(reactor, args)))
+    else:
+        outside(args)
+
+
+if __name__ == "__main__":
+    main()
