@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import netaddr  # noqa: E402
+import yaml  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 
 from ensemble import connection  # noqa: E402
@@ -69,7 +71,7 @@ def outside(args):
                  "--units", str(args.units), "--samples", str(args.samples)],
                 env=env, capture_output=True, text=True,
             )
-            if inner.returncode != 0:
+            if inner.returncode != 0 or not inner.stdout.strip():
                 raise SystemExit(f"the measuring side failed: {inner.stderr.strip()[-2000:]}")
             result = json.loads(inner.stdout)
             result["zookeeper_rss_mb"] = _rss_mb(lab.zookeeper.pid())
@@ -160,13 +162,17 @@ async def populate(client, machines, units):
     services = ServiceStateManager(client)
     per_service = 100
     pairs = max(1, units // (2 * per_service))
-    charms = {name: Charm.load(os.path.join(CHARMS, name)) for name in ("db", "web")}
-    for i in range(pairs):
-        for kind in ("db", "web"):
-            charm = charms[kind]
-            bundle = charm.bundle()
-            await services.deploy(f"{kind}-{i}", bundle_id(charm.name, bundle), bundle, charm.config({}), {}, n=0)
-        await RelationStateManager(client).add_relation(f"web-{i}:db", f"db-{i}:db")
+    with tempfile.TemporaryDirectory() as charms:
+        for i in range(pairs):
+            for kind in ("db", "web"):
+                # A charm of its own per service, as in an environment of many charms: a
+                # charm's node grants every unit of every service using it (one shared
+                # by fifty services here made each add-unit rewrite an ACL of
+                # thousands of grants: see docs/benchmarks.md).
+                charm = Charm.load(_charm_copy(os.path.join(CHARMS, kind), os.path.join(charms, f"{kind}-{i}")))
+                bundle = charm.bundle()
+                await services.deploy(f"{kind}-{i}", bundle_id(charm.name, bundle), bundle, charm.config({}), {}, n=0)
+            await RelationStateManager(client).add_relation(f"web-{i}:db", f"db-{i}:db")
     manager = MachineStateManager(client)
     addresses = iter(SIMULATED_ADDRESSES.iter_hosts())
     ids = []
@@ -184,6 +190,18 @@ async def populate(client, machines, units):
          for s, m in plan.items()],
         consumeErrors=True,
     )
+
+
+def _charm_copy(source, target):
+    """`source`'s charm under the name of `target`'s last component."""
+    shutil.copytree(source, target)
+    path = os.path.join(target, "metadata.yaml")
+    with open(path) as f:
+        metadata = yaml.safe_load(f)
+    metadata["name"] = os.path.basename(target)
+    with open(path, "w") as f:
+        yaml.safe_dump(metadata, f)
+    return target
 
 
 async def simulate_service(client, service, machines, per_machine):
