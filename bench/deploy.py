@@ -109,9 +109,14 @@ async def benchmark(reactor, args, env, config):
             if floor is not None:
                 floors.append(await floor.sample(i))
         # Ten at once.
+        begin = reactor.seconds()
         names = await services.add_units("idle", n=args.concurrent, to=0)
         took = await started(reactor, client, names, timeout=120)
         concurrent_ms = max(took.values()) * 1000 if len(took) == len(names) else None
+        # When the last of them reached each step.
+        together = [timeline(env["ENSEMBLE_HOME"], 0, n, begin) for n in names]
+        concurrent_steps = {step: max(t[step] for t in together if step in t)
+                            for step in together[0] if all(step in t for t in together)}
         # Idle footprint: container memory cgroup + its LXC monitor on the host.
         await task.deferLater(reactor, 3, lambda: None)
         footprints = []
@@ -134,6 +139,7 @@ async def benchmark(reactor, args, env, config):
             "deploy_p50_ms": round(statistics.median(latencies), 1),
             "deploy_p99_ms": round(percentile(latencies, 99), 1),
             "concurrent10_all_started_ms": round(concurrent_ms, 1) if concurrent_ms else None,
+            "concurrent10_last_at_step_ms": concurrent_steps,
             "idle_unit_rss_mb": round(statistics.median(footprints) / 2**20, 1) if footprints else None,
             f"units_started_of_{len(every)}": len(took),
             "sequential": args.sequential,
