@@ -228,15 +228,30 @@ class ZKClient:
         return self
 
     async def _started(self, kazoo, timeout):
-        # Polled from the reactor, not waited for in a thread: a thread blocked here
-        # would hold up shutdown (Ctrl-C) for the whole timeout.
+        # Told by kazoo's thread, not waited for in one (a thread blocked here would
+        # hold up shutdown, Ctrl-C, for the whole timeout) nor polled: every agent and
+        # command starts here, and a poll's tick is time to the first request.
+        answered = defer.Deferred()
+
+        def connected(state):  # kazoo thread
+            if state == KazooState.CONNECTED:
+                self._reactor.callFromThread(lambda: answered.called or answered.callback(True))
+                return True  # done listening
+            return False
+
+        kazoo.add_listener(connected)
         event = kazoo.start_async()
-        deadline = self._reactor.seconds() + timeout
-        while not event.is_set():
-            if self._reactor.seconds() >= deadline:
-                return False
-            await task.deferLater(self._reactor, 0.01, lambda: None)
-        return kazoo.connected
+        if event.is_set() and kazoo.connected:
+            kazoo.remove_listener(connected)
+            return True
+        timer = self._reactor.callLater(timeout, lambda: answered.called or answered.callback(False))
+        try:
+            answered_in_time = await answered
+        finally:
+            if timer.active():
+                timer.cancel()
+            kazoo.remove_listener(connected)
+        return answered_in_time and kazoo.connected
 
     async def _ensure_root(self, timeout):
         # kazoo's chroot must exist before the chrooted session can use it.

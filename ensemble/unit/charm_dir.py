@@ -4,8 +4,11 @@ service moves to another charm (upgrade-charm), so a hook never sees a mix of tw
 import os
 import shutil
 
+from twisted.internet import threads
+
 from ensemble.charm import extract_bundle
-from ensemble.state.service import ServiceStateManager
+from ensemble.state.client import NoNode
+from ensemble.state.service import ServiceStateManager, charm_path
 
 STAMP = ".ensemble-charm"  # in the charm directory: the id of the charm unpacked there
 
@@ -32,10 +35,19 @@ class CharmDirectory:
             charm_id = (await ServiceStateManager(self.client).get_service(self.service_name)).charm_id
         if charm_id == self.charm_id:
             return charm_id
-        service = await ServiceStateManager(self.client).get_service(self.service_name)
-        if service.charm_id != charm_id:
-            charm_id = service.charm_id  # moved on again meanwhile: take the newest
-        bundle = await service.charm_bundle()
+        try:
+            bundle, _ = await self.client.get(charm_path(charm_id))
+        except NoNode:
+            # Gone: the service moved on to another charm meanwhile (and the old one,
+            # used by no service, went). The newest is the one to unpack.
+            service = await ServiceStateManager(self.client).get_service(self.service_name)
+            charm_id = service.charm_id
+            bundle = await service.charm_bundle()
+        # Unpacking is disk work a big charm makes long: not on the reactor thread.
+        await threads.deferToThread(self._replace, bundle, charm_id)
+        return charm_id
+
+    def _replace(self, bundle, charm_id):
         staging = self.path + ".new"
         shutil.rmtree(staging, ignore_errors=True)
         extract_bundle(bundle, staging)
@@ -47,4 +59,3 @@ class CharmDirectory:
             os.replace(self.path, old)
         os.replace(staging, self.path)
         shutil.rmtree(old, ignore_errors=True)
-        return charm_id
