@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from kazoo.client import KazooClient
 
 from ensemble.state.client import ZKClient
 from ensemble.state.environment import initialize
@@ -26,17 +26,17 @@ def zk_server(tmp_path_factory):
     # Every test's environment has a root on this one server: a node of the suite's own
     # at `/` tells an admin that `/` is shared, so none closes it to the others
     # (ensemble/state/repair.py closes only a server its environment has to itself).
-    pytest_twisted.blockon(defer.ensureDeferred(_mark_shared(server)))
+    # Blocking kazoo, not the reactor: an async fixture may be the first to ask for the
+    # server, and the reactor's greenlet cannot block on itself.
+    marker = KazooClient(server.address)
+    marker.start(timeout=30)
+    try:
+        marker.create("/shared-by-the-test-suite", b"")
+    finally:
+        marker.stop()
+        marker.close()
     yield server
     server.stop()
-
-
-async def _mark_shared(server):
-    client = await ZKClient(server.address, "").connect()
-    try:
-        await client.create("/shared-by-the-test-suite", b"")
-    finally:
-        await client.close()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ scenarios on these fakes and on a real ZooKeeper so that any divergence shows.
 - FakeContainerDriver: ensemble.machine.container.driver.LXCDriver, as a dict.
 - FakeTemplate: the container template the machine agent ensures before deploying.
 - FakeNftables: Debian's python3-nftables binding, as a module to put in sys.modules.
+- InlineThreadsClock: a Clock with the thread pool Host.in_thread asks the reactor for.
 
 Timing model (a decision, see MemoryClient): every call of the fakes does its work at
 once and returns a Deferred that has already fired. Nothing waits on a reactor unless
@@ -48,6 +49,38 @@ from ensemble.state.client import (
 log = logging.getLogger("ensemble.tests.fakes")
 
 OPEN_ACL = [(31, "world", "anyone")]  # what a node gets when its creator names no grants
+
+
+# -- the reactor's threads ---------------------------------------------------------------
+
+
+class _InlineThreadPool:
+    """What twisted.internet.threads.deferToThreadPool uses of a pool: the call runs
+    at once on the caller's thread (the fakes' timing model), its outcome handed back."""
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class InlineThreadsClock(task.Clock):
+    """A Clock that also answers for the reactor's threads (getThreadPool,
+    callFromThread), running blocking work inline: code that moves work off the reactor
+    thread (Host.in_thread) runs on the fakes unchanged.
+
+    Does not model: concurrency (the work has finished when the call returns)."""
+
+    _pool = _InlineThreadPool()
+
+    def getThreadPool(self):
+        return self._pool
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
 
 
 # -- ZooKeeper ---------------------------------------------------------------------------

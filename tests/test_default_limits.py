@@ -18,10 +18,13 @@ from ensemble.machine.container import cgroups as machine_cgroups
 from ensemble.machine.container import config as lxc_config
 from ensemble.machine.container import disk as unit_disk
 from ensemble.machine.container.config import HostCgroups, Hierarchy
+from ensemble.machine.container.id_ranges import POOL
 from ensemble.machine.deploy import UnitDeployer, unit_log_path
 from ensemble.machine.reconcilers import limits as limits_reconciler
 
-UNIT_RANGE = (100000, 65536)
+# A range the host grants (scripts/install grants the pool): the last, which units of
+# an environment on this host, taking the lowest free, do not reach.
+UNIT_RANGE = tuple(POOL.range(POOL.ranges - 1))
 PYTHON = "/usr/bin/python3"
 
 

@@ -39,7 +39,9 @@ from ensemble.state.unit import DYING, UnitStateManager
 from ensemble.state.watch import ChildrenWatch, DataWatch
 
 from conftest import SESSION_TIMEOUT
-from fakes import FakeContainerDriver, FakeTemplate, FakeZooKeeper, InMemoryAddressStore, MemoryClient
+from fakes import (
+    FakeContainerDriver, FakeTemplate, FakeZooKeeper, InlineThreadsClock, InMemoryAddressStore, MemoryClient,
+)
 
 DB_CHARM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "charms", "db")
 
@@ -573,7 +575,7 @@ async def test_container_driver_fake():
 @pytest_twisted.ensureDeferred
 async def test_machine_agent_converges_on_the_fakes_with_a_clock():
     """What the fakes are for: a whole machine agent, no ZooKeeper, no LXC, no waiting."""
-    clock = task.Clock()
+    clock = InlineThreadsClock()
     tree = FakeZooKeeper(clock)
     operator = tree.client()
     await initialize(operator, "test")
