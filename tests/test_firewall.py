@@ -12,7 +12,8 @@ from pyroute2 import IPRoute, netns as pyroute2_netns
 from twisted.internet import reactor, task, threads
 
 from ensemble.network import bridge
-from ensemble.network.firewall import Firewall, parse_port
+from ensemble.network.firewall import Firewall
+from ensemble.network.ports import parse_port
 from ensemble.network.netns import inside
 
 BRIDGE = "ens-fw"

@@ -27,15 +27,13 @@ Each sync replaces both tables in one atomic batch. Blocking (netlink): agents r
 in a thread. `netns`: a named namespace to act in (None: this one).
 """
 
-import re
-
 from ensemble.errors import EnsembleError
 from ensemble.network import port_filter
 from ensemble.network.nft_json import match as _match, meta as _meta, payload as _payload
 from ensemble.network.netns import inside
+from ensemble.network.ports import parse_port
 
 VETH_GLOB = "ve-*"  # host-side names of our containers' veths (bridge.VETH_PREFIX)
-PORT_RE = re.compile(r"(\d{1,5})/(tcp|udp)\Z")
 
 
 class FirewallError(EnsembleError):
@@ -53,17 +51,6 @@ def _nftables():
             "and run scripts/install"
         )
     return nftables
-
-
-def parse_port(text):
-    """'7070/tcp' -> (7070, 'tcp'); a bare number is TCP."""
-    text = str(text).strip().lower()
-    if text.isdigit():
-        text += "/tcp"
-    match = PORT_RE.match(text)
-    if not match or not 1 <= int(match.group(1)) <= 65535:
-        raise ValueError(f"invalid port {text!r}: use PORT/tcp or PORT/udp, PORT from 1 to 65535")
-    return int(match.group(1)), match.group(2)
 
 
 def zookeeper_ports(servers, gateway):

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from ensemble.charm import config_values, read_options
 from ensemble.errors import EnsembleError, MalformedState, SettingsTooLarge
-from ensemble.network.firewall import parse_port
+from ensemble.network.ports import parse_port
 from ensemble.state import nodes
 from ensemble.state.client import NoNode, QuotaExceeded
 from ensemble.state.quota import SETTINGS_BYTES

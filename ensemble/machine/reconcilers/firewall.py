@@ -26,7 +26,8 @@ from ensemble.errors import MalformedState
 from ensemble.machine import safeguards
 from ensemble.machine.reconciler import Reconciler
 from ensemble.machine.reconcilers.layer2 import unit_ports
-from ensemble.network.firewall import Firewall, parse_port, zookeeper_ports
+from ensemble.network.firewall import Firewall, zookeeper_ports
+from ensemble.network.ports import parse_port
 from ensemble.state import nodes
 from ensemble.state.client import NoNode
 from ensemble.state.network import ZooKeeperAddressStore

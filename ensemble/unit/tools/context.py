@@ -14,9 +14,9 @@ import logging
 from typing import Any, Protocol
 
 from ensemble.errors import EnsembleError
+from ensemble.network.ports import PROTOCOLS
 
 UNIT_ADDRESSES = ("private-address", "public-address")
-PROTOCOLS = ("tcp", "udp")
 
 
 class HookToolError(EnsembleError):
