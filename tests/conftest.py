@@ -28,15 +28,17 @@ def zk_server(tmp_path_factory):
     # (ensemble/state/repair.py closes only a server its environment has to itself).
     # Blocking kazoo, not the reactor: an async fixture may be the first to ask for the
     # server, and the reactor's greenlet cannot block on itself.
-    marker = KazooClient(server.address)
-    marker.start(timeout=30)
     try:
-        marker.create("/shared-by-the-test-suite", b"")
+        marker = KazooClient(server.address)
+        marker.start(timeout=30)
+        try:
+            marker.create("/shared-by-the-test-suite", b"")
+        finally:
+            marker.stop()
+            marker.close()
+        yield server
     finally:
-        marker.stop()
-        marker.close()
-    yield server
-    server.stop()
+        server.stop()  # also when marking failed: a server left running outlives the suite
 
 
 @pytest.fixture
