@@ -30,8 +30,8 @@ def zk_server(tmp_path_factory):
     # server, and the reactor's greenlet cannot block on itself.
     try:
         marker = KazooClient(server.address)
-        marker.start(timeout=30)
         try:
+            marker.start(timeout=30)
             marker.create("/shared-by-the-test-suite", b"")
         finally:
             marker.stop()
