@@ -5,7 +5,8 @@ the environment in ENSEMBLE_HOME. The form is HOST:PORT[,HOST:PORT...][/ROOT].
 
 Who the session is: $ENSEMBLE_AUTH (USER:SECRET; agents get theirs this way), else
 the admin of the environment in ENSEMBLE_HOME when that is the one talked to, else
-nobody (an anonymous session may only read what everyone may).
+nobody (an anonymous session may only read what everyone may). $ENSEMBLE_READER
+(USER:SECRET): a shared reader the session is too (unit agents get the units' reader).
 """
 
 import os
@@ -18,6 +19,7 @@ from ensemble.state import auth
 from ensemble.state.client import DEFAULT_ROOT, ZKClient
 
 AUTH_VARIABLE = "ENSEMBLE_AUTH"
+READER_VARIABLE = "ENSEMBLE_READER"
 _UNSET = object()
 
 
@@ -82,8 +84,9 @@ async def connect(zookeeper=None, home=None, timeout=None, session_timeout=None,
     servers, root = resolve(zookeeper, home)
     if credential is _UNSET:
         credential = session_credential(zookeeper, home)
+    reader = os.environ.get(READER_VARIABLE)
     client = ZKClient(servers, root, session_timeout=session_timeout or _seconds("ENSEMBLE_SESSION_TIMEOUT", "10"),
-                      credential=credential)
+                      credential=credential, readers=[auth.Credential.parse(reader)] if reader else [])
     if credential is not None and credential.user == auth.ADMIN_USER:
         client.default_acl = auth.default_acl(credential, credential.id)
     await client.connect(

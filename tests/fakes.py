@@ -375,7 +375,7 @@ class MemoryClient:
     """A session on a FakeZooKeeper with ZKClient's interface: create (ephemeral,
     sequence, makepath), get, set, delete, delete_tree, exists, get_children,
     ensure_path, transaction (create/delete/set/check/commit), get_acl/set_acl,
-    on_session_event, close; and servers, root, session_timeout, credential,
+    on_session_event, close; and servers, root, session_timeout, credential, readers,
     default_acl, connected, session_id, session_credentials.
 
     Every call does its work at once and returns a Deferred that has already fired
@@ -394,12 +394,13 @@ class MemoryClient:
     """
 
     def __init__(self, tree, root=DEFAULT_ROOT, servers="zookeeper.invalid:2181", session_timeout=10.0,
-                 credential=None):
+                 credential=None, readers=()):
         self.tree = tree
         self.servers = servers
         self.root = root.rstrip("/") or ""
         self.session_timeout = session_timeout
         self.credential = credential
+        self.readers = list(readers)
         self.default_acl = None
         self.connected = True
         self._session_id = tree._new_session()

@@ -21,9 +21,10 @@ from conftest import SESSION_TIMEOUT, make_charm
 DB, WEB = "examples/charms/db", "examples/charms/web"
 
 
-async def _connect(zk_server, zk_root, credential, create_root=False, join=True):
+async def _connect(zk_server, zk_root, credential, create_root=False, join=True, readers=()):
     """A session as `credential`, set up as the agents' are (auth.join) unless not `join`."""
-    client = ZKClient(zk_server.address, zk_root, session_timeout=SESSION_TIMEOUT, credential=credential)
+    client = ZKClient(zk_server.address, zk_root, session_timeout=SESSION_TIMEOUT, credential=credential,
+                      readers=readers)
     if credential is not None and credential.user == auth.ADMIN_USER:
         client.default_acl = auth.default_acl(credential, credential.id)
     await client.connect(create_root=create_root)
@@ -49,7 +50,11 @@ class Secured:
         self.clients = []
 
     async def as_(self, credential, join=True):
-        client = await _connect(self.zk_server, self.zk_root, credential, join=join)
+        """A session as `credential`; a unit's is also the units' reader, as its machine
+        agent hands it both."""
+        unit = credential is not None and credential.user.startswith("unit-")
+        readers = [auth.units_reader(auth.machines_reader(self.admin))] if unit else []
+        client = await _connect(self.zk_server, self.zk_root, credential, join=join, readers=readers)
         self.clients.append(client)
         return client
 

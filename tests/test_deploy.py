@@ -213,7 +213,7 @@ async def test_two_services_on_one_machine_are_started_connected_and_isolated(en
             code, out, err = await sh(driver, unit["container"], (
                 "for p in $(pgrep -f charm/server.py); do tr '\\0' '\\n' < /proc/$p/environ; done"))
             assert code == 0 and "JUJU_UNIT_NAME=" in out, (out, err)
-            assert "ENSEMBLE_AUTH=" not in out and "ENSEMBLE_ZOOKEEPER=" not in out, out
+            assert not any(f"{v}=" in out for v in ("ENSEMBLE_AUTH", "ENSEMBLE_READER", "ENSEMBLE_ZOOKEEPER")), out
         assert "touched" not in env.units()["db/0"]
         logs = env.home / "logs" / "units"
         for unit_dir, unit in (("db-0", db), ("web-0", web)):

@@ -216,8 +216,9 @@ async def test_cli_add_and_remove_relation(env_client, cli, tmp_path):
 # -- ACLs with real credentials ------------------------------------------------------
 
 
-async def _connect(zk_server, zk_root, credential, admin_id=None, create_root=False):
-    client = ZKClient(zk_server.address, zk_root, session_timeout=SESSION_TIMEOUT, credential=credential)
+async def _connect(zk_server, zk_root, credential, admin_id=None, create_root=False, readers=()):
+    client = ZKClient(zk_server.address, zk_root, session_timeout=SESSION_TIMEOUT, credential=credential,
+                      readers=readers)
     client.default_acl = auth.default_acl(credential, admin_id or credential.id)
     return await client.connect(create_root=create_root)
 
@@ -240,7 +241,7 @@ async def test_units_may_join_and_write_only_their_own_relation_nodes(zk_server,
 
         async def as_unit(machine, unit):
             c = await _connect(zk_server, zk_root, auth.unit_credential(auth.machine_credential(admin, machine), unit),
-                               admin.id)
+                               admin.id, readers=[auth.units_reader(auth.machines_reader(admin))])
             clients.append(c)
             return c
 

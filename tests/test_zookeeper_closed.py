@@ -41,8 +41,8 @@ def server(tmp_path):
     zookeeper.stop()
 
 
-async def _connect(server, credential, root=ROOT, create_root=False, join=True):
-    client = ZKClient(server.address, root, session_timeout=SESSION_TIMEOUT, credential=credential)
+async def _connect(server, credential, root=ROOT, create_root=False, join=True, readers=()):
+    client = ZKClient(server.address, root, session_timeout=SESSION_TIMEOUT, credential=credential, readers=readers)
     if credential is not None and credential.user == auth.ADMIN_USER:
         client.default_acl = auth.default_acl(credential, credential.id)
     await client.connect(create_root=create_root)
@@ -68,10 +68,15 @@ class Environment:
 
     def __init__(self, server, admin):
         self.server, self.admin = server, admin
+        self.units_reader = auth.units_reader(auth.machines_reader(admin))
         self.clients = []
 
-    async def as_(self, credential, root=ROOT, join=True):
-        client = await _connect(self.server, credential, root, join=join)
+    async def as_(self, credential, root=ROOT, join=True, reader=True):
+        """A session as `credential`; a unit's is also the units' reader, as its machine
+        agent hands it both (unless not `reader`: an agent started before there was one)."""
+        unit = credential is not None and credential.user.startswith("unit-")
+        readers = [self.units_reader] if unit and reader else []
+        client = await _connect(self.server, credential, root, join=join, readers=readers)
         self.clients.append(client)
         return client
 
@@ -204,9 +209,9 @@ def _web_may(env):
 NOBODY_MAY = {"/zookeeper/config": "r"}
 
 
-async def _check_walk(env, expected, who):
+async def _check_walk(env, expected, who, reader=True):
     admin = await env.admin_client.outside()
-    session = await env.as_(who, root="", join=False)
+    session = await env.as_(who, root="", join=False, reader=reader)
     paths = await _walk(admin)
     assert set(expected) <= set(paths), set(expected) - set(paths)
     seen = {path: await _may(session, admin, path) for path in paths}
@@ -227,6 +232,23 @@ async def test_a_unit_may_touch_only_what_its_unit_needs_and_nobody_else_anythin
                  f"{ROOT}/machines/machine-0000000001/reader", f"{ROOT}/relations/{env.relation}/server/db-0"):
         assert path in paths
     await _check_walk(env, NOBODY_MAY, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_units_reader_reads_what_every_unit_reads_and_nothing_else(environment):
+    env = environment
+    await _check_walk(env, {f"{ROOT}/environment": "r", f"{ROOT}/relations": "r", "/zookeeper/config": "r"},
+                      env.units_reader)
+    # It is what lets a unit read them: its own credential alone does not.
+    bare = await env.as_(env.unit(1, "web/0"), join=False, reader=False)
+    for path in ("/environment", "/relations"):
+        assert not await _reads(bare, path), path
+    # So those nodes name no unit, and units added leave their ACLs as they were.
+    before = {path: sorted((await env.admin_client.get_acl(path))[0]) for path in ("/environment", "/relations")}
+    assert not any(g[2].startswith("unit-") for acl in before.values() for g in acl)
+    await ServiceStateManager(env.admin_client).add_units("web", 3, to=1)
+    for path, acl in before.items():
+        assert sorted((await env.admin_client.get_acl(path))[0]) == acl, path
 
 
 @pytest_twisted.ensureDeferred
@@ -259,6 +281,28 @@ async def test_an_environment_made_the_old_way_is_closed_by_its_admins_next_conn
         "count": -1, "bytes": -1, "byteHardLimit": quota.UNIT_BYTES, "countHardLimit": quota.UNIT_NODES}
     # The machine agent that started before joined the machines' reader once it could.
     await eventually(lambda: _reads(early, "/units/db-0"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_units_of_an_environment_of_acl_version_2_keep_reading_after_its_repair(environment):
+    env = environment
+    admin = env.admin_client
+    # Version 2: a READ grant per unit on the nodes every unit reads, and no units'
+    # reader; one of the grants is of a unit long gone.
+    units = {"db/0": 0, "web/0": 1, "web/1": 0, "other/0": 0, "gone/0": 0}
+    for path in ("/environment", "/relations"):
+        policy = auth.AdminPolicy(env.admin)
+        await admin.set_acl(path, [*policy.public(), *(auth.digest(auth.READ, u) for u in policy.units(units))])
+    await nodes.update(admin, "/environment", nodes.merge({"acl-version": 2}))
+    assert not await _reads(await env.as_(env.units_reader, join=False), "/environment")
+    assert await upgrade(await env.as_(env.admin))
+    for path in ("/environment", "/relations"):
+        ids = {g[2] for g in (await admin.get_acl(path))[0]}
+        assert env.units_reader.id in ids and env.unit(1, "web/0").id in ids, path
+        assert env.unit(0, "gone/0").id not in ids, path
+    # A unit agent started before (no reader) reads what it did; one started now, the same.
+    await _check_walk(env, _web_may(env), env.unit(1, "web/0"), reader=False)
+    await _check_walk(env, _web_may(env), env.unit(1, "web/0"))
 
 
 async def _reads(client, path):
@@ -379,13 +423,32 @@ async def test_new_units_and_relations_get_grants_and_quotas_before_they_exist(e
     dropped = await quota.prune(admin, "/units", await admin.get_children("/units"), 0)
     assert dropped == ["other-0"] and await quota.limits_of(admin, "/units/other-0") is None
     assert await quota.limits_of(admin, f"/relations/{env.peer}/peer") is None  # gone with the relation
-    # Their grants on the nodes every unit reads go with the next units added.
-    gone = env.unit(0, "other/0").id
-    assert gone in [g[2] for g in (await admin.get_acl("/environment"))[0]]
-    await ServiceStateManager(admin).add_units("web", 1, to=1)
-    for path in ("/environment", "/relations"):
+    # A removed unit's grants on its service's nodes go with the service's next units.
+    await UnitStateManager(admin).remove_unit("web/1")
+    await machine.delete_tree("/units/web-1")
+    assert await ServiceStateManager(admin).add_units("web", 1, to=1) == ["web/2"]
+    for path in ("/services/web", "/services/web/config", f"/charms/{env.web_charm}"):
         ids = [g[2] for g in (await admin.get_acl(path))[0]]
-        assert gone not in ids and env.unit(1, "web/2").id in ids, path
+        assert env.unit(0, "web/1").id not in ids and env.unit(1, "web/2").id in ids, path
+
+
+@pytest_twisted.ensureDeferred
+async def test_gone_units_quotas_are_pruned_once_they_outnumber_the_units(environment, monkeypatch):
+    from ensemble.state import repair
+    from ensemble.state.service import PRUNE_AFTER, prune_unit_quotas
+
+    env = environment
+    admin = env.admin_client
+    monkeypatch.setattr(repair, "QUOTA_GRACE", 0)  # (no add-unit under way)
+    await quota.ensure_all(admin, [quota.unit_limits(f"/units/ghost-{n}") for n in range(PRUNE_AFTER - 1)],
+                           acl=auth.AdminPolicy(env.admin).private())
+    # One fewer than the threshold: an add-unit does not list the units and quotas.
+    assert await prune_unit_quotas(admin) == []
+    assert await quota.limits_of(admin, "/units/ghost-0") is not None
+    await quota.ensure_all(admin, [quota.unit_limits("/units/ghost-last")], acl=auth.AdminPolicy(env.admin).private())
+    dropped = await prune_unit_quotas(admin)
+    assert sorted(dropped) == sorted([f"ghost-{n}" for n in range(PRUNE_AFTER - 1)] + ["ghost-last"])
+    assert await quota.limits_of(admin, "/units/web-0") is not None  # the live units' stay
 
 
 # -- the server ----------------------------------------------------------------------------

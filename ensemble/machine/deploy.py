@@ -19,8 +19,8 @@ from ensemble.machine.container.driver import OWN_RANGE, ContainerSpec
 from ensemble.machine.container.names import container_name, hostname
 from ensemble.machine.content import agent_python, ensemble_mounts, unit_files
 from ensemble.names import unit_key
-from ensemble.connection import AUTH_VARIABLE
-from ensemble.state.auth import unit_credential
+from ensemble.connection import AUTH_VARIABLE, READER_VARIABLE
+from ensemble.state.auth import unit_credential, units_reader_of
 from ensemble.state.unit import UnitStateManager
 
 log = logging.getLogger("ensemble.machine")
@@ -123,6 +123,7 @@ class UnitDeployer:
         network = netaddr.IPNetwork(self.host.subnet)
         gateway = self.host.gateway
         name_server = gateway if self.name_domain is not None else None
+        reader = units_reader_of(self.client)
         return ContainerSpec(
             name=name,
             hostname=hostname(unit.name),
@@ -151,6 +152,8 @@ class UnitDeployer:
                 # own unit node. (Readable in the container only, by the unit's root.)
                 **({AUTH_VARIABLE: str(unit_credential(self.client.credential, unit.name))}
                    if self.client.credential else {}),
+                # ...and the units' reader, for what every unit reads.
+                **({READER_VARIABLE: str(reader)} if reader else {}),
             },
         )
 

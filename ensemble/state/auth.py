@@ -42,9 +42,14 @@ ADMIN_USER = "admin"
 # for each machine in that machine's reader node (`reader_path`).
 MACHINES_USER = "machines"
 READER = "reader"
+# Every unit agent is also this reader, for what all units read (`/environment`,
+# `/relations`): one grant there, not one per unit, which made each add-unit rewrite two
+# ACLs as long as the environment. Derived from the machines' reader, so each machine
+# agent hands it to its units; machines read all it may anyway.
+UNITS_USER = "units"
 # What `/environment` says of its ACLs (`acl-version`): older ones are repaired by the
 # admin's next connection (ensemble/state/repair.py).
-ACL_VERSION = 2
+ACL_VERSION = 3
 _USER_RE = re.compile(r"^[a-z][a-z0-9-]{0,80}$")
 _SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 
@@ -103,6 +108,18 @@ def unit_credential(machine, unit_name):
 
 def machines_reader(admin):
     return admin.derive(MACHINES_USER)
+
+
+def units_reader(machines):
+    """The units' reader, from the machines' reader credential."""
+    return machines.derive(UNITS_USER)
+
+
+def units_reader_of(client):
+    """The units' reader a machine agent's session can hand its units, or None (it has
+    not joined the machines' reader)."""
+    machines = next((c for c in client.readers if c.user == MACHINES_USER), None)
+    return units_reader(machines) if machines else None
 
 
 def machine_id_of(credential):
@@ -165,6 +182,7 @@ class AdminPolicy:
         self.admin = admin
         self.admin_id = admin.id
         self.machines_id = machines_reader(admin).id
+        self.units_id = units_reader(machines_reader(admin)).id
 
     def machine(self, machine_id):
         return machine_credential(self.admin, machine_id)
@@ -183,10 +201,10 @@ class AdminPolicy:
     def public(self):
         return environment_acl(self.admin_id, self.machines_id)
 
-    def for_units(self, placements):
+    def for_units(self):
         """`/environment` and `/relations`: every unit reads the first (the environment's
         public settings, the admin's id) and lists the second (its relations)."""
-        return [*self.public(), *(digest(READ, u) for u in self.units(placements))]
+        return [*self.public(), digest(READ, self.units_id)]
 
     def machine_node(self, machine_id):
         """A machine's node and its address tree: that machine's agent writes them."""
@@ -280,31 +298,51 @@ async def _join_machines(client, path):
         watch.stop()
 
 
-async def change_grants(client, path, add=(), remove_ids=(), drop_gone_units=False):
+async def change_grants(client, path, add=(), remove_ids=()):
     """Add grants to (an identity already there gets the union), or drop every grant
-    of the ids in `remove_ids` from, `path`'s ACL; version-checked, so concurrent
-    changes are not lost. `drop_gone_units`: also drop the grants of units that no
-    longer exist (their machines removed them), so that ACLs every unit is in stay as
-    long as the units are many, not as every unit ever was. The units are listed after
-    the ACL is read and the ACL set at the version read: a unit added meanwhile (whose
-    admin grants it again once it exists) makes the round start over and keeps it."""
-    from ensemble.state import nodes
-    from ensemble.state.client import BadVersion
+    of the ids in `remove_ids` from, `path`'s ACL: `change_acls` for one node."""
+    await change_acls(client, {path: add}, remove_ids)
 
-    while True:
-        grants, version = await client.get_acl(path)
-        kept = [g for g in grants if g[2] not in remove_ids]
-        if drop_gone_units:
-            live = {f"unit-{key}" for key in await client.get_children(nodes.UNITS)}
-            added = {g[2] for g in add}
-            kept = [g for g in kept if not (g[1] == "digest" and g[2].startswith("unit-") and g[2] not in added
-                                            and g[2].partition(":")[0] not in live)]
-        wanted = merged(kept + list(add))
-        if sorted(wanted) == sorted(grants):
-            return
-        try:
-            # (Each set is a write to ZooKeeper's log: 25 ms for an ACL of 1000 grants.)
-            await client.set_acl(path, wanted, version)
-            return
-        except BadVersion:
-            continue
+
+async def change_acls(client, changes, remove_ids=(), drop_gone_units=False, skip_missing=False):
+    """For each node of `changes` ({path: grants}) add the grants (an identity already
+    there gets the union) and drop every grant of the ids in `remove_ids`; each set at
+    the ACL version read, so concurrent changes are not lost. `drop_gone_units`: also
+    drop the grants of units that no longer exist (their machines removed them), so that
+    a service's ACLs stay as long as its units are many, not as every unit it ever had.
+    The units are listed once, after every ACL is read: a unit added meanwhile (whose
+    admin grants it again once it exists) makes that node's round start over and keeps
+    it. `skip_missing`: leave out nodes that do not exist, rather than raise NoNode."""
+    from ensemble.state import nodes
+    from ensemble.state.client import BadVersion, NoNode
+
+    pending = dict(changes)
+    while pending:
+        read = {}
+        for path in list(pending):
+            try:
+                read[path] = await client.get_acl(path)
+            except NoNode:
+                if not skip_missing:
+                    raise
+                del pending[path]
+        live = {f"unit-{key}" for key in await client.get_children(nodes.UNITS)} if drop_gone_units and read else None
+        for path, (grants, version) in read.items():
+            add = pending[path]
+            kept = [g for g in grants if g[2] not in remove_ids]
+            if live is not None:
+                added = {g[2] for g in add}
+                kept = [g for g in kept if not (g[1] == "digest" and g[2].startswith("unit-") and g[2] not in added
+                                                and g[2].partition(":")[0] not in live)]
+            wanted = merged(kept + list(add))
+            try:
+                if sorted(wanted) != sorted(grants):
+                    # (Each set is a write to ZooKeeper's log: 25 ms for an ACL of 1000 grants.)
+                    await client.set_acl(path, wanted, version)
+                del pending[path]
+            except BadVersion:
+                continue
+            except NoNode:
+                if not skip_missing:
+                    raise
+                del pending[path]

@@ -179,13 +179,15 @@ class ZKClient:
     `servers` is "host:port[,host:port...]"; all paths are relative to `root`.
     """
 
-    def __init__(self, servers, root=DEFAULT_ROOT, session_timeout=10.0, reactor=None, credential=None):
+    def __init__(self, servers, root=DEFAULT_ROOT, session_timeout=10.0, reactor=None, credential=None, readers=()):
         if reactor is None:
             from twisted.internet import reactor
         self.servers = servers
-        # Who this session is (an auth.Credential; None: anonymous), and the grants
-        # (auth triples) of the nodes it creates without naming others.
+        # Who this session is (an auth.Credential; None: anonymous), the shared readers
+        # it is too (credentials; its own nodes never name them), and the grants (auth
+        # triples) of the nodes it creates without naming others.
         self.credential = credential
+        self.readers = list(readers)
         self.default_acl = None
         self.root = root.rstrip("/") or ""
         self.session_timeout = session_timeout
@@ -291,7 +293,7 @@ class ZKClient:
         await self._outside_lock.acquire()
         try:
             if self._outside is None:
-                other = ZKClient(self.servers, "", self.session_timeout, self._reactor, self.credential)
+                other = ZKClient(self.servers, "", self.session_timeout, self._reactor, self.credential, self.readers)
                 other.default_acl = self.default_acl
                 self._outside = await other.connect()
             return self._outside
@@ -302,6 +304,7 @@ class ZKClient:
         """Authenticate this session as `credential` too (ZooKeeper then grants it what
         either identity may do); kazoo sends it again on every reconnection."""
         await self._bridge(self._kz().add_auth_async("digest", str(credential)))
+        self.readers.append(credential)
 
     @property
     def session_id(self):
@@ -384,7 +387,8 @@ class ZKClient:
         return self._kazoo
 
     def _auth_data(self):
-        return [("digest", str(self.credential))] if self.credential else None
+        given = [c for c in (self.credential, *self.readers) if c is not None]
+        return [("digest", str(c)) for c in given] or None
 
     def _acl(self, grants):
         grants = grants if grants is not None else self.default_acl

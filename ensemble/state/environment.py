@@ -29,9 +29,9 @@ async def initialize(client, name, network=None, units_zookeeper=None, package_c
         settings["machines-id"] = policy.machines_id
         settings["acl-version"] = auth.ACL_VERSION
     tx = client.transaction()
-    tx.create(nodes.ENVIRONMENT, nodes.dump(settings), acl=policy and policy.for_units({}))
+    tx.create(nodes.ENVIRONMENT, nodes.dump(settings), acl=policy and policy.for_units())
     for path in nodes.TREE:
-        acl = policy and (policy.for_units({}) if path == nodes.RELATIONS else policy.public())
+        acl = policy and (policy.for_units() if path == nodes.RELATIONS else policy.public())
         tx.create(path, nodes.dump({"next-id": 0}) if path == nodes.MACHINES else b"", acl=acl)
     try:
         await tx.commit()

@@ -109,46 +109,43 @@ def _placements(service, first_number, machines):
 
 async def prepare_units(client, policy, placements):
     """What units {name: machine id} need before the transaction that makes them (so
-    that they never exist without it): READ on the environment's settings and on the
-    list of relations, and their nodes' quotas. Grants of units gone meanwhile go. A
-    transaction that then fails leaves grants and quotas that later rounds drop, or the
-    same units' retry reuses."""
+    that they never exist without it): the list of relations, and their nodes' quotas.
+    A transaction that then fails leaves quotas that later rounds drop, or the same
+    units' retry reuses. (Every unit reads `/environment` and `/relations` as the units'
+    reader: nothing to grant there per unit.)"""
     await relation.ensure_root(client)
-    await grant_units(client, policy, placements, drop_gone_units=True)
     await quota.ensure_all(client, [quota.unit_limits(unit_path(u)) for u in placements], acl=policy.private())
 
 
-async def grant_units(client, policy, placements, drop_gone_units=False):
-    """READ on `/environment` and `/relations` for units {name: machine id}; again once
-    they exist (a read, unless another admin's `drop_gone_units` ran between)."""
-    readers = [auth.digest(auth.READ, u) for u in policy.units(placements)]
-    for path in (nodes.ENVIRONMENT, nodes.RELATIONS):
-        await auth.change_grants(client, path, add=readers, drop_gone_units=drop_gone_units)
+# Gone units' quotas are pruned once they outnumber the units by this much: until then
+# an add-unit costs two reads, not a listing of every unit and every quota.
+PRUNE_AFTER = 64
 
 
 async def prune_unit_quotas(client):
-    """Forget the quotas of units that are gone (their machines removed them)."""
+    """Forget the quotas of units that are gone (their machines removed them), once
+    there are PRUNE_AFTER more quotas than units."""
     from ensemble.state.repair import QUOTA_GRACE
 
+    units = await client.exists(nodes.UNITS)
+    quotas = await (await client.outside()).exists(quota.quota_path(client, nodes.UNITS))
+    if units is None or quotas is None or quotas.num_children < units.num_children + PRUNE_AFTER:
+        return []
     return await quota.prune(client, nodes.UNITS, await client.get_children(nodes.UNITS), QUOTA_GRACE)
 
 
 async def _grant_service(client, policy, name, charm_id, placements, drop=True):
     """Let the new units and their machines read the config, the units their service and
-    charm, and the machines remove the service and its charm when done (before the units
-    exist; again after, without `drop`: see `grant_units`). `drop`: the grants of units
-    gone meanwhile go."""
+    charm, and the machines remove the service and its charm when done: before the units
+    exist, and again after without `drop` (a read, unless another admin's drop ran
+    between). `drop`: the grants of units gone meanwhile go."""
     if drop:
         await prepare_units(client, policy, placements)
-    else:
-        await grant_units(client, policy, placements)
-    for path, grants in ((service_path(name), policy.service_node(placements)),
-                         (charm_path(charm_id), policy.service_node(placements)),
-                         (config_path(name), policy.service_config(placements))):
-        try:
-            await auth.change_grants(client, path, add=grants, drop_gone_units=drop)
-        except NoNode:
-            pass  # a new charm (created with these grants), or config stored in the service node
+    # Missing: a new charm (created with these grants), or config in the service node.
+    await auth.change_acls(client, {service_path(name): policy.service_node(placements),
+                                    charm_path(charm_id): policy.service_node(placements),
+                                    config_path(name): policy.service_config(placements)},
+                           drop_gone_units=drop, skip_missing=True)
 
 
 async def _store_charm(client, tx, charm_id, bundle, policy, placements):
@@ -247,8 +244,6 @@ class ServiceStateManager:
                                      charm_dir)
         except NoNode:
             raise MachineNotFound(to if to is not None else machines[0])
-        if policy is not None:
-            await grant_units(self.client, policy, placements)
         return ServiceState(self.client, name, data), names
 
     async def add_units(self, name, n=1, to=None):
