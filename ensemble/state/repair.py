@@ -119,12 +119,11 @@ async def repair(client, policy):
     for unit, machine_id in placements.items():
         by_service.setdefault(unit.rpartition("/")[0], {})[unit] = machine_id
 
-    # The environment's shared nodes. A unit that has a grant of its own there keeps it:
-    # its agent may have started before there was a units' reader to hand it.
+    # The environment's shared nodes. Each unit there now gets a grant of its own too:
+    # its agent may have started before there was a units' reader to hand it (and keeps
+    # its run file until its container is made again).
     for path in (nodes.ENVIRONMENT, nodes.RELATIONS):
-        had = {identity for _, _, identity in (await client.get_acl(path))[0]}
-        await _set(client, path, [*policy.for_units(),
-                                  *(auth.digest(auth.READ, u) for u in policy.units(placements) if u.id in had)])
+        await _set(client, path, [*policy.for_units(), *(auth.digest(auth.READ, u) for u in policy.units(placements))])
     for path in (nodes.MACHINES, nodes.NETWORK, nodes.ADDRESSES):
         await _set(client, path, policy.public())
     for path, perms in auth.MACHINE_PARENT_GRANTS.items():
