@@ -12,7 +12,7 @@ from ensemble.state import auth, nodes
 from ensemble.state.client import NoAuth, NodeExists, ZKClient
 from ensemble.state.environment import initialize
 from ensemble.state.machine import MachineStateManager
-from ensemble.state.relation import RelationStateManager, relation_path
+from ensemble.state.relation import RelationStateManager, join_reader, relation_path
 from ensemble.state.service import ServiceStateManager
 from ensemble.status import collect
 
@@ -247,7 +247,10 @@ async def test_units_may_join_and_write_only_their_own_relation_nodes(zk_server,
 
         tree = relation_path(relation.key)
         wp, db, other = await as_unit(1, "wordpress/0"), await as_unit(0, "mysql/0"), await as_unit(0, "other/0")
-        # Each unit writes its own settings and joins in its own role.
+        # Each unit becomes the relation's reader (as its agent does when it joins)...
+        for unit in (wp, db):
+            await join_reader(unit, relation.key)
+        # ...writes its own settings and joins in its own role.
         await wp.set(f"{tree}/settings/wordpress-0", nodes.dump({"private-address": "10.77.1.2"}))
         await db.set(f"{tree}/settings/mysql-0", nodes.dump({"private-address": "10.77.0.2", "password": "s3"}))
         await wp.create(f"{tree}/client/wordpress-0", b"", ephemeral=True)
@@ -265,7 +268,9 @@ async def test_units_may_join_and_write_only_their_own_relation_nodes(zk_server,
             await wp.delete(f"{tree}/server/mysql-0")
         with pytest.raises(NoAuth):
             await wp.set(tree, b"")
-        # A unit of an unrelated service: no join, no write, no read of settings.
+        # A unit of an unrelated service: no reader, no join, no write, no read of settings.
+        with pytest.raises(NoAuth):
+            await join_reader(other, relation.key)
         with pytest.raises(NoAuth):
             await other.create(f"{tree}/client/other-0", b"", ephemeral=True)
         with pytest.raises(NoAuth):
@@ -277,8 +282,13 @@ async def test_units_may_join_and_write_only_their_own_relation_nodes(zk_server,
         with pytest.raises(NoAuth):
             await other.create(f"{relation_path(peer.key)}/peer/other-0", b"", ephemeral=True)
         # A unit added later may join and read at once; the peer relation is its too.
+        # Nobody's settings node changes for it: they grant the relation's reader.
+        acl = (await admin_client.get_acl(f"{tree}/settings/mysql-0"))[0]
+        assert len(acl) == 3
         await ServiceStateManager(admin_client).add_units("wordpress", 1, to=0)
+        assert (await admin_client.get_acl(f"{tree}/settings/mysql-0"))[0] == acl
         wp1 = await as_unit(0, "wordpress/1")
+        await join_reader(wp1, relation.key)
         await wp1.set(f"{tree}/settings/wordpress-1", nodes.dump({"private-address": "10.77.0.3"}))
         await wp1.create(f"{tree}/client/wordpress-1", b"", ephemeral=True)
         assert b"s3" in (await wp1.get(f"{tree}/settings/mysql-0"))[0]

@@ -20,7 +20,7 @@ from ensemble.state.client import BadVersion, NoAuth, NodeExists, QuotaExceeded,
 from ensemble.state.environment import initialize
 from ensemble.state.machine import MachineStateManager
 from ensemble.state.network import ZooKeeperAddressStore, lease_subnet
-from ensemble.state.relation import RelationStateManager, relation_path
+from ensemble.state.relation import RelationStateManager, reader_path, relation_path
 from ensemble.state.repair import upgrade
 from ensemble.state.service import ServiceStateManager
 from ensemble.state.unit import UnitStateManager
@@ -69,13 +69,19 @@ class Environment:
     def __init__(self, server, admin):
         self.server, self.admin = server, admin
         self.units_reader = auth.units_reader(auth.machines_reader(admin))
+        self.relations = {}  # key -> its services
         self.clients = []
 
     async def as_(self, credential, root=ROOT, join=True, reader=True):
         """A session as `credential`; a unit's is also the units' reader, as its machine
-        agent hands it both (unless not `reader`: an agent started before there was one)."""
+        agent hands it both, and the reader of each of its service's relations, as its
+        agent joins them (unless not `reader`: an agent started before there were any)."""
         unit = credential is not None and credential.user.startswith("unit-")
-        readers = [self.units_reader] if unit and reader else []
+        readers = []
+        if unit and reader:
+            service = credential.user[len("unit-"):].rpartition("-")[0]
+            readers = [self.units_reader, *(auth.relation_reader(self.admin, key)
+                                            for key, services in self.relations.items() if service in services)]
         client = await _connect(self.server, credential, root, join=join, readers=readers)
         self.clients.append(client)
         return client
@@ -109,6 +115,7 @@ async def _environment(server, tmp_path):
     env.relation = relation.key
     [peer] = await RelationStateManager(client).relations_of("other")
     env.peer = peer.key
+    env.relations = {relation.key: {"web", "db"}, peer.key: {"other"}}
     env.web_charm = (await ServiceStateManager(client).get_service("web")).charm_id
     for machine_id, units in ((0, {"db/0": "10.77.0.2", "web/1": "10.77.0.3", "other/0": "10.77.0.4"}),
                               (1, {"web/0": "10.77.1.2"})):
@@ -191,6 +198,7 @@ def _web_may(env):
         f"{ROOT}/environment": "r",                 # the environment's public settings
         f"{ROOT}/relations": "r",                   # which relations there are (their names)
         rel: "r",                                   # its service's relation: who and which roles
+        f"{rel}/reader": "r",                       # the reader of its settings
         f"{rel}/client": "rc",                      # its role: it joins here
         f"{rel}/client/web-0": "rwc",               # its membership (ephemeral: no child gets made)
         f"{rel}/server": "r",                       # the other side's members
@@ -294,12 +302,16 @@ async def test_units_of_an_environment_of_acl_version_2_keep_reading_after_its_r
         policy = auth.AdminPolicy(env.admin)
         await admin.set_acl(path, [*policy.public(), *(auth.digest(auth.READ, u) for u in policy.units(units))])
     await nodes.update(admin, "/environment", nodes.merge({"acl-version": 2}))
+    for key in env.relations:  # nor relations' readers
+        await admin.delete(reader_path(key))
     assert not await _reads(await env.as_(env.units_reader, join=False), "/environment")
     assert await upgrade(await env.as_(env.admin))
     for path in ("/environment", "/relations"):
         ids = {g[2] for g in (await admin.get_acl(path))[0]}
         assert env.units_reader.id in ids and env.unit(1, "web/0").id in ids, path
         assert env.unit(0, "gone/0").id not in ids, path
+    for key in env.relations:
+        assert await admin.exists(reader_path(key)) is not None
     # A unit agent started before (no reader) reads what it did; one started now, the same.
     await _check_walk(env, _web_may(env), env.unit(1, "web/0"), reader=False)
     await _check_walk(env, _web_may(env), env.unit(1, "web/0"))
@@ -326,9 +338,9 @@ async def test_machines_read_what_their_agents_need(environment):
                  "/charms", f"/charms/{env.web_charm}", "/units/web-0/guard"):
         assert await _reads(m1, path), path
     assert await (await UnitStateManager(m1).get_unit("db/0")).agent_alive()
-    # Not: config of services it runs none of, relation settings, another machine's
-    # reader, the root, the server's `/` and its quotas.
-    for path in ("/services/db/config", f"{rel}/settings/web-0", "/machines/machine-0000000000/reader"):
+    # Not: config of services it runs none of, relation settings or their reader,
+    # another machine's reader, the root, the server's `/` and its quotas.
+    for path in ("/services/db/config", f"{rel}/settings/web-0", f"{rel}/reader", "/machines/machine-0000000000/reader"):
         assert not await _reads(m1, path), path
     outside = await env.as_(env.machine(1), root="", join=False)
     for path in ("/", ROOT, "/zookeeper", f"/zookeeper/quota{ROOT}/units/web-0"):
@@ -411,6 +423,7 @@ async def test_new_units_and_relations_get_grants_and_quotas_before_they_exist(e
     charm = make_charm(tmp_path / "client", "client", metadata_extra="requires:\n  host: juju-info\n")
     [client_unit] = await _deploy(admin, charm, to=1)
     relation, _, _ = await RelationStateManager(admin).add_relation("client", "db")
+    env.relations[relation.key] = {"client", "db"}  # (its agent would join its reader)
     client = await env.as_(env.unit(1, client_unit))
     for path in (relation_path(relation.key), f"{relation_path(relation.key)}/settings/db-1",
                  f"{relation_path(relation.key)}/server"):

@@ -49,7 +49,7 @@ READER = "reader"
 UNITS_USER = "units"
 # What `/environment` says of its ACLs (`acl-version`): older ones are repaired by the
 # admin's next connection (ensemble/state/repair.py).
-ACL_VERSION = 3
+ACL_VERSION = 4
 _USER_RE = re.compile(r"^[a-z][a-z0-9-]{0,80}$")
 _SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 
@@ -113,6 +113,14 @@ def machines_reader(admin):
 def units_reader(machines):
     """The units' reader, from the machines' reader credential."""
     return machines.derive(UNITS_USER)
+
+
+def relation_reader(admin, relation_key):
+    """The reader of a relation's settings (its units are; not its machines): one grant
+    on each settings node, not one per unit of the relation, which made each add-unit
+    rewrite every settings node's ACL and the ACLs quadratic in the relation's units.
+    Its units find it in the relation's reader node."""
+    return admin.derive(relation_key)
 
 
 def units_reader_of(client):

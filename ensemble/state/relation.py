@@ -114,17 +114,39 @@ def endpoints_from_bundle(charm_name, bundle):
     return parse_endpoints(charm_name, metadata)
 
 
+def reader_path(key):
+    """Where relation `key`'s units find the reader of its settings."""
+    return f"{relation_path(key)}/{auth.READER}"
+
+
 def _unit_id(admin, machine_id, unit_name):
     return auth.unit_credential(auth.machine_credential(admin, machine_id), unit_name)
 
 
-class RelationAcls:
-    """ACLs of a relation's nodes, for the units {unit name: machine id} of its services."""
+async def join_reader(client, key):
+    """Make a unit's session the reader of relation `key`'s settings. Nothing to do
+    without a credential, or for a relation without a reader node (one made before
+    there were readers: its units have grants of their own)."""
+    if client.credential is None:
+        return
+    try:
+        data, _ = await nodes.read(client, reader_path(key))
+    except NoNode:
+        return
+    reader = auth.Credential.parse(str(data.get("credential", "")))
+    if reader not in client.readers:
+        await client.add_credential(reader)
 
-    def __init__(self, admin, units_by_service):
+
+class RelationAcls:
+    """ACLs of relation `key`'s nodes, for the units {unit name: machine id} of its
+    services."""
+
+    def __init__(self, admin, units_by_service, key):
         self.admin = admin
         self.policy = auth.AdminPolicy(admin)
         self.units_by_service = units_by_service  # {service: {unit: machine}}
+        self.reader = auth.relation_reader(admin, key)
 
     def _units(self, services):
         return [(u, m) for s in sorted(set(services)) for u, m in sorted(self.units_by_service.get(s, {}).items())]
@@ -148,13 +170,20 @@ class RelationAcls:
             for u, m in self._all()
         )]
 
-    def settings(self, unit, machine, services):
-        """A unit's settings: its own to rewrite; readable by the units of the relation's
-        services (settings carry passwords, like config)."""
+    def reader_node(self):
+        """The relation's reader node: its units read it; the machines do not (it reads
+        settings, which carry passwords, like config)."""
+        return [auth.digest(auth.ALL, self.admin.id), *(auth.digest(auth.READ, _unit_id(self.admin, m, u))
+                                                        for u, m in self._all())]
+
+    def settings(self, unit, machine, services, own_grants=False):
+        """A unit's settings: its own to rewrite; readable by the relation's reader.
+        `own_grants`: also by each other unit of the relation's services as itself (an
+        environment repaired from before readers: its agents may not have one)."""
         own = _unit_id(self.admin, machine, unit)
-        readers = [_unit_id(self.admin, m, u) for u, m in self._units(services) if u != unit]
+        readers = [_unit_id(self.admin, m, u) for u, m in self._units(services) if u != unit] if own_grants else []
         return [auth.digest(auth.ALL, self.admin.id), auth.digest(auth.SETTINGS_OWN, own),
-                *(auth.digest(auth.READ, r) for r in readers)]
+                auth.digest(auth.READ, self.reader), *(auth.digest(auth.READ, r) for r in readers)]
 
 
 def _roles(data):
@@ -167,9 +196,11 @@ def _roles(data):
 
 def _relation_ops(tx, key, data, units_by_service, policy):
     """Create a relation's node tree in `tx`; `policy`: the admin's AdminPolicy or None."""
-    acls = RelationAcls(policy.admin, units_by_service) if policy is not None else None
+    acls = RelationAcls(policy.admin, units_by_service, key) if policy is not None else None
     services = [e["service"] for e in data["endpoints"]]
     tx.create(relation_path(key), nodes.dump(data), acl=acls and acls.relation())
+    if acls is not None:
+        tx.create(reader_path(key), nodes.dump({"credential": str(acls.reader)}), acl=acls.reader_node())
     tx.create(f"{relation_path(key)}/{SETTINGS}", b"", acl=acls and acls.public())
     for service in sorted(set(services)):
         for unit, machine in sorted(units_by_service.get(service, {}).items()):
@@ -411,7 +442,7 @@ class RelationStateManager:
             services = [e["service"] for e in relation.endpoints]
             units = {s: await self._units(s) for s in set(services)}
             units[service] = {**units.get(service, {}), **placements}
-            acls = RelationAcls(policy.admin, units) if policy is not None else None
+            acls = RelationAcls(policy.admin, units, relation.key) if policy is not None else None
             if acls is not None:
                 await self._grant_new_units(relation, service, placements, policy)
                 await quota.ensure_all(
@@ -424,18 +455,15 @@ class RelationStateManager:
                           acl=acls and acls.settings(unit, machine, services))
 
     async def _grant_new_units(self, relation, service, placements, policy):
-        """New units of `service` read `relation`'s node, its role containers and the
-        settings there, and create members in their own role's container."""
+        """New units of `service` read `relation`'s node, its role containers and its
+        reader (so the settings there), and create members in their own role's
+        container."""
         ids = [_unit_id(policy.admin, m, u) for u, m in sorted(placements.items())]
         readers = [auth.digest(auth.READ, i) for i in ids]
         mine = relation.endpoint(service)["role"]
-        await auth.change_grants(self.client, relation_path(relation.key), add=readers)
+        changes = {relation_path(relation.key): readers, reader_path(relation.key): readers}
         for role in sorted({e["role"] for e in relation.endpoints}):
             perms = auth.READ | auth.CREATE if role == mine else auth.READ
-            await auth.change_grants(self.client, role_path(relation.key, role),
-                                     add=[auth.digest(perms, i) for i in ids])
-        for child in await self.client.get_children(f"{relation_path(relation.key)}/{SETTINGS}"):
-            try:
-                await auth.change_grants(self.client, f"{relation_path(relation.key)}/{SETTINGS}/{child}", add=readers)
-            except NoNode:
-                pass
+            changes[role_path(relation.key, role)] = [auth.digest(perms, i) for i in ids]
+        # (A relation removed meanwhile: the caller's check of /relations' version sees it.)
+        await auth.change_acls(self.client, changes, skip_missing=True)

@@ -7,7 +7,7 @@ import logging
 from ensemble.errors import MalformedState
 from ensemble.names import machine_key, unit_name_from_key
 from ensemble.state import auth, nodes, quota
-from ensemble.state.client import BadVersion, NoAuth, NoNode
+from ensemble.state.client import BadVersion, NoAuth, NodeExists, NoNode
 
 log = logging.getLogger("ensemble.zookeeper")
 
@@ -198,16 +198,23 @@ async def repair(client, policy):
 
 
 async def _repair_relation(client, policy, key, services, roles, units):
-    from ensemble.state.relation import RelationAcls
+    from ensemble.state.relation import RelationAcls, reader_path
 
-    acls = RelationAcls(policy.admin, units)
+    acls = RelationAcls(policy.admin, units, key)
     base = f"{nodes.RELATIONS}/{key}"
     await _set(client, base, acls.relation())
+    try:
+        await client.create(reader_path(key), nodes.dump({"credential": str(acls.reader)}), acl=acls.reader_node())
+    except NodeExists:
+        await _set(client, reader_path(key), acls.reader_node())
+    except NoNode:
+        return  # removed meanwhile
     await _set(client, f"{base}/settings", acls.public())
     everyone = {u: m for s in units.values() for u, m in s.items()}
     for child in await _children(client, f"{base}/settings"):
         unit = _unit(child)
-        acl = acls.settings(unit, everyone[unit], services) if unit in everyone else policy.private()
+        # Grants of their own too: the units' agents may have started before readers.
+        acl = acls.settings(unit, everyone[unit], services, own_grants=True) if unit in everyone else policy.private()
         await _set(client, f"{base}/settings/{child}", acl)
     for role, in_role in roles.items():
         await _set(client, f"{base}/{role}", acls.role(in_role))

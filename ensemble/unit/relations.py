@@ -25,7 +25,7 @@ from ensemble.errors import MalformedState
 from ensemble.names import unit_key, unit_name_from_key
 from ensemble.state import nodes
 from ensemble.state.client import NoAuth, NodeExists, NoNode
-from ensemble.state.relation import RelationState, relation_path, role_path, settings_path
+from ensemble.state.relation import RelationState, join_reader, relation_path, role_path, settings_path
 from ensemble.state.unit import RELATION_ERRORS
 from ensemble.state.watch import ChildrenWatch, DataWatch
 from ensemble.unit.hooks import HookFailed
@@ -64,7 +64,9 @@ class JoinedRelation:
         return f"{role_path(self.key, self.role)}/{unit_key(self.unit_name)}"
 
     async def join(self, address):
-        """Publish the unit's address in its settings, then become a member."""
+        """Become the reader of the relation's settings; publish the unit's address in
+        its own, then become a member."""
+        await join_reader(self.client, self.key)
         path = settings_path(self.key, self.unit_name)
         await nodes.update(self.client, path, nodes.merge({"private-address": address}))
         await self.become_member()
