@@ -14,7 +14,7 @@ Then the ZooKeeper server: its memory (the JVM's resident set), node count and
 requests per second while only machine 0 and its units are active. Prints one JSON
 object.
 
-    .venv/bin/python bench/scale.py [--machines 1000] [--units 10000] [--samples 15]
+    .venv/bin/python bench/scale.py [--machines 1000] [--units 10000] [--samples 15] [--zookeeper-heap-mb N]
 """
 
 import argparse
@@ -61,7 +61,7 @@ QUIET = 16  # seconds of passes read: three resync ticks
 def outside(args):
     os.environ["ENSEMBLE_LOG_LEVEL"] = "DEBUG"  # machine 0's agent: every pass, with its requests
     with tempfile.TemporaryDirectory(prefix="ensemble-scale-", dir="/var/tmp") as tmp:
-        with Lab(tmp, hosts=1, mode="vxlan", cidr=NETWORK) as lab:
+        with Lab(tmp, hosts=1, mode="vxlan", cidr=NETWORK, zookeeper_heap_mb=args.zookeeper_heap_mb) as lab:
             lab.ensemble("deploy", IDLE, "--to", "0")
             env = dict(os.environ, ENSEMBLE_ZOOKEEPER=lab.zookeeper_address)
             env[AUTH_VARIABLE] = lab.admin_auth
@@ -75,6 +75,7 @@ def outside(args):
                 raise SystemExit(f"the measuring side failed: {inner.stderr.strip()[-2000:]}")
             result = json.loads(inner.stdout)
             result["zookeeper_rss_mb"] = _rss_mb(lab.zookeeper.pid())
+            result["zookeeper_heap_mb"] = lab.zookeeper.heap_mb
             print(json.dumps(result))
 
 
@@ -224,6 +225,8 @@ def main():
     parser.add_argument("--machines", type=int, default=1000)
     parser.add_argument("--units", type=int, default=10000)
     parser.add_argument("--samples", type=int, default=15)
+    parser.add_argument("--zookeeper-heap-mb", type=int, default=None,
+                        help="the lab's ZooKeeper heap (default: ensemble/zookeeper.py's)")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--agent-log", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -157,8 +157,9 @@ class Lab:
     """An Ensemble environment across `hosts` simulated hosts (see the module doc)."""
 
     def __init__(self, directory, hosts=3, mode="host-gw", cidr="10.77.0.0/16", routed=None, tick_time=500,
-                 package_upstream=None):
+                 package_upstream=None, zookeeper_heap_mb=None):
         self.directory = os.path.abspath(directory)
+        self.zookeeper_heap_mb = zookeeper_heap_mb
         self.mode = mode
         self.cidr = cidr
         self.initial_hosts = hosts
@@ -191,6 +192,7 @@ class Lab:
             self.zookeeper = ZooKeeperServer(
                 os.path.join(self.directory, "zookeeper"), host="0.0.0.0", port=2181,
                 tick_time=self.tick_time, netns=self.network.hosts[0],
+                **({"heap_mb": self.zookeeper_heap_mb} if self.zookeeper_heap_mb else {}),
             )
             self.zookeeper.start()
             gateway = str(netaddr.IPNetwork(next(SubnetPlan(self.cidr, 24).subnets())).network + 1)
