@@ -44,12 +44,13 @@ def _lines(path):
         return []
 
 
-def timeline(home, machine_id, unit, since):
-    """{step: ms after `since` (epoch seconds)} for `unit`'s deploy on `machine_id`."""
+def timeline(home, machine_id, unit, since, machine_log=None):
+    """{step: ms after `since` (epoch seconds)} for `unit`'s deploy on `machine_id`.
+    `machine_log`: the machine agent's log, if not in `home`'s logs (a lab host's)."""
     key = unit_key(unit)
     unit_dir = os.path.join(home, "logs", log_layout.UNITS, key)
     sources = {
-        "machine": _lines(os.path.join(home, "logs", f"machine-{machine_id}.log")),
+        "machine": _lines(machine_log or os.path.join(home, "logs", f"machine-{machine_id}.log")),
         "agent": _lines(os.path.join(unit_dir, log_layout.AGENT_LOG)),
         "hooks": _lines(os.path.join(unit_dir, log_layout.hook_log(key))),
     }
