@@ -65,6 +65,11 @@ async def test_the_mac_is_recorded_with_the_reservation_and_freed_with_it():
     assert data.decode() == mac
     assert await store.macs() == {"web/0": mac}
     assert await allocator.hardware() == {"web/0": (address, mac)}
+    # One unit's alone: what a pass asks for each unit.
+    db = await allocator.allocate("db/0")
+    assert await allocator.hardware(only="db/0") == {"db/0": (db, unit_mac(SUBNET, db))}
+    assert await allocator.hardware(only="nosuch/0") == {}
+    await allocator.release("db/0")
     # Another allocator (an agent restarted) reads it back.
     assert await Allocator(store, SUBNET).hardware() == {"web/0": (address, mac)}
     assert await allocator.release("web/0") == address

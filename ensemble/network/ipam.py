@@ -206,9 +206,12 @@ class Allocator:
         recorded = valid_mac((self._macs or {}).get(unit, ""))
         return recorded or unit_mac(self.subnet, address)
 
-    async def hardware(self):
-        """{unit: (address, MAC)} of every reservation here, from this allocator's view."""
-        return {unit: (address, self.mac(unit, address)) for unit, address in (await self.reserved()).items()}
+    async def hardware(self, only=None):
+        """{unit: (address, MAC)} of every reservation here, from this allocator's view;
+        `only`: of that unit's alone (a pass that asks per unit must not pay for all)."""
+        reserved = await self.reserved()
+        units = [only] if only is not None else list(reserved)
+        return {unit: (reserved[unit], self.mac(unit, reserved[unit])) for unit in units if unit in reserved}
 
     async def allocate(self, unit):
         """The unit's address: its existing reservation, or a new one (its MAC recorded

@@ -154,7 +154,7 @@ class FirewallReconciler(Reconciler):
             # then changes nothing, and the new unit's container waits for one sync,
             # not two.
             self._note_opening(name, unit.data)
-        wanted = unit_ports(self.host.environment["name"], await self.host.allocator.hardware()).get(name)
+        wanted = unit_ports(self.host.environment["name"], await self.host.allocator.hardware(only=name)).get(name)
         if wanted is not None and self._loaded_ports.get(name) != wanted:
             # Its port's entry loaded before its container is made (the gate asks).
             await self.sync_quietly()
