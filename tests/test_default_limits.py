@@ -162,7 +162,7 @@ def deployer_spec(lab, unit, service_limits, log_dir):
     """The spec the machine agent's deployer makes for `unit` of a service with
     `service_limits`, on the lab's bridge, without an agent inside."""
     host = types.SimpleNamespace(
-        client=types.SimpleNamespace(credential=None), reactor=None, environment={"name": "test"},
+        client=types.SimpleNamespace(credential=None, readers=[]), reactor=None, environment={"name": "test"},
         subnet="10.231.0.0/24", gateway=lab.gateway, bridge="ens-t", mtu=None, unit_zookeeper="127.0.0.1:1",
         allocator=types.SimpleNamespace(mac=lambda unit, address: None),  # the lab's bridge binds no MACs
     )
