@@ -1,10 +1,11 @@
 """Who may do what in ZooKeeper: digest credentials and the ACLs built from them.
 
 The environment has one admin credential (random, kept by whoever created it; the CLI
-uses it). Every other credential is derived from it, so nothing else need be stored:
-machine N's is derived from the admin's, and each unit's from its machine's. A machine
-agent can thus hand its units their credentials, and the admin can name any agent in
-an ACL before the agent exists.
+uses it). Every other credential is derived from it: machine N's from the admin's, each
+unit's from its machine's; the shared readers (the machines', the units', each
+relation's) likewise, handed to their holders by a node or by the machine agent. A
+machine agent can thus hand its units their credentials, and the admin can name any
+agent in an ACL before the agent exists.
 
 Nothing is granted to a session without a credential: each principal reads what it
 needs and no more (docs/zookeeper-layout.md, "Who may do what", has the table; the

@@ -2,6 +2,7 @@
 
     /relations                               {next-id}: the relation counter
     /relations/relation-NNNNNNNNNN           {id, interface, scope, endpoints: [{service, relation-name, role}]}
+    /relations/relation-N/reader             {credential}: the reader of its settings, for its units
     /relations/relation-N/settings           (empty)
     /relations/relation-N/settings/<unit>    the unit's relation settings (a YAML mapping)
     /relations/relation-N/<role>             (empty): server and client, or peer
@@ -11,7 +12,8 @@ A hook sees a relation as `<its relation name>:<id>` (e.g. `db:0`); ids come fro
 counter and are never reused. Relation nodes are made by the admin (add-relation, and
 deploy for a charm's peers) in one transaction with the counter bump, each unit's settings
 node included: a unit may write only its own settings node, and read the settings of the
-units it is related to; it may create (not delete) members in its own role's container.
+units it is related to (as the relation's reader, which its agent becomes when it joins);
+it may create (not delete) members in its own role's container.
 """
 
 import io
