@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ensemble.network import netlink_dumps
 from ensemble.network.bridge import _index, _ipr
 
 NUD_NOARP, NUD_PERMANENT = 0x40, 0x80   # a bridge's "static" entry; "permanent" (local / neighbour)
@@ -44,7 +45,8 @@ def _fdb(ipr, bridge_index):
     """[(port index, MAC, state)] of the bridge's forwarding entries (its own local ones
     included)."""
     entries = []
-    for entry in ipr.fdb("dump"):
+    for entry in netlink_dumps.forwarding(ipr, master=bridge_index):
+        # The bridge device's own entries come too, without NDA_MASTER.
         if entry.get_attr("NDA_MASTER") != bridge_index or entry.get_attr("NDA_VLAN") is not None:
             continue
         entries.append((entry["ifindex"], (entry.get_attr("NDA_LLADDR") or "").lower(), entry["state"]))
@@ -55,7 +57,7 @@ def _neighbours(ipr, bridge_index):
     """{address: (MAC, state)} of the IPv4 neighbour entries on the bridge."""
     return {
         n.get_attr("NDA_DST"): ((n.get_attr("NDA_LLADDR") or "").lower(), n["state"])
-        for n in ipr.get_neighbours(ifindex=bridge_index, family=2)
+        for n in netlink_dumps.neighbours(ipr, bridge_index)
         if n.get_attr("NDA_DST")
     }
 
@@ -117,7 +119,7 @@ def secure(bridge, units, subnet=None, netns=None):
 def _ports(ipr, bridge_index):
     """{name: (index, protinfo)} of the bridge's ports."""
     found = {}
-    for link in ipr.brport("dump"):
+    for link in netlink_dumps.bridge_ports(ipr):
         if link.get_attr("IFLA_MASTER") == bridge_index:
             found[link.get_attr("IFLA_IFNAME")] = (link["index"], link.get_attr("IFLA_PROTINFO"))
     return found

@@ -21,6 +21,7 @@ import netaddr
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ensemble.errors import EnsembleError
+from ensemble.network import netlink_dumps
 from ensemble.network.bridge import IFNAME_MAX, _index, _ipr, _kind
 
 log = logging.getLogger("ensemble.overlay")
@@ -137,14 +138,14 @@ def _holds(ipr, address):
 def _vxlan_entries(ipr, index):
     neighbours = {
         n.get_attr("NDA_DST"): n.get_attr("NDA_LLADDR")
-        for n in ipr.get_neighbours(ifindex=index, family=2)
+        for n in netlink_dumps.neighbours(ipr, index)
         if n.get_attr("NDA_LLADDR")
     }
     # Only entries with a remote (NDA_DST) are ours; the kernel adds its own
     # multicast ones to the dump.
     fdb = {
         f.get_attr("NDA_LLADDR"): f.get_attr("NDA_DST")
-        for f in ipr.fdb("dump")
+        for f in netlink_dumps.forwarding(ipr, port=index)
         if f["ifindex"] == index and f.get_attr("NDA_DST")
     }
     return neighbours, fdb
@@ -317,9 +318,9 @@ class Overlay:
     def _routes(self, ipr):
         network = netaddr.IPNetwork(self.cidr)
         found = {}
-        for route in ipr.get_routes(family=2, table=MAIN_TABLE):
+        for route in netlink_dumps.routes(ipr):
             dst = route.get_attr("RTA_DST")
-            if route["proto"] != ROUTE_PROTO or dst is None:
+            if route["proto"] != ROUTE_PROTO or route.get_attr("RTA_TABLE") != MAIN_TABLE or dst is None:
                 continue
             subnet = f"{dst}/{route['dst_len']}"
             if netaddr.IPNetwork(subnet) in network:
