@@ -1,17 +1,20 @@
 """ensemble/network/overlay.py against real namespaces (a lab network, no agents), and
 the machine agent's use of it: what it programs, repairs, removes and reports."""
 
+from types import SimpleNamespace
+
 import pytest
 import pytest_twisted
 from pyroute2 import IPRoute
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 
 from ensemble.lab import LabNetwork
 from ensemble.machine.agent import MachineAgent
+from ensemble.machine.reconcilers import overlay as reconciler_module
 from ensemble.network import bridge
 from ensemble.network.netns import ip_forwarding
 from ensemble.network.overlay import (
-    ROUTE_PROTO, Overlay, OverlayError, Peer, peers_from_leases, vtep_address, vtep_mac, vxlan_name,
+    ROUTE_PROTO, Overlay, OverlayError, Peer, SyncReport, peers_from_leases, vtep_address, vtep_mac, vxlan_name,
 )
 from ensemble.state.client import ZKClient
 from ensemble.state.machine import MachineStateManager
@@ -245,3 +248,72 @@ async def test_a_loopback_machine_makes_no_paths_and_says_why(env_client, zk_ser
         finally:
             await agent.stop()
             await agent.client.close()
+
+
+class _Machine:
+    def __init__(self):
+        self.data = {}
+
+    async def update(self, **fields):
+        self.data.update(fields)
+
+
+class _Overlay:
+    """Stands in for Overlay: counts comparisons with the kernel; `errors` are what
+    the next ones report."""
+
+    cidr = CIDR
+
+    def __init__(self):
+        self.compared = []
+        self.errors = []
+
+    def sync(self, peers):
+        self.compared.append(list(peers))
+        return SyncReport(errors=list(self.errors), paths=len(peers) - len(self.errors))
+
+
+def _leases(*machines):
+    return {f"10.90.{m}.0/24": {"machine": m, "address": f"192.0.2.{m + 10}"} for m in machines}
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_kernel_is_compared_when_peers_change_or_drift_is_due_not_on_every_tick(monkeypatch):
+    """With 1,000 machines a comparison reads thousands of entries: the resync tick
+    makes one only every DRIFT_CHECK seconds, while a lease change or an earlier
+    failure makes one at once."""
+    monkeypatch.setattr(reconciler_module.namespaces, "ip_forwarding", lambda netns: True)
+    clock = task.Clock()
+    host = SimpleNamespace(
+        reactor=clock, name="machine-0", machine_id=0, netns=None, machine=_Machine(),
+        in_thread=lambda f, *args: defer.maybeDeferred(f, *args),
+    )
+    reconciler = reconciler_module.OverlayReconciler(host)
+    reconciler.overlay = fake = _Overlay()
+    await reconciler._leases_changed(_leases(0, 1))
+    assert [[p.machine for p in peers] for peers in fake.compared] == [[1]]
+    for _ in range(int(reconciler_module.DRIFT_CHECK // MachineAgent.resync_interval) - 1):
+        clock.advance(MachineAgent.resync_interval)
+        await reconciler.tick()
+    assert len(fake.compared) == 1           # nothing changed: no tick looked
+    clock.advance(MachineAgent.resync_interval)
+    await reconciler.tick()
+    assert len(fake.compared) == 2           # the drift check was due
+    await reconciler._leases_changed(_leases(0, 1, 2))
+    assert [p.machine for p in fake.compared[-1]] == [1, 2]   # a new machine: at once
+    fake.errors = ["cannot add route to machine 2's subnet"]
+    await reconciler._leases_changed(_leases(0, 1, 2, 3) | {"x": {"machine": 9}})
+    assert "cannot add route" in host.machine.data["network-error"]
+    compared = len(fake.compared)
+    clock.advance(MachineAgent.resync_interval)
+    await reconciler.tick()
+    assert len(fake.compared) == compared + 1   # what failed is tried again on the next tick
+    fake.errors = []
+    clock.advance(MachineAgent.resync_interval)
+    await reconciler.tick()
+    assert "cannot add route" not in host.machine.data["network-error"]   # the bad lease still says why
+    assert "lease 'x'" in host.machine.data["network-error"]
+    compared = len(fake.compared)
+    clock.advance(MachineAgent.resync_interval)
+    await reconciler.tick()
+    assert len(fake.compared) == compared    # and once it worked, the tick leaves it be
