@@ -141,6 +141,22 @@ def test_an_agents_log_level_comes_from_the_environment(monkeypatch, capsys):
     assert cli_main._log_level(" debug") == logging.DEBUG
 
 
+@pytest.mark.parametrize("asked, ours, libraries", [("DEBUG", "DEBUG", "INFO"), ("WARNING", "WARNING", "WARNING")])
+def test_an_agents_log_level_is_ensembles_own(asked, ours, libraries):
+    """At DEBUG pyroute2 formats every netlink message it reads: agents keep other
+    libraries at INFO, whatever $ENSEMBLE_LOG_LEVEL asks of their own loggers."""
+    probe = (
+        "import argparse, importlib, logging\n"
+        "main = importlib.import_module('ensemble.cli.main')\n"
+        "main._configure_logging(argparse.Namespace(command='machine-agent', verbose=False))\n"
+        "level = lambda name: logging.getLevelName(logging.getLogger(name).getEffectiveLevel())\n"
+        "print(level('ensemble.machine'), level('pyroute2.netlink.core'), level('ensemble.kazoo'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            env=dict(os.environ, ENSEMBLE_LOG_LEVEL=asked))
+    assert result.stdout.split() == [ours, libraries, max(asked, "WARNING", key=logging.getLevelName)]
+
+
 def test_interrupt_before_the_reactor_runs_exits_130(monkeypatch, capsys):
     def interrupted():
         raise KeyboardInterrupt()

@@ -83,13 +83,17 @@ def build_parser():
 def _configure_logging(args):
     agent = args.command in ("machine-agent", "unit-agent")
     level = logging.INFO if (agent or args.verbose) else logging.CRITICAL
-    if agent and os.environ.get(LOG_LEVEL_VARIABLE):
-        level = _log_level(os.environ[LOG_LEVEL_VARIABLE])
+    asked = _log_level(os.environ[LOG_LEVEL_VARIABLE]) if agent and os.environ.get(LOG_LEVEL_VARIABLE) else None
     logging.basicConfig(
-        level=level,
+        level=level if asked is None else max(asked, logging.INFO),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if asked is not None:
+        # The level asked for is ours; other libraries log no lower than INFO: at DEBUG,
+        # pyroute2 formats every netlink message it reads, and a machine agent's pass
+        # over a host's thousands of entries spent more time logging than working.
+        logging.getLogger("ensemble").setLevel(asked)
     # kazoo narrates every reconnect attempt; agents keep the warnings.
     logging.getLogger("ensemble.kazoo").setLevel(logging.WARNING if agent else logging.CRITICAL)
 
