@@ -102,11 +102,13 @@ async def benchmark(reactor, args, env, config):
         for i in range(args.sequential):
             begin = reactor.seconds()
             (name,) = await services.add_units("idle", n=1, to=0)
+            added = (reactor.seconds() - begin) * 1000
             took = await started(reactor, client, [name], timeout=60, since=begin)
             if name not in took:
                 raise SystemExit(f"{name} did not start within 60s")
             latencies.append(took[name] * 1000)
-            timelines.append({**timeline(env["ENSEMBLE_HOME"], 0, name, begin), "seen": took[name] * 1000})
+            timelines.append({"added": added, **timeline(env["ENSEMBLE_HOME"], 0, name, begin),
+                              "seen": took[name] * 1000})
             if floor is not None:
                 floors.append(await floor.sample(i))
         # Ten at once.

@@ -72,10 +72,11 @@ def timeline(home, machine_id, unit, since, machine_log=None):
 
 
 def durations(steps):
-    """Each step's own time: from the step before it that was found ("seen": when the
-    benchmark saw `started`, if the caller added it)."""
+    """Each step's own time: from the step before it that was found. The caller may add
+    two of its own: "added", when its add-unit call returned, and "seen", when it saw
+    `started`."""
     result, last = {}, 0.0
-    for step in [step for step, _, _ in STEPS] + ["seen"]:
+    for step in ["added"] + [step for step, _, _ in STEPS] + ["seen"]:
         if step in steps:
             result[step] = round(steps[step] - last, 1)
             last = steps[step]

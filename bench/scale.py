@@ -42,6 +42,7 @@ from ensemble.lab import Lab  # noqa: E402
 from ensemble.machine.container.names import container_name  # noqa: E402
 from ensemble.network.ipam import Allocator  # noqa: E402
 from ensemble.network.netns import netns_path  # noqa: E402
+from ensemble.state.client import count_requests  # noqa: E402
 from ensemble.state.machine import MachineStateManager  # noqa: E402
 from ensemble.state.network import ZooKeeperAddressStore, lease_subnet  # noqa: E402
 from ensemble.state.presence import agent_info  # noqa: E402
@@ -97,27 +98,29 @@ async def inside(reactor, args):
     try:
         async def deploys():
             """add-unit to `started` (ms) of each sample, and each step's own time (p50)."""
-            latencies, steps = [], []
+            latencies, steps, requests = [], [], []
             for _ in range(args.samples):
                 begin = reactor.seconds()
-                (name,) = await ServiceStateManager(client).add_units("idle", n=1, to=0)
+                (name,) = await defer.ensureDeferred(add_unit(client, requests))
+                added = (reactor.seconds() - begin) * 1000
                 took = await started(reactor, client, [name], timeout=120, since=begin)
                 if name not in took:
                     raise SystemExit(f"{name} did not start within 120 s")
                 latencies.append(took[name] * 1000)
                 # The machine agent's steps from its log; the unit's own logs are on its
                 # disk here, so "seen" (`started` seen by the benchmark) takes the rest.
-                steps.append(durations({**timeline(os.path.dirname(args.agent_log), 0, name, begin,
-                                                   machine_log=args.agent_log), "seen": latencies[-1]}))
-            return latencies, _median_steps(steps)
+                steps.append(durations({"added": added, **timeline(os.path.dirname(args.agent_log), 0, name, begin,
+                                                                     machine_log=args.agent_log),
+                                        "seen": latencies[-1]}))
+            return latencies, _median_steps(steps), statistics.median(requests)
 
-        empty, result["empty_steps_p50_ms"] = await deploys()
+        empty, result["empty_steps_p50_ms"], result["empty_add_unit_requests"] = await deploys()
         result["empty_passes"] = await passes(reactor, args.agent_log)
         began = time.monotonic()
         await populate(client, args.machines, args.units)
         result["populate_s"] = round(time.monotonic() - began, 1)
         result["full_passes"] = await passes(reactor, args.agent_log)
-        full, result["full_steps_p50_ms"] = await deploys()
+        full, result["full_steps_p50_ms"], result["full_add_unit_requests"] = await deploys()
         result["empty_add_unit_p50_ms"] = round(statistics.median(empty), 1)
         result["full_add_unit_p50_ms"] = round(statistics.median(full), 1)
         result["full_to_empty_p50"] = round(statistics.median(full) / statistics.median(empty), 2)
@@ -127,6 +130,16 @@ async def inside(reactor, args):
     finally:
         await client.close()
     print(json.dumps(result))
+
+
+async def add_unit(client, requests):
+    """One unit of the idle service on machine 0; appends to `requests` how many
+    ZooKeeper requests the add-unit made (counted in its own coroutine)."""
+    counted = count_requests()
+    try:
+        return await ServiceStateManager(client).add_units("idle", n=1, to=0)
+    finally:
+        requests.append(counted[0])
 
 
 async def passes(reactor, agent_log):
