@@ -12,7 +12,8 @@ from ensemble.state import auth, nodes
 from ensemble.state.client import NoAuth, NodeExists, ZKClient
 from ensemble.state.environment import initialize
 from ensemble.state.machine import MachineStateManager
-from ensemble.state.relation import RelationStateManager, join_reader, relation_path
+from ensemble.state.nodes import service_path
+from ensemble.state.relation import RELATIONS_INDEX, RelationStateManager, join_reader, relation_path
 from ensemble.state.service import ServiceStateManager
 from ensemble.status import collect
 
@@ -186,6 +187,64 @@ async def test_peers_are_made_at_deploy_and_relations_go_with_destroy_service(en
     assert await env_client.exists(relation_path(db.key)) is None
     status = await collect(env_client)
     assert "relations" not in status["services"]["mysql"]
+
+
+async def _index(client, service):
+    data, _ = await nodes.read(client, service_path(service))
+    return data.get(RELATIONS_INDEX)
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_service_indexes_its_relations_so_add_unit_reads_only_those(env_client, tmp_path, monkeypatch):
+    await _deploy(env_client, tmp_path, "mysql", MYSQL)
+    await _deploy(env_client, tmp_path, "wordpress", WORDPRESS)
+    manager = RelationStateManager(env_client)
+    assert await _index(env_client, "wordpress") == ["relation-0000000000"]   # its peer relation, at deploy
+    assert await _index(env_client, "mysql") == []
+    db, _, _ = await manager.add_relation("wordpress", "mysql")
+    for i in range(3):  # other services' relations, which wordpress's add-unit has no business reading
+        await _deploy(env_client, tmp_path, f"db{i}", MYSQL)
+        await _deploy(env_client, tmp_path, f"blog{i}", "requires:\n  db: mysql\n")
+        await manager.add_relation(f"db{i}", f"blog{i}")
+    assert await _index(env_client, "wordpress") == ["relation-0000000000", db.key]
+    assert await _index(env_client, "mysql") == [db.key]
+    read = []
+    get, get_children = env_client.get, env_client.get_children
+    monkeypatch.setattr(env_client, "get", lambda path, *a, **k: read.append(path) or get(path, *a, **k))
+    monkeypatch.setattr(env_client, "get_children",
+                        lambda path, *a, **k: read.append(f"children of {path}") or get_children(path, *a, **k))
+    [unit] = await ServiceStateManager(env_client).add_units("wordpress", 1, to=0)
+    monkeypatch.undo()
+    assert sorted(p for p in read if p.startswith(f"{nodes.RELATIONS}/relation-") and p.count("/") == 2) == [
+        relation_path("relation-0000000000"), relation_path(db.key)]
+    assert f"children of {nodes.RELATIONS}" not in read
+    assert "wordpress-1" in await env_client.get_children(f"{relation_path(db.key)}/settings")
+    # remove-relation takes it out of both; destroy-service out of the other side's.
+    await manager.remove_relation("wordpress", "mysql")
+    assert await _index(env_client, "wordpress") == ["relation-0000000000"]
+    assert await _index(env_client, "mysql") == []
+    await ServiceStateManager(env_client).destroy_service("blog0")
+    assert await _index(env_client, "db0") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_service_deployed_before_the_index_still_finds_its_relations(env_client, tmp_path):
+    await _deploy(env_client, tmp_path, "mysql", MYSQL)
+    await _deploy(env_client, tmp_path, "wordpress", WORDPRESS)
+    await _deploy(env_client, tmp_path, "cache", "provides:\n  cache: memcache\n")
+    manager = RelationStateManager(env_client)
+    db, _, _ = await manager.add_relation("wordpress", "mysql")
+    for service in ("wordpress", "mysql"):  # as an environment made before the index left them
+        data, version = await nodes.read(env_client, service_path(service))
+        del data[RELATIONS_INDEX]
+        await env_client.set(service_path(service), nodes.dump(data), version)
+    assert [r.key for r in await manager.relations_of("mysql")] == [db.key]
+    await ServiceStateManager(env_client).add_units("mysql", 1, to=0)
+    assert "mysql-1" in await env_client.get_children(f"{relation_path(db.key)}/settings")
+    # Its next relation writes the whole index, the older relations in it.
+    cache, _, _ = await manager.add_relation("wordpress", "cache")
+    assert await _index(env_client, "wordpress") == sorted(["relation-0000000000", db.key, cache.key])
+    assert await _index(env_client, "mysql") is None
 
 
 # -- the CLI -------------------------------------------------------------------------

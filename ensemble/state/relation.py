@@ -38,6 +38,9 @@ from ensemble.state.nodes import service_path
 from ensemble.state.unit import DYING, UnitStateManager, unit_path
 
 SETTINGS = "settings"
+# In a service node's data: the keys of the relations the service is in, so that
+# add-unit and remove-relation read those, not every relation in the environment.
+RELATIONS_INDEX = "relations"
 ROLES = ("server", "client", "peer")
 
 
@@ -256,6 +259,13 @@ async def counter(client):
     return int(data.get("next-id", 0)), version
 
 
+def indexed(data, relations, add=None):
+    """A service node's `data` with its index of relations: the keys of `relations`
+    (those found in it now), and `add`."""
+    keys = {r.key for r in relations} | ({add} if add else set())
+    return {**data, RELATIONS_INDEX: sorted(keys)}
+
+
 async def peer_ops(client, tx, service, endpoints, placements, first_id, policy):
     """Deploy's part: a peer relation per `peers:` endpoint (their quotas made now);
     returns how many ids it used."""
@@ -285,6 +295,10 @@ class RelationStateManager:
             keys = sorted(await self.client.get_children(nodes.RELATIONS))
         except NoNode:
             return []
+        return await self._read_relations(keys)
+
+    async def _read_relations(self, keys):
+        """The relations of `keys` that exist, read in parallel."""
         results = await defer.DeferredList(
             [defer.ensureDeferred(nodes.read(self.client, relation_path(k))) for k in keys],
             consumeErrors=True,
@@ -297,8 +311,20 @@ class RelationStateManager:
                 value.raiseException()
         return relations
 
-    async def relations_of(self, service):
-        return [r for r in await self.get_all_relations() if service in r.services]
+    async def relations_of(self, service, data=None):
+        """The relations `service` is in: those its node's index lists (`data`: the
+        node's data, if read already). A service without an index (deployed before
+        there was one, and related to nothing since) has every relation read to find
+        its own; a key left by a relation another service's destroy removed is
+        skipped."""
+        if data is None:
+            try:
+                data, _ = await nodes.read(self.client, service_path(service))
+            except NoNode:
+                data = {}
+        keys = data.get(RELATIONS_INDEX)
+        found = await self._read_relations(sorted(keys)) if keys is not None else await self.get_all_relations()
+        return [r for r in found if service in r.services]
 
     async def _service(self, name):
         """(service data, version, endpoints, {unit: machine})."""
@@ -338,7 +364,8 @@ class RelationStateManager:
                     raise InvalidRelation(f"service {name!r} is being destroyed")
             end_a, end_b = match(da, ea, db, eb)
             wanted = {(s, n) for s, n, _ in (end_a, end_b)}
-            for existing in await self.relations_of(da[0]):
+            of_a, of_b = await self.relations_of(da[0], sa), await self.relations_of(db[0], sb)
+            for existing in of_a:
                 if {(e["service"], e["relation-name"]) for e in existing.endpoints} == wanted:
                     raise RelationExists(
                         f"{end_a[0]}:{end_a[1]} and {end_b[0]}:{end_b[1]} are already related "
@@ -348,9 +375,12 @@ class RelationStateManager:
             data = relation_data(number, end_a, end_b)
             tx = self.client.transaction()
             tx.set(nodes.RELATIONS, nodes.dump({"next-id": number + 1}), version)
-            # Units added meanwhile bump the service's version: they would miss their settings.
-            tx.check(service_path(da[0]), va)
-            tx.check(service_path(db[0]), vb)
+            # Each service's index gets the new relation (and loses keys of relations
+            # gone meanwhile), at the version read: units added meanwhile bump it, and
+            # would miss their settings.
+            key = relation_key(number)
+            tx.set(service_path(da[0]), nodes.dump(indexed(sa, of_a, add=key)), va)
+            tx.set(service_path(db[0]), nodes.dump(indexed(sb, of_b, add=key)), vb)
             policy = auth.admin_policy(self.client)
             await _prepare(self.client, policy, relation_key(number), data, {da[0]: ua, db[0]: ub})
             _relation_ops(tx, relation_key(number), data, {da[0]: ua, db[0]: ub}, policy)
@@ -400,7 +430,32 @@ class RelationStateManager:
         the meantime gets NoNode: the relation is gone."""
         relation = await self.find(a, b)
         await self.delete(relation.key)
+        await self.unindex([relation])
         return relation
+
+    async def unindex(self, relations, skip=None):
+        """Take `relations` (removed) out of their services' indexes, but `skip`'s."""
+        for relation in relations:
+            for service in sorted(set(relation.services) - {skip}):
+                await self._unindex(service, relation.key)
+
+    async def _unindex(self, service, key):
+        # A service gone, or without an index, has nothing to take out.
+        while True:
+            try:
+                data, version = await nodes.read(self.client, service_path(service))
+            except NoNode:
+                return
+            if key not in (data.get(RELATIONS_INDEX) or ()):
+                return
+            try:
+                await self.client.set(service_path(service), nodes.dump(
+                    {**data, RELATIONS_INDEX: sorted(set(data[RELATIONS_INDEX]) - {key})}), version)
+                return
+            except BadVersion:
+                continue
+            except NoNode:
+                return
 
     async def delete(self, key):
         while True:
@@ -422,25 +477,26 @@ class RelationStateManager:
             for key in keys:
                 await quota.forget(self.client, relation_path(key))
 
-    async def delete_ops(self, tx, service):
-        """destroy-service's part: delete in `tx` every relation `service` is in; returns
-        their keys (for `forget_quotas` once `tx` is committed)."""
-        keys = []
-        for relation in await self.relations_of(service):
+    async def delete_ops(self, tx, service, data=None):
+        """destroy-service's part: delete in `tx` every relation `service` (`data`: its
+        node's) is in; returns them (for `forget_quotas` and `unindex` once `tx` is
+        committed)."""
+        gone = []
+        for relation in await self.relations_of(service, data):
             try:
                 await _delete_tree_ops(self.client, tx, relation_path(relation.key))
             except NoNode:
                 continue
-            keys.append(relation.key)
-        return keys
+            gone.append(relation)
+        return gone
 
-    async def units_added_ops(self, tx, service, placements):
+    async def units_added_ops(self, tx, service, placements, data=None):
         """add-unit's part: grant the new units {unit: machine} their place in each
-        relation of `service` and size its quotas for them (before `tx`), and create
-        their settings nodes in `tx`. The caller checks /relations' version in `tx`
-        too (see `counter`)."""
+        relation of `service` (`data`: its node's, read already) and size its quotas
+        for them (before `tx`), and create their settings nodes in `tx`. The caller
+        checks the service's version and /relations' in `tx` too (see `counter`)."""
         policy = auth.admin_policy(self.client)
-        for relation in await self.relations_of(service):
+        for relation in await self.relations_of(service, data):
             services = [e["service"] for e in relation.endpoints]
             units = {s: await self._units(s) for s in set(services)}
             units[service] = {**units.get(service, {}), **placements}

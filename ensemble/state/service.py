@@ -215,10 +215,12 @@ class ServiceStateManager:
             await prune_unit_quotas(self.client)
             await prepare_units(self.client, policy, placements)
         tx = self.client.transaction()
+        data[relation.RELATIONS_INDEX] = []
         if any(e["role"] == "peer" for e in endpoints.values()):
             first_id, relations_version = await relation.counter(self.client)
             used = await relation.peer_ops(self.client, tx, name, endpoints, placements, first_id, policy)
             tx.set(nodes.RELATIONS, nodes.dump({"next-id": first_id + used}), relations_version)
+            data[relation.RELATIONS_INDEX] = [relation.relation_key(first_id + i) for i in range(used)]
         await _store_charm(self.client, tx, charm_bundle_id, bundle, policy, placements)
         tx.create(service_path(name), nodes.dump(data), acl=policy and policy.service_node(placements))
         tx.create(config_path(name), nodes.dump({"config": config}), acl=policy and policy.service_config(placements))
@@ -266,7 +268,7 @@ class ServiceStateManager:
             _, relations_version = await relation.counter(self.client)
             tx.check(nodes.RELATIONS, relations_version)
             await relation.RelationStateManager(self.client).units_added_ops(
-                tx, name, _placements(name, first, machines))
+                tx, name, _placements(name, first, machines), data)
             try:
                 await tx.commit()
             except BadVersion:
@@ -418,9 +420,9 @@ class ServiceStateManager:
                         tx.delete(assignment)
             # Its relations go now, in the same transaction (the units' agents see them go).
             relations = relation.RelationStateManager(self.client)
-            gone = await relations.delete_ops(tx, name)
+            gone = await relations.delete_ops(tx, name, data)
             if units:
-                tx.set(service_path(name), nodes.dump({**data, "life": DYING}), version)
+                tx.set(service_path(name), nodes.dump({**data, "life": DYING, relation.RELATIONS_INDEX: []}), version)
             else:
                 if await self.client.exists(config_path(name)) is not None:
                     tx.delete(config_path(name))
@@ -429,7 +431,8 @@ class ServiceStateManager:
                 await tx.commit()
             except (BadVersion, NoNode, NotEmpty):
                 continue
-            await relations.forget_quotas(gone)
+            await relations.forget_quotas([r.key for r in gone])
+            await relations.unindex(gone, skip=name)
             if not units:
                 await self._remove_charm_if_unused(service.charm_id)
             return units
