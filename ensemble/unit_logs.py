@@ -131,13 +131,26 @@ def sources(logs_dir, units=None, removed=False, machines=True):
 
 
 def removal_keys(logs_dir, units):
-    """{unit: the time key just past its last removal} of those of `units` removed
-    before: a machine agent's lines about that earlier unit are before it."""
+    """{unit: the time key of its last removal} of those of `units` removed before: a
+    machine agent's lines about that earlier unit are before it, or at it."""
     keys = {}
-    for name, _, when in removed_units(logs_dir):
+    for name, entry, when in removed_units(logs_dir):
         if name in units:
-            keys[name] = max(keys.get(name, b""), when.encode() + b",999")
+            keys[name] = max(keys.get(name, b""), _removal_key(logs_dir, entry, when))
     return keys
+
+
+def _removal_key(logs_dir, entry, when):
+    # To the millisecond from the directory's mtime (set at the move), where it agrees
+    # with the second in its name: a unit made again within that second shows its own
+    # lines. Otherwise (a directory touched since) the whole second is the earlier one's.
+    try:
+        mtime = os.stat(os.path.join(logs_dir, UNITS, REMOVED, entry)).st_mtime
+    except OSError:
+        mtime = None
+    if mtime is not None and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime)) == when:
+        return f"{when},{int(mtime * 1000) % 1000:03d}".encode()
+    return when.encode() + b",999"
 
 
 def mentions(units, since=None):

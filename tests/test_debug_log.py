@@ -161,6 +161,26 @@ def test_what_a_unit_put_in_place_of_its_log_is_refused_and_the_rest_shown(logs,
 
 # -- removed units ---------------------------------------------------------------------
 
+def test_a_unit_made_again_in_the_second_of_the_removal_shows_its_own_lines(tmp_path):
+    """The kept directory's name holds the second; its mtime the move's millisecond."""
+    units, logs = tmp_path / "logs" / "units", str(tmp_path / "logs")
+    write(units / "hello-0" / "hello-0.log", "2026-12-02 14:03:05,100 install: old incarnation")
+    when = time.mktime(time.strptime("2026-12-02 14:03:05", "%Y-%m-%d %H:%M:%S"))
+    kept = retire_log_dir(str(units), "hello/0", now=when + 0.25)
+    write(tmp_path / "logs" / "machine-0.log",
+          "2026-12-02 14:03:05,200 INFO ensemble.machine: destroying ens-x-hello-0 of hello/0",
+          "2026-12-02 14:03:05,600 INFO ensemble.machine: created ens-x-hello-0 for hello/0")
+    since = unit_logs.removal_keys(logs, ["hello/0"])
+    assert since == {"hello/0": b"2026-12-02 14:03:05,250"}
+    out = []
+    unit_logs.read(unit_logs.sources(logs, ["hello/0"]), lambda *item: out.append(item[1].decode()), 0,
+                   unit_logs.mentions(["hello/0"], since))
+    assert out == ["2026-12-02 14:03:05,600 INFO ensemble.machine: created ens-x-hello-0 for hello/0"]
+    # A kept directory touched since: the whole second is the earlier unit's, as before.
+    os.utime(kept, (when + 30, when + 30))
+    assert unit_logs.removal_keys(logs, ["hello/0"]) == {"hello/0": b"2026-12-02 14:03:05,999"}
+
+
 def test_a_removed_units_log_goes_out_of_the_way_of_a_new_one(tmp_path):
     units = tmp_path / "logs" / "units"
     write(units / "hello-0" / "hello-0.log", "2026-12-02 14:00:01,000 install: old incarnation")
@@ -184,10 +204,10 @@ def test_a_removed_units_log_goes_out_of_the_way_of_a_new_one(tmp_path):
     logs = str(tmp_path / "logs")
     write(tmp_path / "logs" / "machine-0.log",
           "2026-12-02 14:00:00,000 INFO ensemble.machine: created ens-x-hello-0 for hello/0",
-          "2026-12-02 14:03:05,500 INFO ensemble.machine: kept the log of hello/0",
+          "2026-12-02 14:03:05,000 INFO ensemble.machine: kept the log of hello/0",
           "2026-12-02 14:04:59,000 INFO ensemble.machine: created ens-x-hello-0 for hello/0")
     since = unit_logs.removal_keys(logs, ["hello/0"])
-    assert since == {"hello/0": b"2026-12-02 14:03:05,999"}
+    assert since == {"hello/0": b"2026-12-02 14:03:05,000"}   # the moves' time, to the ms
     out = []
     unit_logs.read(unit_logs.sources(logs, ["hello/0"]), lambda *item: out.append(item[1].decode()), 0,
                    unit_logs.mentions(["hello/0"], since))

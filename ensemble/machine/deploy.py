@@ -53,6 +53,7 @@ def retire_log_dir(unit_log_dir, unit_name, now=None):
         return None
     removed = os.path.join(unit_log_dir, log_layout.REMOVED)
     os.makedirs(removed, mode=0o700, exist_ok=True)
+    now = time.time() if now is None else now
     stamp = time.strftime(log_layout.REMOVED_TIME, time.localtime(now))
     for n in itertools.count():
         target = os.path.join(removed, f"{key}.{stamp}" + (f".{n}" if n else ""))
@@ -66,6 +67,10 @@ def retire_log_dir(unit_log_dir, unit_name, now=None):
                 log.warning("%s: could not move its log to %s (%s): it stays in %s", unit_name, target,
                             e.strerror, source)
                 return None
+            # The name holds the second; the time of the move to the millisecond, for
+            # debug-log to tell this unit's lines from a new one's made in the same
+            # second (unit_logs.removal_keys), is its mtime, which nothing changes after.
+            os.utime(target, (now, now))
             return target
 
 
