@@ -398,10 +398,10 @@ class RelationStateManager:
         (sa, ra), (sb, rb) = parse_descriptor(a), parse_descriptor(b)
         if sa == sb:
             raise InvalidRelation(f"a service is not related to itself ({sa}); its peer relations go with the service")
-        for service in (sa, sb):
-            await self._service(service)  # ServiceNotFound
+        data_a = (await self._service(sa))[0]
+        await self._service(sb)  # ServiceNotFound
         found = []
-        for relation in await self.relations_of(sa):
+        for relation in await self.relations_of(sa, data_a):
             ea, eb = relation.endpoint(sa), relation.endpoint(sb)
             if ea is None or eb is None:
                 continue
