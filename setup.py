@@ -20,6 +20,8 @@ setup(
         "pyroute2>=0.7",
         "pyyaml>=6.0",
         "netaddr>=0.8",
+        # A unit agent forked in by the agent starter shows its own command line.
+        "setproctitle>=1.2",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-twisted>=1.14", "hypothesis>=6"],

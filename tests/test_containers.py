@@ -6,6 +6,8 @@ The template is built once (first run: ~45 s) in the well-known cache
 tests of failed, interrupted and concurrent builds use a cache of their own.
 """
 
+import dataclasses
+import json
 import os
 import re
 import time
@@ -283,6 +285,36 @@ def test_spec_validates_its_input():
         _spec(mounts=[("relative/path", "/x", True)])
     with pytest.raises(InvalidValue):
         _spec(agent_command="python -m ensemble")
+    # The agent starter runs `-m ensemble ARGS` itself: nothing else can be forked in.
+    with pytest.raises(InvalidValue):
+        _spec(agent_command=["/bin/sh", "-c", "x"], agent_forked=True)
+    with pytest.raises(InvalidValue):
+        _spec(agent_forked=True)
+
+
+def test_a_forked_agent_gets_its_lock_mounted_read_only_and_its_command_in_a_file_of_its_own():
+    spec = _spec(agent_command=["/venv/python", "-m", "ensemble", "unit-agent", "--unit", "web/0"],
+                 agent_environment={"ENSEMBLE_AUTH": "secret"}, agent_forked=True)
+    text = lxc_config.render(spec, "/l/ens-test-web-0", "/cache/rootfs", "ve-0123456789ab",
+                             FakeCgroups(1, {"memory", "cpu", "pids"}, memsw=True))
+    assert ("lxc.mount.entry = /l/ens-test-web-0/agent.lock etc/ensemble/agent.lock none bind,ro,create=file 0 0"
+            in text.splitlines())
+    files = lxc_config.service_files(spec)
+    content, mode = files["service/agent/agent.json"]
+    assert mode == 0o600 and files["service/agent/run"][1] == 0o700
+    assert json.loads(content) == {
+        "argv": ["/venv/python", "-m", "ensemble", "unit-agent", "--unit", "web/0"],
+        "environment": {"ENSEMBLE_AUTH": "secret", "HOME": "/root", "LANG": "C.UTF-8",
+                        "PATH": lxc_config.DEFAULT_PATH},
+    }
+    # runsv's script waits for the lock before it starts an agent of its own.
+    run = files["service/agent/run"][0]
+    assert run.index("flock 9") < run.index("exec /usr/bin/env -i")
+    # Not forked: no lock, no file, the agent started at once.
+    plain = lxc_config.service_files(dataclasses.replace(spec, agent_forked=False))
+    assert list(plain) == ["service/agent/run"] and "flock" not in plain["service/agent/run"][0]
+    assert "agent.lock" not in lxc_config.render(dataclasses.replace(spec, agent_forked=False), "/l/ens-test-web-0",
+                                                 "/cache/rootfs", "ve-0123456789ab", FakeCgroups(1, set()))
 
 
 def test_ensemble_mounts_cover_the_venv_and_the_package():

@@ -209,8 +209,9 @@ def unit_agent_pid(unit):
     """The host pid of the unit agent process for `unit` (inside its container)."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            argv = process.cmdline(int(entry))
-            if b"unit-agent" in argv and unit.encode() in argv:
+            # An agent forked in by the starter has its command line as one title.
+            words = b" ".join(process.cmdline(int(entry))).split()
+            if b"unit-agent" in words and unit.encode() in words:
                 return int(entry)
     return None
 

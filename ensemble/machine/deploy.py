@@ -149,6 +149,8 @@ class UnitDeployer:
             idmap=OWN_RANGE,
             mounts=mounts,
             agent_command=[agent_python(), "-m", "ensemble", "unit-agent", "--unit", unit.name],
+            # Forked in from the machine's starter, already imported (agent_starter.py).
+            agent_forked=True,
             agent_environment={
                 "ENSEMBLE_ZOOKEEPER": self.host.unit_zookeeper,
                 "ENSEMBLE_SESSION_TIMEOUT": UNIT_SESSION_TIMEOUT,

@@ -12,6 +12,7 @@ Layout of one container under its lxc path:
     <lxc_path>/<name>/stage.json          what a user-namespaced start binds (below)
 """
 
+import json
 import logging
 import os
 import shlex
@@ -28,6 +29,15 @@ MARKER = "# ensemble container"
 SERVICE_DIR = "ensemble"             # in the container's lxc dir
 SERVICE_MOUNT = "etc/ensemble"       # where it is seen inside (relative to the rootfs)
 AGENT_LOG = f"{log_layout.INSIDE}/{log_layout.AGENT_LOG}"
+# A forked agent (agent_starter.py): the lock it holds while it runs, the host's file in
+# the container's directory seen read-only inside; the command and environment it runs
+# with (the unit root's, 0600: its credential); its pid, for runsv's script.
+AGENT_LOCK = "agent.lock"
+AGENT_LOCK_INSIDE = f"/{SERVICE_MOUNT}/{AGENT_LOCK}"
+AGENT_SPEC = f"/{SERVICE_MOUNT}/service/agent/agent.json"
+FORKED_AGENT_PID = f"/{SERVICE_MOUNT}/service/agent/forked.pid"
+# A forked agent's command is `PYTHON -m ensemble ARGS...`: the starter runs ARGS.
+ENSEMBLE_ARGS = 3
 INIT_CMD = "/usr/bin/tini -- /usr/bin/runsv /etc/ensemble/service/agent"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Under a user namespace LXC mounts the rootfs and the bind mounts as the container's
@@ -388,6 +398,9 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None, cgroup_pare
         "# mounts",
         f"lxc.mount.entry = {_fstab_path(os.path.join(staged_dir, SERVICE_DIR))} {SERVICE_MOUNT} none bind,create=dir 0 0",
     ]
+    if spec.agent_forked:
+        lines.append(f"lxc.mount.entry = {_fstab_path(os.path.join(staged_dir, AGENT_LOCK))} "
+                     f"{AGENT_LOCK_INSIDE.lstrip('/')} none bind,ro,create=file 0 0")
     for host_path, container_path, read_only in _by_depth(spec.mounts):
         source = seen.get(_check_path(host_path, "a mount's host path"))
         lines.append(mount_entry(host_path, container_path, read_only, source))
@@ -400,22 +413,41 @@ def render(spec, container_dir, template_rootfs, veth, cgroups=None, cgroup_pare
     return "\n".join(lines)
 
 
-def agent_run_script(argv, environment=None):
-    """runsv's ./run for the unit agent: a clean environment, output to the agent log."""
+def agent_environment(environment=None):
+    """The unit agent's whole environment: a clean one, with `environment` added."""
     env = {"PATH": DEFAULT_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
     env.update(environment or {})
     for k in env:
         if not k or "=" in k or "\0" in k or "\0" in str(env[k]):
             raise ValueError(f"invalid environment variable {k!r}")
+    return {k: str(v) for k, v in env.items()}
+
+
+def agent_run_script(argv, environment=None, forked=False):
+    """runsv's ./run for the unit agent: a clean environment, output to the agent log.
+    `forked`: the container's first agent is forked in by the machine agent's starter
+    (agent_starter.py) and holds AGENT_LOCK while it runs; until it ends this script
+    stands in for it with runsv (passes runsv's TERM on, as at a container's stop) and
+    starts an agent itself only once that one has ended on its own."""
+    env = agent_environment(environment)
     assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()))
     command = " ".join(shlex.quote(str(a)) for a in argv)
     log_dir = os.path.dirname(AGENT_LOG)
+    wait = (
+        f"exec 9<{AGENT_LOCK_INSIDE}\n"
+        f"trap 'stopping=1; kill -TERM \"$(cat {FORKED_AGENT_PID} 2>/dev/null)\" 2>/dev/null' TERM\n"
+        "flock 9 &\n"
+        "waiter=$!\n"
+        'while kill -0 "$waiter" 2>/dev/null; do wait "$waiter"; done\n'
+        '[ -z "$stopping" ] || exit 0\n'
+    ) if forked else ""
     return (
         "#!/bin/sh\n"
         "# The unit agent, supervised by runsv: restarted when it exits (at most once a second).\n"
         f"mkdir -p {log_dir}\n"
         f"exec </dev/null >>{AGENT_LOG} 2>&1\n"
         "cd /\n"
+        f"{wait}"
         f"exec /usr/bin/env -i {assignments} {command}\n"
     )
 
@@ -423,8 +455,13 @@ def agent_run_script(argv, environment=None):
 def service_files(spec):
     """{relative path under <container>/ensemble: (content, mode)} for the spec."""
     if spec.agent_command:
-        # 0700: it holds the unit's ZooKeeper credential.
-        return {"service/agent/run": (agent_run_script(spec.agent_command, spec.agent_environment), 0o700)}
+        # 0700 and 0600: they hold the unit's ZooKeeper credential.
+        files = {"service/agent/run": (
+            agent_run_script(spec.agent_command, spec.agent_environment, spec.agent_forked), 0o700)}
+        if spec.agent_forked:
+            agent = {"argv": list(spec.agent_command), "environment": agent_environment(spec.agent_environment)}
+            files["service/agent/agent.json"] = (json.dumps(agent), 0o600)
+        return files
     # Nothing to supervise: runsv keeps the container up with the service down.
     return {
         "service/agent/run": ("#!/bin/sh\nexec sleep infinity\n", 0o755),

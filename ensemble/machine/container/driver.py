@@ -76,6 +76,7 @@ OWN_RANGE = "own"
 
 
 STAGE_SERVER = [sys.executable, "-I", "-S", stage_script.__file__, "--serve"]
+AGENT_STARTER = [sys.executable, "-P", "-m", "ensemble.machine.container.agent_starter"]
 
 
 def _stage_plan(container):
@@ -129,6 +130,10 @@ class ContainerSpec:
     mounts: Sequence = ()              # (host_path, container_path, read_only)
     agent_command: Optional[Sequence[str]] = None
     agent_environment: Optional[dict] = None
+    # The agent is `PYTHON -m ensemble ARGS` and is forked into the container at each
+    # start by the driver's agent starter (agent_starter.py), already imported; runsv
+    # runs agent_command only once that one has ended.
+    agent_forked: bool = False
     mtu: Optional[int] = None          # the veth's; None: the kernel's default
     # The container's interface's MAC (ipam.unit_mac: the host's bridge accepts only it
     # from the unit's port); None: one LXC makes up at each start.
@@ -194,6 +199,8 @@ class ContainerSpec:
                 raise InvalidValue("the agent command must be a non-empty list of arguments")
             self.agent_command = [str(a) for a in self.agent_command]
             lxc_config.agent_run_script(self.agent_command, self.agent_environment)  # validates
+        if self.agent_forked and (self.agent_command or [])[1:lxc_config.ENSEMBLE_ARGS] != ["-m", "ensemble"]:
+            raise InvalidValue("a forked agent's command must be: PYTHON -m ensemble ARGS...")
 
 
 # -- processes ------------------------------------------------------------------------
@@ -326,10 +333,11 @@ class _NetnsHelper(protocol.ProcessProtocol):
         return (target.st_dev, target.st_ino) == (mine.st_dev, mine.st_ino)
 
 
-class _Stager(protocol.ProcessProtocol):
-    """stage.py --serve, for one driver: runs a command in a mount namespace of its own
-    holding what a plan mounts (see stage.py), a fork per run instead of an
-    interpreter's start. `prefix`: where it was started (the driver's namespaces)."""
+class _JsonLinesHelper(protocol.ProcessProtocol):
+    """A helper process of one driver that answers JSON-line requests, each answer
+    naming its request's "id". `prefix`: where it was started (the driver's namespaces)."""
+
+    name = "helper"
 
     def __init__(self, prefix):
         self.prefix = prefix
@@ -359,15 +367,37 @@ class _Stager(protocol.ProcessProtocol):
         waiting, self.waiting = self.waiting, {}
         why = _reason(self.err, str(reason.value))
         for waiter in waiting.values():
-            waiter.errback(ContainerError(f"the stage helper ended: {why}"))
+            waiter.errback(ContainerError(f"the {self.name} ended: {why}"))
+
+    def request(self, **request):
+        """Deferred of the answer to `request`."""
+        self.next_id += 1
+        waiter = self.waiting[self.next_id] = defer.Deferred()
+        self.transport.write(json.dumps({"id": self.next_id, **request}).encode() + b"\n")
+        return waiter
+
+    def end(self):
+        # Its stdin closed, it exits; what it started runs on.
+        if self.alive:
+            self.transport.closeStdin()
+
+
+class _Stager(_JsonLinesHelper):
+    """stage.py --serve: runs a command in a mount namespace of its own holding what a
+    plan mounts (see stage.py), a fork per run instead of an interpreter's start."""
+
+    name = "stage helper"
 
     def run(self, plan_path, argv, timeout):
         """Deferred (exit status, output, timed out) of `argv` run staged by the plan."""
-        self.next_id += 1
-        waiter = self.waiting[self.next_id] = defer.Deferred()
-        request = {"id": self.next_id, "plan": plan_path, "argv": list(argv), "timeout": timeout}
-        self.transport.write(json.dumps(request).encode() + b"\n")
-        return waiter.addCallback(lambda a: (a["code"], a["output"].encode(), a["timed_out"]))
+        answer = self.request(plan=plan_path, argv=list(argv), timeout=timeout)
+        return answer.addCallback(lambda a: (a["code"], a["output"].encode(), a["timed_out"]))
+
+
+class _AgentStarter(_JsonLinesHelper):
+    """agent_starter.py: forks the already imported unit agent into started containers."""
+
+    name = "agent starter"
 
 
 # -- the driver -----------------------------------------------------------------------
@@ -388,6 +418,7 @@ class LXCDriver:
         self._helper = None
         self._helper_starting = None
         self._stager = None
+        self._starter = None
         # Every container of this lxc path (this machine) has its cgroups below this
         # one; the limits reconciler sets `cgroup_caps` ({memory, pids}), which each
         # start puts back on it if it was made anew (cgroups.py).
@@ -500,7 +531,10 @@ class LXCDriver:
                 await self._ensure_helper()
             except Exception:
                 pass
-        self._end_stager()
+        for helper in (self._stager, self._starter):
+            if helper is not None:
+                helper.end()
+        self._stager = self._starter = None
         if self._helper is not None:
             await self._kill_helper(self._helper)
             self._helper = None
@@ -513,24 +547,28 @@ class LXCDriver:
     async def _run_staged(self, plan_path, argv, timeout):
         """(exit status, output, timed out) of `argv` run staged by the plan at
         `plan_path` (in the netns if any), by this driver's stage server."""
-        prefix = await self._prefix()
-        stager = self._stager
-        if stager is None or not stager.alive or stager.prefix != prefix:
-            # Started where the lxc commands run; made anew with the namespace helper.
-            self._end_stager()
-            stager = self._stager = _Stager(prefix)
-            argv_server = prefix + STAGE_SERVER
-            try:
-                self.reactor.spawnProcess(stager, argv_server[0], argv_server, env={"PATH": PATH})
-            except OSError as e:
-                raise ContainerError(f"cannot run the stage helper: {e}")
+        stager = await self._json_helper("_stager", _Stager, STAGE_SERVER)
         return await stager.run(plan_path, argv, timeout)
 
-    def _end_stager(self):
-        # Its stdin closed, it exits; what it started runs on.
-        if self._stager is not None and self._stager.alive:
-            self._stager.transport.closeStdin()
-        self._stager = None
+    async def _json_helper(self, attribute, kind, argv):
+        """The helper this driver keeps in `attribute` if it runs where the lxc commands
+        run now, else a new one of `kind` there."""
+        prefix = await self._prefix()
+        # Read after the wait: starts side by side share the one made first.
+        helper = getattr(self, attribute)
+        if helper is not None and helper.alive and helper.prefix == prefix:
+            return helper
+        # Started where the lxc commands run; made anew with the namespace helper.
+        if helper is not None:
+            helper.end()
+        helper = kind(prefix)
+        argv = prefix + argv
+        try:
+            self.reactor.spawnProcess(helper, argv[0], argv, env={"PATH": PATH})
+        except OSError as e:
+            raise ContainerError(f"cannot run the {helper.name}: {e}")
+        setattr(self, attribute, helper)
+        return helper
 
     async def _run(self, argv, input=None, timeout=None):
         """(exit status, stdout, stderr) of an lxc command (in the netns if any)."""
@@ -629,6 +667,10 @@ class LXCDriver:
             if plan["binds"] or plan["rootfs"]:
                 _write(os.path.join(container, STAGE_FILE), json.dumps(plan), 0o640)
             _write(os.path.join(container, lxc_config.SECCOMP_FILE), lxc_config.SECCOMP_PROFILE, 0o644)
+            if spec.agent_forked:
+                # Host root's: the starter opens it as host root, by a path none of
+                # whose components the unit can replace.
+                _write(os.path.join(container, lxc_config.AGENT_LOCK), "", 0o644)
             text = lxc_config.render(spec, container, self.template.rootfs, veth_name(name),
                                      cgroup_parent=self.cgroup.name)
             _write(os.path.join(container, "config.tmp"), text, 0o640)
@@ -642,8 +684,42 @@ class LXCDriver:
         return container
 
     async def start(self, name, timeout=10):
-        """Start and wait until RUNNING (lxc-start -d returns once it is)."""
+        """Start and wait until RUNNING (lxc-start -d returns once it is); then fork
+        its agent in if its spec says so (ContainerSpec.agent_forked)."""
         self._require(name)
+        lock = os.path.join(self.container_dir(name), lxc_config.AGENT_LOCK)
+        starter = None
+        if os.path.isfile(lock):
+            # Held from before the start: runsv's script, which starts with it, waits.
+            try:
+                starter = await self._json_helper("_starter", _AgentStarter, AGENT_STARTER)
+                answer = await starter.request(op="hold", lock=lock)
+            except ContainerError as e:
+                answer = {"error": str(e)}
+            if "error" in answer:
+                if answer.get("busy"):
+                    log.debug("container %s: its agent runs already", name)
+                else:
+                    log.warning("container %s: runsv will start its agent (not forked in): %s", name, answer["error"])
+                starter = None
+        try:
+            await self._start(name, timeout)
+        except BaseException:
+            if starter is not None and starter.alive:
+                starter.request(op="release", lock=lock)
+            raise
+        if starter is not None:
+            try:
+                answer = await starter.request(op="attach", container=name, lxc_path=self.lxc_path, lock=lock)
+            except ContainerError as e:
+                answer = {"error": str(e)}
+            if "error" in answer:
+                # The lock is let go with it: runsv starts the agent the usual way.
+                log.warning("container %s: cannot fork its agent in, runsv starts it: %s", name, answer["error"])
+            else:
+                log.debug("container %s: agent forked in, host pid %s", name, answer["pid"])
+
+    async def _start(self, name, timeout):
         log_path = self.log_path(name)
         try:
             log_offset = os.path.getsize(log_path)

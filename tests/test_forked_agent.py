@@ -1,0 +1,143 @@
+"""A unit's agent forked into its container by the machine agent's agent starter
+(agent_starter.py): confined exactly as one runsv starts, stopped by the container's
+stop like one, and followed by runsv's own when it ends (real LXC and ZooKeeper)."""
+
+import os
+import signal
+
+import pytest_twisted
+
+from ensemble import process
+from ensemble.machine.container.config import AGENT_LOCK
+from ensemble.machine.container.names import container_name
+
+from test_faults import charm, environment, hooks_ran, deploy_started  # noqa: F401 (fixtures)
+from test_deploy import until
+
+NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
+CONFINEMENT = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs",
+               "Seccomp", "Seccomp_filters")
+
+
+def _status(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def _parent(pid):
+    return int(_status(pid)["PPid"])
+
+
+def _title(pid):
+    return b" ".join(process.cmdline(pid)).decode(errors="replace")
+
+
+def agents(unit):
+    """Host pids of the unit's agents (forked in or started by runsv)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            words = _title(int(entry)).split()
+            if "unit-agent" in words and unit in words:
+                found.append(int(entry))
+    return found
+
+
+def confinement(pid):
+    """What a process of a unit is confined by, as the host sees it."""
+    status = _status(pid)
+    with open(f"/proc/{pid}/cgroup") as f:
+        cgroups = f.read()
+    with open(f"/proc/{pid}/uid_map") as f:
+        uid_map = f.read().split()
+    return {
+        **{k: status[k] for k in CONFINEMENT},
+        **{ns: os.readlink(f"/proc/{pid}/ns/{ns}") for ns in NAMESPACES},
+        # liblxc's attach puts a process in a leaf of the container's cgroup2 (its
+        # limits those of the container's): the same place.
+        "cgroups": cgroups.replace("/.lxc\n", "\n"),
+        "uid_map": uid_map,
+    }
+
+
+def open_files(pid):
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return found
+
+
+async def one_agent(unit, parent_is):
+    """The unit's one agent, once there is one and `parent_is(its pid)`."""
+    def found():
+        pids = agents(unit)
+        return len(pids) == 1 and parent_is(pids[0])
+
+    await until(found, 30, f"one agent of {unit}")
+    return agents(unit)[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forked_agent_is_confined_as_runsvs_stops_with_its_container_and_runsv_follows_it(
+        environment, charm):  # noqa: F811
+    env = environment
+    await deploy_started(env, charm, 1)
+    name = container_name(env.config["name"], "probe/0")
+    driver = env.driver()
+    try:
+        init = await driver.init_pid(name)
+    finally:
+        await driver.close()
+
+    def forked(pid):
+        return "agent_starter" in _title(_parent(pid))
+
+    agent = await one_agent("probe/0", forked)
+    # Its container's namespaces, cgroup, ids, seccomp policy and capabilities: the
+    # init's, whose capabilities are the bounding set LXC left (nothing more from the
+    # user namespace it was forked into without an exec).
+    mine, inits = confinement(agent), confinement(init)
+    assert {k: mine[k] for k in NAMESPACES} == {k: inits[k] for k in NAMESPACES}
+    assert mine["cgroups"] == inits["cgroups"] and mine["uid_map"] == inits["uid_map"]
+    assert mine["CapEff"] == mine["CapPrm"] == mine["CapBnd"] == inits["CapBnd"]
+    assert mine["CapAmb"] == mine["CapInh"] == "0000000000000000"
+    assert mine["Seccomp"] == "2" and mine["Seccomp_filters"] == inits["Seccomp_filters"]
+    assert mine["Uid"].split()[0] == inits["Uid"].split()[0] != "0"
+    # Nothing of the starter's open: not liblxc's log of the container (a host file),
+    # not its pipes to the machine agent. Of the host's files, only the lock the
+    # starter passed on (root's, read-only; the container sees it at AGENT_LOCK_INSIDE).
+    lock = os.path.join(driver.container_dir(name), AGENT_LOCK)
+    paths = {f for f in open_files(agent) if f.startswith("/")}
+    assert paths == {"/dev/null", "/var/log/ensemble/agent.log", lock}
+    assert hooks_ran(env, "probe/0") == ["install ran", "start ran"]
+
+    # The container's stop reaches it (runsv's script passes TERM on): it leaves cleanly,
+    # and the machine agent starts the container again with an agent forked in again.
+    agent_log = env.home / "logs" / "units" / "probe-0" / "agent.log"
+    stops = agent_log.read_text().count("unit-probe-0: stopped")
+    driver = env.driver()
+    try:
+        await driver.stop(name, timeout=10)
+    finally:
+        await driver.close()
+    assert agent_log.read_text().count("unit-probe-0: stopped") == stops + 1
+    again = await one_agent("probe/0", forked)
+    assert again != agent
+    # A new run of the container: its services are started again (lifecycle.py).
+    await until(lambda: hooks_ran(env, "probe/0") == ["install ran", "start ran", "start ran"], 30,
+                "the start hook of the container's new run")
+
+    # Killed, it is followed by runsv's own agent, confined exactly alike, which knows
+    # the container's run for the same and runs no hook again.
+    presences = agent_log.read_text().count("unit-probe-0: present")
+    forked_confinement = confinement(again)
+    os.kill(again, signal.SIGKILL)
+    follower = await one_agent("probe/0", lambda pid: "runsv" in _title(_parent(pid)))
+    assert confinement(follower) == forked_confinement
+    await until(lambda: agent_log.read_text().count("unit-probe-0: present") == presences + 1, 30,
+                "runsv's agent present")
+    assert env.units()["probe/0"]["agent-state"] == "started"
+    assert hooks_ran(env, "probe/0") == ["install ran", "start ran", "start ran"]
