@@ -87,6 +87,35 @@ def monitor_rss(container):
     return 0
 
 
+def _status_field(pid, field):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(field + ":"):
+            return line.split()[1]
+    return None
+
+
+def agent_processes():
+    """{"starter_rss": bytes of the agent starters' RSS (paid once per machine; the
+    forked agents share most of it), "forked": unit agents forked in by a starter,
+    "runsv": unit agents started by runsv}."""
+    titles, found = {}, {"starter_rss": 0, "forked": 0, "runsv": 0}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            titles[pid] = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    for pid, title in titles.items():
+        try:
+            if "agent_starter" in title:
+                found["starter_rss"] += int(_status_field(pid, "VmRSS")) * 1024
+            elif "unit-agent" in title.split():
+                parent = titles.get(_status_field(pid, "PPid"), "")
+                found["forked" if "agent_starter" in parent else "runsv"] += 1
+        except (OSError, TypeError):
+            continue
+    return found
+
+
 async def benchmark(reactor, args, env, config):
     client = await local.admin_client(EnsembleHome(env["ENSEMBLE_HOME"]))
     services = ServiceStateManager(client)
@@ -128,6 +157,7 @@ async def benchmark(reactor, args, env, config):
             memory = cgroup_memory(container) if container else None
             if memory is not None:
                 footprints.append(memory + monitor_rss(container))
+        agents = agent_processes()
         # Many: up to --many units on this one host.
         have = len(await UnitStateManager(client).get_all_units())
         more = await services.add_units("idle", n=max(0, args.many - have), to=0)
@@ -144,6 +174,10 @@ async def benchmark(reactor, args, env, config):
             "concurrent10_all_started_ms": round(concurrent_ms, 1) if concurrent_ms else None,
             "concurrent10_last_at_step_ms": concurrent_steps,
             "idle_unit_rss_mb": round(statistics.median(footprints) / 2**20, 1) if footprints else None,
+            # The agent starter's memory, not in any unit's: once per machine.
+            "agent_starter_rss_mb": round(agents["starter_rss"] / 2**20, 1),
+            "agents_forked_in": agents["forked"],
+            "agents_started_by_runsv": agents["runsv"],
             f"units_started_of_{len(every)}": len(took),
             "sequential": args.sequential,
             "added_for_many": len(more),

@@ -71,6 +71,7 @@ def test_render_nests_the_container_under_the_machine_and_limits_swap_and_namesp
     spec = types.SimpleNamespace(
         name="ens-t-web-0", hostname="web-0", address="10.0.0.2", prefixlen=24, gateway="10.0.0.1",
         bridge="br", mtu=None, idmap=UNIT_RANGE, mounts=(), memory=1024**3, cpu_weight=None, pids=1024,
+        agent_forked=False,
     )
     for memsw, swap_line in ((True, "lxc.cgroup.memory.memsw.limit_in_bytes = 1073741824"),
                              (False, "lxc.cgroup.memory.swappiness = 0")):
@@ -169,7 +170,7 @@ def deployer_spec(lab, unit, service_limits, log_dir):
     deployer = UnitDeployer(host, driver=None, unit_log_dir=str(log_dir))
     spec = deployer.spec(types.SimpleNamespace(name=unit), lab.spec(unit).address, service_limits)
     lab.names.append(spec.name)
-    return dataclasses.replace(spec, idmap=UNIT_RANGE, agent_command=None, agent_environment=None)
+    return dataclasses.replace(spec, idmap=UNIT_RANGE, agent_command=None, agent_environment=None, agent_forked=False)
 
 
 @pytest.fixture

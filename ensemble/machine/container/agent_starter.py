@@ -193,18 +193,21 @@ def _reap():
     # The agents are this process's children (liblxc's attach), and each must be reaped
     # at once: its container's init cannot finish exiting (a stop) while a process of
     # its pid namespace is left. Never while attaching: liblxc waits for its own then.
+    # True while some are left.
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return False
         if pid == 0:
-            return
+            return True
 
 
 def serve(stdin=0, stdout=1):
-    """Answer requests until stdin closes. Single-threaded on purpose: liblxc forks
-    this process, and a thread's lock held at that moment would stay held in the unit."""
+    """Answer requests until stdin closes, then reap the agents until none is left: an
+    orphan would be reaped by the host's init, if at all, and a container whose agent
+    is left a zombie does not stop. Single-threaded on purpose: liblxc forks this
+    process, and a thread's lock held at that moment would stay held in the unit."""
     starter = Starter()
     ops = {"hold": starter.hold, "attach": starter.attach, "release": starter.release}
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -225,12 +228,18 @@ def serve(stdin=0, stdout=1):
                         break
                 except BlockingIOError:
                     break
-            _reap()
+            if not _reap() and stdin not in selector.get_map():
+                return
         if stdin not in ready:
             continue
         data = os.read(stdin, 65536)
         if not data:
-            return
+            selector.unregister(stdin)
+            for lock in list(starter.held):
+                starter.release({"lock": lock})
+            if not _reap():
+                return
+            continue
         buffer += data
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
