@@ -184,6 +184,8 @@ async def benchmark(reactor, args, env, config):
             "slow_passes_with_all_units": slow,
             "timeline_p50_ms": _median_steps(timelines),
             "steps_p50_ms": _median_steps([durations(t) for t in timelines]),
+            # Where the tail goes: the slowest sequential deploy's own steps.
+            "slowest_steps_ms": durations(max(timelines, key=lambda t: t["seen"])),
         }
         if floors:
             totals = [f["total"] for f in floors]

@@ -706,6 +706,7 @@ class FakeContainer:
     spec: ContainerSpec
     state: str = "STOPPED"
     starts: int = 0
+    agent_waiting: bool = False  # started with agent=False, start_agent() not called yet
 
 
 class FakeIdRangeStore:
@@ -754,8 +755,8 @@ class FakeMachineCgroup:
 
 
 class FakeContainerDriver:
-    """LXCDriver's operations on a dict of FakeContainers: create(spec), start, stop,
-    destroy, list, running, state, exec, close, and the paths container_dir and
+    """LXCDriver's operations on a dict of FakeContainers: create(spec), start,
+    start_agent, stop, destroy, list, running, state, exec, close, and the paths container_dir and
     log_path (nothing is written there).
 
     Models: ContainerSpec required (TypeError) and validated on construction, as the
@@ -852,12 +853,20 @@ class FakeContainerDriver:
     async def id_range(self, name):
         return self.id_ranges.owned_by(self.container_dir(name))
 
-    async def start(self, name, timeout=10):
+    async def start(self, name, timeout=10, agent=True):
         await self._enter("start", name)
         container = self._require(name)
         if container.state != "RUNNING":
             container.state = "RUNNING"
             container.starts += 1
+            if not agent:
+                container.agent_waiting = True
+
+    async def start_agent(self, name):
+        await self._enter("start_agent", name)
+        container = self.containers.get(name)
+        if container is not None:
+            container.agent_waiting = False
 
     async def stop(self, name, timeout=10):
         await self._enter("stop", name)

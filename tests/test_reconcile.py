@@ -110,6 +110,42 @@ async def test_a_new_unit_starts_without_waiting_for_lxc_to_list_the_running_one
     await host.agent.stop()
 
 
+class PortListener:
+    """A listener as layer 2 is: told when a unit's container started, before its agent
+    may run. Records whether the agent was still waiting then."""
+
+    def __init__(self, driver, fail=False):
+        self.driver, self.fail, self.waiting_when_told = driver, fail, {}
+
+    async def unit_addressed(self, unit):
+        pass
+
+    async def unit_started(self, unit):
+        container = self.driver.containers[container_name("fast", unit.name)]
+        self.waiting_when_told[unit.name] = container.agent_waiting
+        if self.fail:
+            raise RuntimeError("netlink said no")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_units_agent_runs_only_once_its_port_is_held_and_even_if_holding_it_failed(clock, tmp_path, fail):
+    host = Host(clock, tmp_path)
+    await host.setup()
+    await host.start_agent()
+    listener = PortListener(host.driver, fail)
+    host.agent.units.listeners.append(listener)
+    await deploy_charm(host.admin, host.charm, "db", n=1)
+    host.tick()
+    new = host.container("db/0")
+    assert listener.waiting_when_told == {"db/0": True}
+    # Then let go: a failed listener must not leave the agent waiting for ever.
+    assert host.driver.containers[new].agent_waiting is False
+    calls = [c for c in host.driver.calls if c[0] in ("start", "start_agent")]
+    assert calls == [("start", new), ("start_agent", new)]
+    await host.agent.stop()
+
+
 @pytest.mark.parametrize("address, public", [("127.0.0.1", None), ("192.0.2.7", "192.0.2.7")])
 @pytest_twisted.ensureDeferred
 async def test_units_public_address_is_their_machines_unless_loopback(clock, tmp_path, address, public):

@@ -167,7 +167,8 @@ class UnitDeployer:
     async def deploy(self, unit, address, limits, running=None):
         """Make the unit's container exist and run; publish its name. Idempotent.
         `running`: the names known to be running now, if the caller asked already.
-        True if the container was (re)started now."""
+        True if the container was (re)started now: its agent then waits for
+        start_agent(), which the caller owes it once the unit's port is held."""
         name = self.container_for(unit.name)
         if running is not None and name in running:
             state = "RUNNING"
@@ -186,11 +187,20 @@ class UnitDeployer:
             state = "STOPPED"
         started = state != "RUNNING"
         if started:
-            await self.driver.start(name)
+            await self.driver.start(name, agent=False)
             log.info("started %s", name)
-        if unit.data.get("container") != name:
-            await unit.update(container=name)
+        try:
+            if unit.data.get("container") != name:
+                await unit.update(container=name)
+        except BaseException:
+            if started:
+                await self.start_agent(unit.name)
+            raise
         return started
+
+    async def start_agent(self, unit_name):
+        """Let the unit's agent run (after deploy() started its container)."""
+        await self.driver.start_agent(self.container_for(unit_name))
 
     def agent_log_tail(self, unit_name, lines=AGENT_LOG_TAIL):
         """The last lines of the unit agent's log, on one line, as the host sees it."""

@@ -419,6 +419,7 @@ class LXCDriver:
         self._helper_starting = None
         self._stager = None
         self._starter = None
+        self._agents_waiting = {}  # container -> (its starter, its lock): start_agent() owed
         # Every container of this lxc path (this machine) has its cgroups below this
         # one; the limits reconciler sets `cgroup_caps` ({memory, pids}), which each
         # start puts back on it if it was made anew (cgroups.py).
@@ -683,9 +684,11 @@ class LXCDriver:
         log.debug("created container %s in %s", name, self.lxc_path)
         return container
 
-    async def start(self, name, timeout=10):
+    async def start(self, name, timeout=10, agent=True):
         """Start and wait until RUNNING (lxc-start -d returns once it is); then fork
-        its agent in if its spec says so (ContainerSpec.agent_forked)."""
+        its agent in if its spec says so (ContainerSpec.agent_forked). With `agent`
+        False, that agent waits, and nothing else of the unit's runs, until
+        start_agent(name): the caller has the container's network to finish first."""
         self._require(name)
         lock = os.path.join(self.container_dir(name), lxc_config.AGENT_LOCK)
         starter = None
@@ -709,15 +712,24 @@ class LXCDriver:
                 starter.request(op="release", lock=lock)
             raise
         if starter is not None:
-            try:
-                answer = await starter.request(op="attach", container=name, lxc_path=self.lxc_path, lock=lock)
-            except ContainerError as e:
-                answer = {"error": str(e)}
-            if "error" in answer:
-                # The lock is let go with it: runsv starts the agent the usual way.
-                log.warning("container %s: cannot fork its agent in, runsv starts it: %s", name, answer["error"])
-            else:
-                log.debug("container %s: agent forked in, host pid %s", name, answer["pid"])
+            self._agents_waiting[name] = (starter, lock)
+            if agent:
+                await self.start_agent(name)
+
+    async def start_agent(self, name):
+        """Fork in the agent a start(agent=False) left waiting; nothing if none waits.
+        If it cannot be, its lock is let go and runsv's script starts the agent."""
+        starter, lock = self._agents_waiting.pop(name, (None, None))
+        if starter is None:
+            return
+        try:
+            answer = await starter.request(op="attach", container=name, lxc_path=self.lxc_path, lock=lock)
+        except ContainerError as e:
+            answer = {"error": str(e)}
+        if "error" in answer:
+            log.warning("container %s: cannot fork its agent in, runsv starts it: %s", name, answer["error"])
+        else:
+            log.debug("container %s: agent forked in, host pid %s", name, answer["pid"])
 
     async def _start(self, name, timeout):
         log_path = self.log_path(name)

@@ -11,8 +11,13 @@ class ContainerDriver(Protocol):
     async def create(self, spec) -> str:
         """Make a stopped container from a ContainerSpec; ContainerExists if it exists."""
 
-    async def start(self, name: str) -> None:
-        """Start it and return once it runs (a running one stays as it is)."""
+    async def start(self, name: str, agent: bool = True) -> None:
+        """Start it and return once it runs (a running one stays as it is). With
+        `agent` False, an agent to be forked in (ContainerSpec.agent_forked) waits for
+        start_agent()."""
+
+    async def start_agent(self, name: str) -> None:
+        """Let the agent a start(agent=False) kept waiting run; nothing if none waits."""
 
     async def stop(self, name: str) -> None:
         """Stop it (a stopped one stays as it is)."""

@@ -203,9 +203,15 @@ class UnitsReconciler(Reconciler):
                 unit, address, self._limits.get(unit.service_name), running_now
             )
             if started:
-                for listener in self.listeners:
-                    if hasattr(listener, "unit_started"):
-                        await listener.unit_started(unit)
+                # Its agent runs once its port is held to its identity (layer 2): before
+                # that the host cannot answer it (no neighbour entry yet), and a forked
+                # agent, quick to connect, lost its first SYN and waited 1 s to retry.
+                try:
+                    for listener in self.listeners:
+                        if hasattr(listener, "unit_started"):
+                            await listener.unit_started(unit)
+                finally:
+                    await self.deployer.start_agent(name)
             now = self.host.reactor.seconds()
             if started or name not in self._started_at:
                 self._started_at[name] = now
