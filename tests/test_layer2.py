@@ -281,6 +281,27 @@ def test_the_bridge_is_held_to_the_units_and_repaired(lab):
     assert host_view(lab)["neighbours"]["10.96.0.7"] == (gone.mac, "permanent")
 
 
+def test_a_started_units_port_alone_is_held_at_once(lab):
+    host = lab["host"]
+    with IPRoute(netns=host, flags=0) as ipr:
+        br = ipr.link_lookup(ifname=BRIDGE)[0]
+        for name in ("web", "db"):
+            port = ipr.link_lookup(ifname=f"ve-{name}")[0]
+            ipr.brport("set", index=port, learning=1, unicast_flood=1)
+            ipr.fdb("del", ifindex=port, lladdr=mac_of(UNITS[name]), flags=bridge_ports.NTF_MASTER)
+            ipr.neigh("del", dst=UNITS[name], lladdr=mac_of(UNITS[name]), ifindex=br)
+    web, db = ports("web", "db")
+    assert bridge_ports.secure_unit(BRIDGE, web, host) is None
+    view = host_view(lab)
+    assert held(view, web)
+    # Nothing else of the bridge's is touched: db's port is a pass's to repair.
+    assert view["ports"]["ve-db"] == {"learning": True, "unicast_flood": True}
+    assert db.mac not in view["fdb"] and db.address not in view["neighbours"]
+    # A unit whose port is not there yet (or no bridge) is not a problem.
+    assert bridge_ports.secure_unit(BRIDGE, UnitPort("ve-gone", mac_of("10.96.0.7"), "10.96.0.7"), host) is None
+    assert bridge_ports.secure_unit("ens-nobridge", web, host) is None
+
+
 # -- real units ------------------------------------------------------------------------
 
 FRAMES_SOURCE = open(l2frames.__file__).read()

@@ -116,6 +116,24 @@ def secure(bridge, units, subnet=None, netns=None):
     return problems
 
 
+def secure_unit(bridge, unit, netns=None):
+    """secure() for one unit whose container has just started, and nothing else of the
+    bridge's: its neighbour entry, and its port held to its MAC. Why not, or None (also
+    when there is no such bridge or port). What is stale elsewhere is a pass's to undo."""
+    with _ipr(netns) as ipr:
+        bridge_index = _index(ipr, bridge)
+        if bridge_index is None:
+            return None
+        try:
+            ipr.neigh("replace", dst=unit.address, lladdr=unit.mac, ifindex=bridge_index, state=NUD_PERMANENT)
+            port = _ports(ipr, bridge_index).get(unit.port)
+            if port is not None:
+                _secure_port(ipr, port, unit, _Forwarding(_fdb(ipr, bridge_index)))
+        except NetlinkError as e:
+            return str(e) or type(e).__name__
+    return None
+
+
 def _ports(ipr, bridge_index):
     """{name: (index, protinfo)} of the bridge's ports."""
     found = {}

@@ -31,6 +31,7 @@ import os
 import selectors
 import signal
 import sys
+import time
 import traceback
 
 import setproctitle
@@ -176,15 +177,18 @@ class Starter:
         if lock not in self.held:
             raise RuntimeError(f"{lock} is not held")
         try:
+            began = time.monotonic()
             container = lxc.Container(request["container"], request["lxc_path"])
             if not container.running:
                 raise RuntimeError(f"container {request['container']} is not running")
+            loaded = time.monotonic()
             pid = container.attach(_in_container, {"lock_fd": self.held[lock]},
                                    env_policy=lxc.LXC_ATTACH_CLEAR_ENV)
             if pid <= 0:
                 raise RuntimeError(f"liblxc could not attach to container {request['container']} "
                                    "(its lxc.log says why)")
-            return {"pid": pid}
+            done = time.monotonic()
+            return {"pid": pid, "load_ms": round((loaded - began) * 1000, 1), "attach_ms": round((done - loaded) * 1000, 1)}
         finally:
             self.release(request)
 

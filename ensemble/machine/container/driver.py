@@ -729,7 +729,8 @@ class LXCDriver:
         if "error" in answer:
             log.warning("container %s: cannot fork its agent in, runsv starts it: %s", name, answer["error"])
         else:
-            log.debug("container %s: agent forked in, host pid %s", name, answer["pid"])
+            log.debug("container %s: agent forked in, host pid %s (config loaded in %s ms, attached in %s ms)",
+                      name, answer["pid"], answer.get("load_ms"), answer.get("attach_ms"))
 
     async def _start(self, name, timeout):
         log_path = self.log_path(name)

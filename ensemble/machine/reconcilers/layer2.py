@@ -71,14 +71,20 @@ class Layer2Reconciler(Reconciler):
         by_port = {p.port: unit for unit, p in ports.items()}
         found = {by_port[port]: why for port, why in problems.items() if port in by_port}
         for unit in sorted(set(self.problems) | set(found)):
-            if found.get(unit) == self.problems.get(unit):
-                continue
-            if unit in found:
-                self.problems[unit] = found[unit]
-            else:
-                del self.problems[unit]
             if unit in ports:
-                host.safeguards.report(safeguards.LAYER2, self._problem(unit), unit=unit)
+                self._note(unit, found.get(unit))
+            else:
+                self.problems.pop(unit, None)
+
+    def _note(self, unit, problem):
+        """Record why `unit`'s port is not held (None: it is), and show a change."""
+        if problem == self.problems.get(unit):
+            return
+        if problem is None:
+            del self.problems[unit]
+        else:
+            self.problems[unit] = problem
+        self.host.safeguards.report(safeguards.LAYER2, self._problem(unit), unit=unit)
 
     # What the units reconciler tells its listeners.
 
@@ -86,8 +92,18 @@ class Layer2Reconciler(Reconciler):
         pass
 
     async def unit_started(self, unit):
-        """`unit`'s container has just started: its port exists now."""
-        await self.sync()
+        """`unit`'s container has just started: its port exists now. Held at once, that
+        port alone, before the unit's agent may run: a whole pass, or one under way to
+        wait for, costs every deploy tens of ms more."""
+        host = self.host
+        port = unit_ports(host.environment["name"], await host.allocator.hardware(only=unit.name)).get(unit.name)
+        if port is None:
+            return
+        try:
+            problem = await host.in_thread(bridge_ports.secure_unit, host.bridge, port, host.netns)
+        except Exception as e:  # netlink's own
+            problem = str(e) or type(e).__name__
+        self._note(unit.name, problem)
 
     async def unit_leaving(self, name):
         pass
