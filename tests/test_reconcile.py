@@ -8,6 +8,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
+from ensemble.charm import Charm, bundle_id
 from ensemble.machine import host as hosts
 from ensemble.machine.agent import MachineAgent
 from ensemble.machine.container.names import container_name
@@ -107,6 +108,36 @@ async def test_a_new_unit_starts_without_waiting_for_lxc_to_list_the_running_one
     clock.advance(3.0)
     assert (await host.unit("db/2")).data["container"] == new
     assert [c for c in host.driver.calls if c[0] in ("create", "start")] == [("create", new), ("start", new)]
+    await host.agent.stop()
+
+
+@pytest.mark.parametrize("held_at", ["list", "running"])
+@pytest_twisted.ensureDeferred
+async def test_a_unit_added_while_a_pass_runs_is_deployed_at_once_with_its_services_limits(clock, tmp_path, held_at):
+    host = Host(clock, tmp_path)
+    await host.setup()
+    await deploy_charm(host.admin, host.charm, "db", n=2)
+    await host.start_agent()
+    # A tick's pass over the units here, held up listing the containers (before it
+    # looks for orphans) or asking LXC which of them run.
+    host.driver.delays[held_at] = 3.0
+    host.tick()
+    assert host.agent.units.busy
+    charm = Charm.load(host.charm)
+    bundle = charm.bundle()
+    await ServiceStateManager(host.admin).deploy(
+        "cache", bundle_id(charm.name, bundle), bundle, charm.config({}), {"memory": "256M"}, n=1, to=0)
+    new = host.container("cache/0")
+    # Not after the pass: now, with its own service's limits (not in the pass's).
+    assert host.driver.containers[new].state == "RUNNING"
+    assert host.driver.containers[new].spec.memory == 256 * 2**20
+    clock.advance(3.0)
+    # The pass under way took it for neither an orphan nor a leaving unit.
+    clock.advance(3.0)
+    assert host.driver.containers[new].state == "RUNNING"
+    assert (await host.unit("cache/0")).data["container"] == new
+    assert [c for c in host.driver.calls if c == ("destroy", new)] == []
+    assert host.agent.units.busy is False
     await host.agent.stop()
 
 

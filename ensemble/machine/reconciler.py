@@ -35,6 +35,11 @@ class Reconciler:
         """One pass: make the host match ZooKeeper. Subclasses implement it."""
         raise NotImplementedError
 
+    @property
+    def busy(self):
+        """True while a pass runs."""
+        return self._running is not None
+
     def sync(self):
         """A Deferred that fires once a pass that began after this call has finished
         (with that pass's failure, if it failed)."""

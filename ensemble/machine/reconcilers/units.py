@@ -67,6 +67,7 @@ class UnitsReconciler(Reconciler):
         self._watch = None
         self._started_at = {}     # unit -> when this agent saw its container start
         self._deploys = defer.DeferredSemaphore(self.max_concurrent_deploys)
+        self._unit_locks = {}     # unit -> DeferredLock: one operation on a unit at a time
         # Units that waited start as soon as the last missing layer is back.
         host.safeguards.opened.append(self._gate_opened)
 
@@ -91,7 +92,17 @@ class UnitsReconciler(Reconciler):
             "%s: assigned units: %s (added: %s; removed: %s)", self.host.name,
             ", ".join(names) or "none", ", ".join(added) or "none", ", ".join(removed) or "none",
         )
-        await self.sync_quietly()
+        if added and self.deployer is not None and self.busy:
+            # Someone is waiting for them: not for the end of a pass under way (a
+            # tick's, over every unit here, takes ~0.2 s with 40 of them).
+            for name in added:
+                defer.ensureDeferred(self._deploy_now(name))
+        # Not awaited: the watch would hold the next change until this pass is done.
+        defer.ensureDeferred(self.sync_quietly())
+
+    async def _deploy_now(self, name):
+        limits = await self._service_limits({name.rpartition("/")[0]})
+        await self._guard(name, self.ensure_unit(name, limits))
 
     def tick(self):
         # Containers stop behind our back (OOM, a host admin, a reboot): look again
@@ -111,7 +122,8 @@ class UnitsReconciler(Reconciler):
         wanted = set(assigned)
         # The allocator's view, read from ZooKeeper once per agent start (so it holds
         # leaks from before a crash) and kept current by its own takes and releases.
-        leaving = (removed | set(await self.host.allocator.reserved())) - wanted
+        # Less what is assigned by now: a unit added meanwhile may be deploying already.
+        leaving = (removed | set(await self.host.allocator.reserved())) - wanted - set(self.assigned)
         # Removals first: what they free may be what a waiting unit needs.
         await self._bounded(sorted(leaving), self.finish_removal)
         self._running_containers = None
@@ -120,6 +132,7 @@ class UnitsReconciler(Reconciler):
             driver = self.deployer.driver
             expected = {self.deployer.container_for(u) for u in wanted | leaving}
             listed = set(await driver.list())
+            expected |= {self.deployer.container_for(u) for u in self.assigned}  # as for `leaving`
             for orphan in sorted(listed - expected):
                 log.warning("%s: destroying %s, which no unit here owns", self.host.name, orphan)
                 await driver.destroy(orphan)
@@ -151,7 +164,10 @@ class UnitsReconciler(Reconciler):
         )
 
     async def _guard(self, name, work):
-        # One unit's trouble must never stop the others.
+        # One operation on a unit at a time (a pass's, one deploying it at once); and
+        # one unit's trouble must never stop the others.
+        lock = self._unit_locks.setdefault(name, defer.DeferredLock())
+        await lock.acquire()
         try:
             await work
         except NoAuth:
@@ -160,6 +176,10 @@ class UnitsReconciler(Reconciler):
         except Exception as e:
             log.exception("%s: unit %s failed", self.host.name, name)
             await self._mark_error(name, f"machine agent: {e}")
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._unit_locks.pop(name, None)
 
     async def _mark_error(self, name, reason):
         try:
@@ -168,8 +188,10 @@ class UnitsReconciler(Reconciler):
         except (EnsembleError, NoNode):
             pass
 
-    async def ensure_unit(self, name):
-        """The unit's address reserved and published, and its container running."""
+    async def ensure_unit(self, name, limits=None):
+        """The unit's address reserved and published, and its container running.
+        `limits`: {service: its limits}, if not this pass's."""
+        limits = self._limits if limits is None else limits
         try:
             unit = await UnitStateManager(self.host.client).get_unit(name)
         except UnitNotFound:
@@ -196,11 +218,11 @@ class UnitsReconciler(Reconciler):
             if not running or self.host.safeguards.held(name):
                 # About to create or start it (or it waits already): the gate. What runs
                 # keeps running; only a start waits.
-                waiting = await self.host.safeguards.clear_to_start(unit, self._limits.get(unit.service_name))
+                waiting = await self.host.safeguards.clear_to_start(unit, limits.get(unit.service_name))
                 if waiting is not None and not running:
                     return
             started = await self.deployer.deploy(
-                unit, address, self._limits.get(unit.service_name), running_now
+                unit, address, limits.get(unit.service_name), running_now
             )
             if started:
                 # Its agent runs once its port is held to its identity (layer 2): before
