@@ -67,6 +67,8 @@ class UnitsReconciler(Reconciler):
         self._watch = None
         self._started_at = {}     # unit -> when this agent saw its container start
         self._deploys = defer.DeferredSemaphore(self.max_concurrent_deploys)
+        # Units deployed at once while a pass runs: as many again, not queued behind it.
+        self._deploys_now = defer.DeferredSemaphore(self.max_concurrent_deploys)
         self._unit_locks = {}     # unit -> DeferredLock: one operation on a unit at a time
         # Units that waited start as soon as the last missing layer is back.
         host.safeguards.opened.append(self._gate_opened)
@@ -101,8 +103,12 @@ class UnitsReconciler(Reconciler):
         defer.ensureDeferred(self.sync_quietly())
 
     async def _deploy_now(self, name):
-        limits = await self._service_limits({name.rpartition("/")[0]})
-        await self._guard(name, self.ensure_unit(name, limits))
+        await self._deploys_now.acquire()
+        try:
+            limits = await self._service_limits({name.rpartition("/")[0]})
+            await self._guard(name, self.ensure_unit(name, limits))
+        finally:
+            self._deploys_now.release()
 
     def tick(self):
         # Containers stop behind our back (OOM, a host admin, a reboot): look again
