@@ -9,8 +9,9 @@ Two parts, one policy:
 - the bridge's tables (netlink: bridge_ports.py): learning and unknown-unicast flooding
   off on the unit's port, a static forwarding entry for its MAC there, a permanent
   neighbour entry for its address. The port exists only once the container runs, so
-  this is done right after each start and again on every pass (what a host admin or a
-  restart changed is put back); a removed unit's entries go after its teardown.
+  this is done right after each start, for that port alone and before the unit's agent
+  may run, and again on every pass (what a host admin or a restart changed is put
+  back); a removed unit's entries go after its teardown.
 
 A unit whose port cannot be held to its identity shows it (`security-error`, layer
 `layer2`) and is not started again until it can; its port filter, which does not
