@@ -13,7 +13,9 @@ Requests on stdin, one JSON object a line, answered in order on stdout:
                                         fork its agent in; the lock passes to that agent
     {"id", "op": "release", "lock"}     let it go (the start failed)
 
-answered {"id", "pid"} (attach: the agent's host pid) or {"id", "error"}. The lock is
+answered {"id"} ("attach": with "pid", the agent's host pid, and "load_ms" and
+"attach_ms", what liblxc took) or {"id", "error"} ("busy" too: the lock is held by an
+agent of the container, forked in or runsv's). The lock is
 what the container's runsv script waits on (config.agent_run_script): an agent started
 here holds it while it runs, and runsv starts one the usual way once it has ended. Its
 stdin closed, the starter exits; the agents it started run on.
@@ -188,7 +190,8 @@ class Starter:
                 raise RuntimeError(f"liblxc could not attach to container {request['container']} "
                                    "(its lxc.log says why)")
             done = time.monotonic()
-            return {"pid": pid, "load_ms": round((loaded - began) * 1000, 1), "attach_ms": round((done - loaded) * 1000, 1)}
+            return {"pid": pid, "load_ms": round((loaded - began) * 1000, 1),
+                    "attach_ms": round((done - loaded) * 1000, 1)}
         finally:
             self.release(request)
 

@@ -709,7 +709,8 @@ class LXCDriver:
             await self._start(name, timeout)
         except BaseException:
             if starter is not None and starter.alive:
-                starter.request(op="release", lock=lock)
+                # Not waited for: a starter that ends meanwhile lets go of it as well.
+                starter.request(op="release", lock=lock).addErrback(lambda _: None)
             raise
         if starter is not None:
             self._agents_waiting[name] = (starter, lock)
