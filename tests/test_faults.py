@@ -205,15 +205,21 @@ async def test_leader_killed_during_a_stream_of_deploys(ha_environment, charm):
 # -- 2. session expiry ----------------------------------------------------------------------
 
 
-def unit_agent_pid(unit):
-    """The host pid of the unit agent process for `unit` (inside its container)."""
+def unit_agent_pids(unit):
+    """The host pids of the unit agent processes for `unit` (inside its container)."""
+    found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             # An agent forked in by the starter has its command line as one title.
             words = b" ".join(process.cmdline(int(entry))).split()
             if b"unit-agent" in words and unit.encode() in words:
-                return int(entry)
-    return None
+                found.append(int(entry))
+    return found
+
+
+def unit_agent_pid(unit):
+    """The host pid of a unit agent process for `unit`, or None."""
+    return next(iter(unit_agent_pids(unit)), None)
 
 
 def pause(pid, seconds):

@@ -11,7 +11,7 @@ from ensemble import process
 from ensemble.machine.container.config import AGENT_LOCK
 from ensemble.machine.container.names import container_name
 
-from test_faults import charm, environment, hooks_ran, deploy_started  # noqa: F401 (fixtures)
+from test_faults import charm, environment, hooks_ran, deploy_started, unit_agent_pids  # noqa: F401 (fixtures)
 from test_deploy import until
 
 NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
@@ -30,17 +30,6 @@ def _parent(pid):
 
 def _title(pid):
     return b" ".join(process.cmdline(pid)).decode(errors="replace")
-
-
-def agents(unit):
-    """Host pids of the unit's agents (forked in or started by runsv)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            words = _title(int(entry)).split()
-            if "unit-agent" in words and unit in words:
-                found.append(int(entry))
-    return found
 
 
 def confinement(pid):
@@ -73,11 +62,11 @@ def open_files(pid):
 async def one_agent(unit, parent_is):
     """The unit's one agent, once there is one and `parent_is(its pid)`."""
     def found():
-        pids = agents(unit)
+        pids = unit_agent_pids(unit)
         return len(pids) == 1 and parent_is(pids[0])
 
     await until(found, 30, f"one agent of {unit}")
-    return agents(unit)[0]
+    return unit_agent_pids(unit)[0]
 
 
 @pytest_twisted.ensureDeferred

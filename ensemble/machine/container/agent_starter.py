@@ -161,10 +161,9 @@ class Starter:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError:  # BlockingIOError: held, by an agent or by this starter already
             os.close(fd)
             raise
-        self.release(request)
         self.held[path] = fd
         return {}
 
