@@ -185,13 +185,17 @@ class UnitDeployer:
             log.info("created %s for %s at %s (host ids %s-%s)", name, unit.name, address,
                      *((ids.first, ids.first + ids.count - 1) if ids else ("-", "-")))
             state = "STOPPED"
-        # Published before the start: a failure after it must not leave an agent waiting.
-        if unit.data.get("container") != name:
-            await unit.update(container=name)
         started = state != "RUNNING"
         if started:
             await self.driver.start(name, agent=False)
             log.info("started %s", name)
+        try:
+            if unit.data.get("container") != name:
+                await unit.update(container=name)
+        except BaseException:
+            if started:
+                await self.start_agent(unit.name)
+            raise
         return started
 
     async def start_agent(self, unit_name):
