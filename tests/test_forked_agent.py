@@ -1,16 +1,22 @@
 """A unit's agent forked into its container by the machine agent's agent starter
 (agent_starter.py): confined exactly as one runsv starts, stopped by the container's
-stop like one, and followed by runsv's own when it ends (real LXC and ZooKeeper)."""
+stop like one, followed by runsv's own when it ends, and run only once the machine
+agent lets it (real LXC and ZooKeeper)."""
 
 import os
 import signal
 
 import pytest_twisted
 
-from ensemble import process
-from ensemble.machine.container.config import AGENT_LOCK
-from ensemble.machine.container.names import container_name
+from twisted.internet import reactor, task
 
+from ensemble import process
+from ensemble.machine.container.config import AGENT_LOCK, AGENT_LOG
+from ensemble.machine.container.driver import OWN_RANGE
+from ensemble.machine.container.names import container_name
+from ensemble.machine.content import agent_python
+
+from test_containers import lab, template, unprivileged_driver  # noqa: F401 (fixtures)
 from test_faults import charm, environment, hooks_ran, deploy_started, unit_agent_pids  # noqa: F401 (fixtures)
 from test_deploy import until
 
@@ -130,3 +136,40 @@ async def test_a_forked_agent_is_confined_as_runsvs_stops_with_its_container_and
                 "runsv's agent present")
     assert env.units()["probe/0"]["agent-state"] == "started"
     assert hooks_ran(env, "probe/0") == ["install ran", "start ran", "start ran"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forked_agent_readies_itself_but_runs_only_once_let_or_once_its_starter_is_gone(
+        unprivileged_driver, lab):  # noqa: F811
+    driver = unprivileged_driver
+    # Nothing listens there (the lab's own bridge): the agent says so at once, once it runs.
+    zookeeper = {"ENSEMBLE_ZOOKEEPER": f"{lab.gateway}:9", "ENSEMBLE_CONNECT_TIMEOUT": "1"}
+    specs = [lab.spec(unit, idmap=OWN_RANGE, agent_forked=True, agent_environment=zookeeper,
+                      agent_command=[agent_python(), "-m", "ensemble", "unit-agent", "--unit", unit])
+             for unit in ("web/0", "web/1")]
+    for spec in specs:
+        await driver.create(spec)
+        await driver.start(spec.name, agent=False)
+    logs = [os.path.join(driver.rootfs_delta(spec.name), AGENT_LOG.lstrip("/")) for spec in specs]
+
+    def logged(path):
+        try:
+            with open(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    # Forked in at the start, titled as its agent (its command parsed), and waiting:
+    # it has not tried to reach ZooKeeper, not even after a while.
+    await until(lambda: all(len(unit_agent_pids(u)) == 1 for u in ("web/0", "web/1")), 30, "both agents forked in")
+    assert all("agent_starter" in _title(_parent(unit_agent_pids(u)[0])) for u in ("web/0", "web/1"))
+    await task.deferLater(reactor, 1.5, lambda: None)
+    assert [logged(path) for path in logs] == ["", ""]
+
+    # Let go, the first runs; the second runs once its starter has ended (the driver
+    # closed: the machine agent gone), and not before.
+    await driver.start_agent(specs[0].name)
+    await until(lambda: "cannot reach ZooKeeper" in logged(logs[0]), 30, "the first agent's attempt")
+    assert logged(logs[1]) == ""
+    await driver.close()
+    await until(lambda: "cannot reach ZooKeeper" in logged(logs[1]), 30, "the second agent's attempt")

@@ -177,19 +177,24 @@ def _note_signals(outcome):
             signal.signal(signum, noted)
 
 
-def run(argv=None):
-    """Run one command; returns the exit status."""
+def run(argv=None, parser=None, ready=None):
+    """Run one command; returns the exit status. `parser`: build_parser()'s, if made
+    already; `ready()`: called once the command is parsed and logging is set up,
+    before anything of it runs (the agent starter's forked agents wait there)."""
     try:
-        return _run(argv)
+        return _run(argv, parser, ready)
     except (KeyboardInterrupt, BrokenPipeError, EnsembleError) as e:
         # Outside the reactor: parsing (--help into a closed pipe, say), or after it stopped.
         return _report(e)
 
 
-def _run(argv):
-    args = build_parser().parse_args(argv)
+def _run(argv, parser, ready):
+    args = (parser or build_parser()).parse_args(argv)
     _configure_logging(args)
     from twisted.internet import reactor
+
+    if ready is not None:
+        ready()
 
     outcome = {"status": 0, "done": False, "shutting down": False}
 

@@ -10,15 +10,19 @@ Requests on stdin, one JSON object a line, answered in order on stdout:
 
     {"id", "op": "hold", "lock"}        take the container's agent lock before it starts
     {"id", "op": "attach", "container", "lxc_path", "lock"}
-                                        fork its agent in; the lock passes to that agent
-    {"id", "op": "release", "lock"}     let it go (the start failed)
+                                        fork its agent in; the lock passes to that agent,
+                                        which makes itself ready, then waits for "go"
+    {"id", "op": "go", "lock"}          let that agent run (the unit's port is held)
+    {"id", "op": "release", "lock"}     let the lock go (the start failed)
 
 answered {"id"} ("attach": with "pid", the agent's host pid, and "load_ms" and
 "attach_ms", what liblxc took) or {"id", "error"} ("busy" too: the lock is held by an
 agent of the container, forked in or runsv's). The lock is
 what the container's runsv script waits on (config.agent_run_script): an agent started
 here holds it while it runs, and runsv starts one the usual way once it has ended. Its
-stdin closed, the starter exits; the agents it started run on.
+stdin closed, the starter lets every waiting agent go and exits once they have all
+ended. A forked agent waits on a pipe whose other end only the starter holds: "go"
+closes it, and so does the starter's end, however it comes.
 
 What the fork carries into a unit is this process's memory: imported modules and the
 requests' container names and paths, nothing secret. The agent's credential is read
@@ -26,6 +30,7 @@ inside, from the container's own file (config.AGENT_SPEC, 0600, its root's).
 """
 
 import ctypes
+import gc
 import fcntl
 import importlib
 import json
@@ -39,6 +44,7 @@ import traceback
 import setproctitle
 
 from ensemble.cli import run as run_cli
+from ensemble.cli.main import build_parser
 from ensemble.machine.container import config as lxc_config
 
 import lxc  # Debian's python3-lxc, linked into the venv by scripts/install
@@ -52,6 +58,7 @@ PRELOADED = (
 )
 for _module in PRELOADED:
     importlib.import_module(_module)
+PARSER = build_parser()  # ~4 ms a child would spend, made once
 
 PR_SET_DUMPABLE, PR_CAPBSET_READ, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 4, 23, 47, 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -96,9 +103,18 @@ def _keep_only_bounding_set():
         raise OSError(ctypes.get_errno(), "clearing ambient capabilities")
 
 
+def _close_all_but(*keep):
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
 def _agent(request):
-    """In the container: the process made like one runsv would start, then the agent."""
-    lock_fd = request["lock_fd"]
+    """In the container: the process made like one runsv would start, then the agent,
+    once the starter says go."""
+    lock_fd, go_fd = request["lock_fd"], request["go_fd"]
     # The starter's: its wake-up pipe would get this process's signals, into whatever
     # file took that number next.
     signal.set_wakeup_fd(-1)
@@ -107,8 +123,7 @@ def _agent(request):
     libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     _keep_only_bounding_set()
     # Nothing of the starter's: its pipes, liblxc's log of this container (a host file).
-    os.closerange(3, lock_fd)
-    os.closerange(lock_fd + 1, 1 << 20)
+    _close_all_but(lock_fd, go_fd)
     os.setsid()
     os.umask(0o022)
     os.chdir("/")
@@ -132,7 +147,15 @@ def _agent(request):
     # runsv's script sends the agent its TERM (a container's stop) by this pid.
     with open(lxc_config.FORKED_AGENT_PID, "w") as f:
         f.write(f"{os.getpid()}\n")
-    return run_cli(argv[lxc_config.ENSEMBLE_ARGS:])
+
+    def wait_for_go():
+        # Parsed, logging set up: what is left needs the network, which the unit's
+        # port is not yet held for (a first SYN lost there waits 1 s for its retry).
+        while os.read(go_fd, 1):
+            pass
+        os.close(go_fd)
+
+    return run_cli(argv[lxc_config.ENSEMBLE_ARGS:], parser=PARSER, ready=wait_for_go)
 
 
 def _in_container(request):
@@ -152,7 +175,8 @@ def _in_container(request):
 
 class Starter:
     def __init__(self):
-        self.held = {}  # lock path -> fd holding it
+        self.held = {}     # lock path -> fd holding it
+        self.waiting = {}  # lock path -> the pipe end its forked agent waits on
 
     def hold(self, request):
         path = request["lock"]
@@ -173,6 +197,12 @@ class Starter:
             os.close(fd)
         return {}
 
+    def go(self, request):
+        fd = self.waiting.pop(request["lock"], None)
+        if fd is not None:
+            os.close(fd)
+        return {}
+
     def attach(self, request):
         lock = request["lock"]
         if lock not in self.held:
@@ -183,11 +213,21 @@ class Starter:
             if not container.running:
                 raise RuntimeError(f"container {request['container']} is not running")
             loaded = time.monotonic()
-            pid = container.attach(_in_container, {"lock_fd": self.held[lock]},
-                                   env_policy=lxc.LXC_ATTACH_CLEAR_ENV)
+            # What the fork shares with the starter stays shared: a collection in the
+            # agent would otherwise write to every object's header, copying its page.
+            gc.freeze()
+            go_r, go_w = os.pipe2(os.O_CLOEXEC)
+            try:
+                pid = container.attach(_in_container, {"lock_fd": self.held[lock], "go_fd": go_r},
+                                       env_policy=lxc.LXC_ATTACH_CLEAR_ENV)
+            finally:
+                os.close(go_r)
             if pid <= 0:
+                os.close(go_w)
                 raise RuntimeError(f"liblxc could not attach to container {request['container']} "
                                    "(its lxc.log says why)")
+            self.go(request)  # an agent of an earlier start of it waits no more
+            self.waiting[lock] = go_w
             done = time.monotonic()
             return {"pid": pid, "load_ms": round((loaded - began) * 1000, 1),
                     "attach_ms": round((done - loaded) * 1000, 1)}
@@ -215,7 +255,7 @@ def serve(stdin=0, stdout=1):
     is left a zombie does not stop. Single-threaded on purpose: liblxc forks this
     process, and a thread's lock held at that moment would stay held in the unit."""
     starter = Starter()
-    ops = {"hold": starter.hold, "attach": starter.attach, "release": starter.release}
+    ops = {"hold": starter.hold, "attach": starter.attach, "go": starter.go, "release": starter.release}
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
@@ -243,6 +283,8 @@ def serve(stdin=0, stdout=1):
             selector.unregister(stdin)
             for lock in list(starter.held):
                 starter.release({"lock": lock})
+            for lock in list(starter.waiting):
+                starter.go({"lock": lock})
             if not _reap():
                 return
             continue

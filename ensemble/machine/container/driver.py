@@ -419,7 +419,7 @@ class LXCDriver:
         self._helper_starting = None
         self._stager = None
         self._starter = None
-        self._agents_waiting = {}  # container -> (its starter, its lock): start_agent() owed
+        self._agents_waiting = {}  # container -> (its starter, its lock, the attach answer): start_agent() owed
         # Every container of this lxc path (this machine) has its cgroups below this
         # one; the limits reconciler sets `cgroup_caps` ({memory, pids}), which each
         # start puts back on it if it was made anew (cgroups.py).
@@ -687,8 +687,9 @@ class LXCDriver:
     async def start(self, name, timeout=10, agent=True):
         """Start and wait until RUNNING (lxc-start -d returns once it is); then fork
         its agent in if its spec says so (ContainerSpec.agent_forked). With `agent`
-        False, that agent waits, and nothing else of the unit's runs, until
-        start_agent(name): the caller has the container's network to finish first."""
+        False, that agent makes itself ready meanwhile and waits, and nothing else of
+        the unit's runs, until start_agent(name): the caller has the container's
+        network to finish first."""
         self._require(name)
         lock = os.path.join(self.container_dir(name), lxc_config.AGENT_LOCK)
         starter = None
@@ -713,25 +714,33 @@ class LXCDriver:
                 starter.request(op="release", lock=lock).addErrback(lambda _: None)
             raise
         if starter is not None:
-            self._agents_waiting[name] = (starter, lock)
+            # Forked in now, not awaited: it readies itself while the caller holds the
+            # unit's port, then waits for start_agent's go.
+            attached = starter.request(op="attach", container=name, lxc_path=self.lxc_path, lock=lock)
+            self._agents_waiting[name] = (starter, lock, attached)
             if agent:
                 await self.start_agent(name)
 
     async def start_agent(self, name):
-        """Fork in the agent a start(agent=False) left waiting; nothing if none waits.
-        If it cannot be, its lock is let go and runsv's script starts the agent."""
-        starter, lock = self._agents_waiting.pop(name, (None, None))
+        """Let run the agent a start(agent=False) forked in; nothing if none waits. If
+        it could not be forked in, its lock was let go and runsv's script starts it."""
+        starter, lock, attached = self._agents_waiting.pop(name, (None, None, None))
         if starter is None:
             return
         try:
-            answer = await starter.request(op="attach", container=name, lxc_path=self.lxc_path, lock=lock)
+            answer = await attached
         except ContainerError as e:
             answer = {"error": str(e)}
         if "error" in answer:
             log.warning("container %s: cannot fork its agent in, runsv starts it: %s", name, answer["error"])
-        else:
-            log.debug("container %s: agent forked in, host pid %s (config loaded in %s ms, attached in %s ms)",
-                      name, answer["pid"], answer.get("load_ms"), answer.get("attach_ms"))
+            return
+        log.debug("container %s: agent forked in, host pid %s (config loaded in %s ms, attached in %s ms)",
+                  name, answer["pid"], answer.get("load_ms"), answer.get("attach_ms"))
+        try:
+            await starter.request(op="go", lock=lock)
+        except ContainerError as e:
+            # The starter's end of the agent's pipe went with it: the agent runs anyway.
+            log.warning("container %s: %s", name, e)
 
     async def _start(self, name, timeout):
         log_path = self.log_path(name)
