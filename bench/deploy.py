@@ -126,6 +126,10 @@ async def benchmark(reactor, args, env, config):
             leased = [m.data["subnet"] for m in machines if m.data.get("subnet")]
             floor = Floor(reactor, client, config["network"], leased, config["zookeeper"])
             await floor.prepare()
+        # The environment's own first unit (idle/0) started, and with it what the
+        # machine agent starts once: no sample overlaps it.
+        if "idle/0" not in await started(reactor, client, ["idle/0"], timeout=120):
+            raise SystemExit("idle/0 did not start within 120s")
         # Sequential: one unit at a time (each followed by a floor sample).
         latencies, floors, timelines = [], [], []
         for i in range(args.sequential):

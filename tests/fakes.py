@@ -862,6 +862,9 @@ class FakeContainerDriver:
             if not agent:
                 container.agent_waiting = True
 
+    async def prepare_agents(self):
+        await self._enter("prepare_agents", None)
+
     async def start_agent(self, name):
         await self._enter("start_agent", name)
         container = self.containers.get(name)

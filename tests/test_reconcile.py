@@ -79,6 +79,9 @@ async def test_assigned_units_get_addresses_and_running_containers(clock, tmp_pa
     await host.setup()
     await deploy_charm(host.admin, host.charm, "db", n=3)
     await host.start_agent()
+    # What forks their agents in was started first: the first unit does not wait for it.
+    operations = [op for op, _ in host.driver.calls]
+    assert operations.index("prepare_agents") < operations.index("create")
     for i, unit in enumerate(["db/0", "db/1", "db/2"]):
         data = (await host.unit(unit)).data
         assert data["private-address"] == f"10.77.0.{i + 2}"

@@ -130,6 +130,8 @@ class MachineAgent(BaseAgent):
             refusal = await self._template(host)
             if self._stopping:
                 return
+            if refusal is None:
+                await self.driver.prepare_agents()
             await self._start(IdRangeReconciler(host, self.driver.id_ranges))
             await self._start(LimitsReconciler(
                 host, self.driver, limits.machine_caps(self.units_memory, self.units_pids)))

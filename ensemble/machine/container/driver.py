@@ -721,6 +721,14 @@ class LXCDriver:
             if agent:
                 await self.start_agent(name)
 
+    async def prepare_agents(self):
+        """The agent starter started ahead of the first unit's start, which would wait
+        otherwise for its imports (~0.2-0.4 s)."""
+        try:
+            await self._json_helper("_starter", _AgentStarter, AGENT_STARTER)
+        except ContainerError as e:
+            log.warning("%s: runsv will start agents (not forked in)", e)
+
     async def start_agent(self, name):
         """Let run the agent a start(agent=False) forked in; nothing if none waits. If
         it could not be forked in, its lock was let go and runsv's script starts it."""

@@ -19,6 +19,9 @@ class ContainerDriver(Protocol):
     async def start_agent(self, name: str) -> None:
         """Let the agent a start(agent=False) kept waiting run; nothing if none waits."""
 
+    async def prepare_agents(self) -> None:
+        """Make ready ahead of the first start what forks agents in."""
+
     async def stop(self, name: str) -> None:
         """Stop it (a stopped one stays as it is)."""
 
