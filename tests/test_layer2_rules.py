@@ -171,7 +171,7 @@ async def env(tmp_path):
 async def test_a_units_port_entry_is_loaded_before_the_gate_lets_it_start(env):
     host = env.reconciler.host
     layer2 = Layer2Reconciler(host, env.reconciler)
-    assert (safeguards.LAYER2, layer2.problem) in host.safeguards.unit_checks
+    assert (safeguards.LAYER2, layer2.problem) in host.safeguards.start_checks
     name = host.environment["name"]
     # Every unit here has its entry, with the MAC recorded with its address.
     loaded = env.firewall.ports[-1]

@@ -18,7 +18,7 @@ from ensemble.state import client as state_client
 from ensemble.state.environment import initialize
 from ensemble.state.machine import MachineStateManager
 from ensemble.state.service import ServiceStateManager
-from ensemble.state.unit import ERROR, UnitStateManager
+from ensemble.state.unit import ERROR, PENDING, UnitStateManager
 
 from conftest import deploy_charm, make_charm
 from fakes import FakeContainerDriver, FakeTemplate, FakeZooKeeper
@@ -183,6 +183,46 @@ async def test_a_units_agent_runs_only_once_its_port_is_held_and_even_if_holding
     assert host.driver.containers[new].agent_waiting is False
     calls = [c for c in host.driver.calls if c[0] in ("start", "start_agent")]
     assert calls == [("start", new), ("start_agent", new)]
+    await host.agent.stop()
+
+
+class PortEntry:
+    """A listener as the firewall is: told a unit has its address, it loads the unit's
+    port entry (once the test fires `loading`), and the gate's start check says
+    whether the entry is loaded (`loaded`)."""
+
+    def __init__(self, safeguards):
+        self.loading, self.loaded = defer.Deferred(), False
+        safeguards.start_checks.append(("port-entry", self.problem))
+
+    async def unit_addressed(self, unit):
+        await self.loading
+
+    async def problem(self, client, unit, limits=None):
+        return None if self.loaded else "its port's entry is not loaded"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_units_container_is_made_while_its_port_entry_loads_and_started_once_loaded(clock, tmp_path):
+    host = Host(clock, tmp_path)
+    await host.setup()
+    await host.start_agent()
+    entry = PortEntry(host.agent.host.safeguards)
+    host.agent.units.listeners.insert(0, entry)
+    await deploy_charm(host.admin, host.charm, "db", n=1)
+    new = host.container("db/0")
+    # Made while its entry loads; nothing of it runs.
+    assert host.driver.containers[new].state == "STOPPED"
+    # Loading done, but the entry is not there (the firewall refused it, say): it
+    # waits, made and stopped, with the reason; the gate starts it once it is.
+    entry.loading.callback(None)
+    assert host.driver.containers[new].state == "STOPPED"
+    assert (await host.unit("db/0")).state == PENDING
+    assert host.agent.host.safeguards.problems() == {"port-entry": "db/0: its port's entry is not loaded"}
+    entry.loaded = True
+    host.tick()
+    assert host.driver.containers[new].state == "RUNNING"
+    assert [c for c in host.driver.calls if c[0] in ("create", "start")] == [("create", new), ("start", new)]
     await host.agent.stop()
 
 

@@ -164,16 +164,14 @@ class UnitDeployer:
             },
         )
 
-    async def deploy(self, unit, address, limits, running=None):
-        """Make the unit's container exist and run; publish its name. Idempotent.
-        `running`: the names known to be running now, if the caller asked already.
-        True if the container was (re)started now: its agent then waits for
-        start_agent(), which the caller owes it once the unit's port is held."""
+    async def make(self, unit, address, limits, running=None):
+        """Make the unit's container exist, stopped if it was not there; its state
+        ('RUNNING', 'STOPPED', ...). Idempotent. `running`: the names known to be
+        running now, if the caller asked already."""
         name = self.container_for(unit.name)
         if running is not None and name in running:
-            state = "RUNNING"
-        else:
-            state = await self.driver.state(name)
+            return "RUNNING"
+        state = await self.driver.state(name)
         if state is None:
             await self.driver.create(self.spec(unit, address, limits))
             ids = await self.driver.id_range(name)
@@ -185,6 +183,13 @@ class UnitDeployer:
             log.info("created %s for %s at %s (host ids %s-%s)", name, unit.name, address,
                      *((ids.first, ids.first + ids.count - 1) if ids else ("-", "-")))
             state = "STOPPED"
+        return state
+
+    async def run(self, unit, state):
+        """Start the unit's container unless `state` (make()'s) says it runs; publish
+        its name. True if it was (re)started now: its agent then waits for
+        start_agent(), which the caller owes it once the unit's port is held."""
+        name = self.container_for(unit.name)
         started = state != "RUNNING"
         if started:
             await self.driver.start(name, agent=False)
@@ -199,7 +204,7 @@ class UnitDeployer:
         return started
 
     async def start_agent(self, unit_name):
-        """Let the unit's agent run (after deploy() started its container)."""
+        """Let the unit's agent run (after run() started its container)."""
         await self.driver.start_agent(self.container_for(unit_name))
 
     def agent_log_tail(self, unit_name, lines=AGENT_LOG_TAIL):

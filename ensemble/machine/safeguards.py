@@ -3,9 +3,11 @@ the unit's isolation rests on is in place on this host, or the container waits.
 
 Layers report into it with `report(layer, problem, unit=None)` (`problem` None: in
 place). A machine-wide layer (the firewall, the bridge, the units' id range) holds
-every unit here; a unit's own layer (its ZooKeeper credentials, its limits, its port's
-layer 2 binding, checked by `clear_to_start` just before its container is created or
-started) holds that unit.
+every unit here; a unit's own layer holds that unit: its ZooKeeper credentials and its
+limits (`unit_checks`, asked by `clear_to_create` and `clear_to_start` just before its
+container is made or started), and its port's firewall entry and layer 2 binding
+(`start_checks`, asked by `clear_to_start` only: a stopped container has no port, and
+its entry loads while it is made).
 A layer the agent manages is required from the start (`require`) and holds the gate
 until its first report: nothing starts on a layer nobody has looked at yet. What is not
 in place shows on the machine node as `security-error` ({layer: why}), and the log says
@@ -108,6 +110,8 @@ class Safeguards(Reconciler):
         # Checked for a unit right before its container is created or started:
         # (layer, check(client, unit, limits) -> why not, or None).
         self.unit_checks = [(CREDENTIALS, credentials_problem), (LIMITS, limits_problem)]
+        # The same, right before it is started only.
+        self.start_checks = []
         self.opened = []        # called when the machine-wide layers are all in place again
 
     def require(self, layer):
@@ -147,25 +151,36 @@ class Safeguards(Reconciler):
         if self.units.pop(unit, None):
             defer.ensureDeferred(self.sync_quietly())
 
-    def refusal(self, unit=None):
-        """Why nothing (or `unit`) may start now, as 'layer: why'; None: all in place."""
+    def refusal(self, unit=None, own=None):
+        """Why nothing (or `unit`) may start now, as 'layer: why'; None: all in place.
+        `own`: of the unit's own layers, only these count (a creation's)."""
         for layer, problem in sorted(self.layers.items()):
             if problem is not None:
                 return f"{layer}: {problem}"
         for layer, problem in sorted(self.units.get(unit, {}).items()):
-            return f"{layer}: {problem}"
+            if own is None or layer in own:
+                return f"{layer}: {problem}"
         return None
 
     def held(self, unit):
         """Whether `unit`'s own layers are known not to be in place."""
         return unit in self.units
 
-    async def clear_to_start(self, unit, limits=None):
-        """The gate, asked right before `unit`'s container is created or started: its
-        own layers checked now; None if every layer is in place, else why not."""
-        for layer, check in self.unit_checks:
+    async def clear_to_create(self, unit, limits=None):
+        """The gate, asked right before `unit`'s container is made: its own layers a
+        creation needs checked now; None if every layer is in place, else why not."""
+        return await self._clear(unit, limits, self.unit_checks, own={layer for layer, _ in self.unit_checks})
+
+    async def clear_to_start(self, unit, limits=None, creation_cleared=False):
+        """The gate, asked right before `unit`'s container is started: all its own
+        layers checked now (`creation_cleared`: clear_to_create's were, just before)."""
+        checks = self.start_checks if creation_cleared else self.unit_checks + self.start_checks
+        return await self._clear(unit, limits, checks)
+
+    async def _clear(self, unit, limits, checks, own=None):
+        for layer, check in checks:
             self.report(layer, await check(self.host.client, unit, limits), unit=unit.name)
-        return self.refusal(unit.name)
+        return self.refusal(unit.name, own)
 
     def problems(self):
         """{layer: why} as the machine node shows it: a unit's own layers name their

@@ -48,10 +48,10 @@ class Layer2Reconciler(Reconciler):
         super().__init__(host)
         self.firewall = firewall
         self.problems = {}      # unit -> why its running port is not held to its identity
-        host.safeguards.unit_checks.append((safeguards.LAYER2, self.problem))
+        host.safeguards.start_checks.append((safeguards.LAYER2, self.problem))
 
     async def problem(self, client, unit, limits=None):
-        """The gate's check, right before `unit`'s container is created or started."""
+        """The gate's check, right before `unit`'s container is started."""
         return self._problem(unit.name)
 
     def _problem(self, name):

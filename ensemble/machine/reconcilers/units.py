@@ -218,39 +218,56 @@ class UnitsReconciler(Reconciler):
         address = await self.ensure_address(unit)
         if address is None:
             return
-        for listener in self.listeners:
-            await listener.unit_addressed(unit)
-        if self.refusal is not None:
-            if unit.data.get("error") != self.refusal:
+        if self.refusal is not None or self.deployer is None:
+            await self._tell_addressed(unit)
+            if self.refusal is not None and unit.data.get("error") != self.refusal:
                 await unit.update(state=ERROR, error=self.refusal)
             return
-        if self.deployer is not None:
-            running_now = await self._containers_running(name)
-            running = self.deployer.container_for(name) in running_now
-            if not running or self.host.safeguards.held(name):
-                # About to create or start it (or it waits already): the gate. What runs
-                # keeps running; only a start waits.
-                waiting = await self.host.safeguards.clear_to_start(unit, limits.get(unit.service_name))
-                if waiting is not None and not running:
-                    return
-            started = await self.deployer.deploy(
-                unit, address, limits.get(unit.service_name), running_now
-            )
-            if started:
-                # Its agent runs once its port is held to its identity (layer 2): before
-                # that the host cannot answer it (no neighbour entry yet), and a forked
-                # agent, quick to connect, lost its first SYN and waited 1 s to retry.
-                try:
-                    for listener in self.listeners:
-                        if hasattr(listener, "unit_started"):
-                            await listener.unit_started(unit)
-                finally:
-                    await self.deployer.start_agent(name)
-            now = self.host.reactor.seconds()
-            if started or name not in self._started_at:
-                self._started_at[name] = now
-            if unit.state == PENDING and now - self._started_at[name] >= AGENT_REPORT_TIMEOUT:
-                await self._silent_agent(unit)
+        safeguards, limits = self.host.safeguards, limits.get(unit.service_name)
+        running_now = await self._containers_running(name)
+        state = "RUNNING" if self.deployer.container_for(name) in running_now else None
+        cleared = state is None
+        if cleared:
+            # Made while its listeners take it in (the firewall loads its port's entry,
+            # ~12 ms): only its start needs that, and the gate asks for it then.
+            addressed = defer.ensureDeferred(self._tell_addressed(unit))
+            try:
+                if await safeguards.clear_to_create(unit, limits) is None:
+                    state = await self.deployer.make(unit, address, limits, running_now)
+            except BaseException:
+                await addressed.addErrback(lambda _: None)  # its own failure: the next pass's
+                raise
+            await addressed
+            if state is None:
+                return  # it waits, with the gate's reason
+        else:
+            await self._tell_addressed(unit)
+        if state != "RUNNING" or safeguards.held(name):
+            # About to start it (or it waits already): the gate. What runs keeps
+            # running; only a start waits.
+            waiting = await safeguards.clear_to_start(unit, limits, creation_cleared=cleared)
+            if waiting is not None and state != "RUNNING":
+                return
+        started = await self.deployer.run(unit, state)
+        if started:
+            # Its agent runs once its port is held to its identity (layer 2): before
+            # that the host cannot answer it (no neighbour entry yet), and a forked
+            # agent, quick to connect, lost its first SYN and waited 1 s to retry.
+            try:
+                for listener in self.listeners:
+                    if hasattr(listener, "unit_started"):
+                        await listener.unit_started(unit)
+            finally:
+                await self.deployer.start_agent(name)
+        now = self.host.reactor.seconds()
+        if started or name not in self._started_at:
+            self._started_at[name] = now
+        if unit.state == PENDING and now - self._started_at[name] >= AGENT_REPORT_TIMEOUT:
+            await self._silent_agent(unit)
+
+    async def _tell_addressed(self, unit):
+        for listener in self.listeners:
+            await listener.unit_addressed(unit)
 
     async def _silent_agent(self, unit):
         if await unit.agent_alive():
