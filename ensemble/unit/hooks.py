@@ -193,7 +193,7 @@ def _spawn_in(reactor, directory, process, path, env):
     """spawnProcess of `path` in `directory`, with posix_spawn: Twisted forks instead
     for a child given a directory of its own (`path=`), and a fork copies the agent's
     page tables and runs Python in the child before the exec (5-10 ms a hook, against
-    ~1). So the child inherits it: ours for the moment of the spawn, then ours again."""
+    ~1). So the child inherits it: the agent's own for the moment of the spawn."""
     here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.chdir(directory)

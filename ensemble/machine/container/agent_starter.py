@@ -30,8 +30,8 @@ inside, from the container's own file (config.AGENT_SPEC, 0600, its root's).
 """
 
 import ctypes
-import gc
 import fcntl
+import gc
 import importlib
 import json
 import os
@@ -215,12 +215,14 @@ class Starter:
             loaded = time.monotonic()
             # What the fork shares with the starter stays shared: a collection in the
             # agent would otherwise write to every object's header, copying its page.
+            # (The starter's own collections go on as before once it has forked.)
             gc.freeze()
             go_r, go_w = os.pipe2(os.O_CLOEXEC)
             try:
                 pid = container.attach(_in_container, {"lock_fd": self.held[lock], "go_fd": go_r},
                                        env_policy=lxc.LXC_ATTACH_CLEAR_ENV)
             finally:
+                gc.unfreeze()
                 os.close(go_r)
             if pid <= 0:
                 os.close(go_w)
