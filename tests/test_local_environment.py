@@ -1,11 +1,13 @@
 """A local environment in ENSEMBLE_HOME: bootstrap, status, restart, destroy-environment."""
 
+import glob
 import json
 import os
 import signal
 import time
 
 from ensemble.home import EnsembleHome
+from ensemble.machine.container.cgroups import parent_name
 from ensemble.machine.container.id_ranges import POOL
 from ensemble.process import alive as process_alive
 
@@ -158,6 +160,8 @@ def test_bad_bootstrap_input_leaves_nothing(tmp_path):
 def test_bootstrap_restarts_a_dead_agent_and_refuses_changed_settings(tmp_path):
     home = tmp_path / "home"
     env = ensemble_env(home)
+    # The machine's parent cgroup, made by its agent at its start (no unit needed).
+    cgroup = parent_name(os.path.join(EnsembleHome(str(home)).lxc_dir, "machine-0"))
     try:
         assert run_ensemble("bootstrap", "--network", "10.203.0.0/16", env=env).returncode == 0
         agent = int((home / "run" / "machine-0.pid").read_text())
@@ -179,6 +183,9 @@ def test_bootstrap_restarts_a_dead_agent_and_refuses_changed_settings(tmp_path):
 
         machine = wait_until(down)
         assert machine["package-cache"]["state"] == machine["name-server"]["state"] == "down"
+        assert glob.glob(f"/sys/fs/cgroup/*/{cgroup}")
     finally:
         run_ensemble("destroy-environment", "-y", env=env)
     assert processes_of(home) == []
+    # Its agent was killed, so its driver never closed: the destroy removes it.
+    assert glob.glob(f"/sys/fs/cgroup/*/{cgroup}") == []

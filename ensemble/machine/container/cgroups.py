@@ -50,11 +50,15 @@ class MachineCgroup:
     """One parent cgroup, in every hierarchy of the host (`cgroups`: config.HostCgroups,
     read when first needed)."""
 
-    def __init__(self, name, cgroups=None):
+    def __init__(self, name, cgroups=None, lxc_path=None):
+        """`lxc_path`: the directory the name is made from (parent_name), made with the
+        parent: whoever cleans up that path's containers after a killed agent
+        (destroy-environment) then finds it, and removes the parent with it."""
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
             raise ValueError(f"invalid cgroup name {name!r}")
         self.name = name
         self._cgroups = cgroups
+        self.lxc_path = lxc_path
 
     @property
     def cgroups(self):
@@ -71,6 +75,11 @@ class MachineCgroup:
     def ensure(self, memory=None, pids=None):
         """The parent in every hierarchy, capped at `memory` bytes (memory and swap
         together) and `pids` (None: no cap of ours). Raises CgroupError."""
+        if self.lxc_path is not None:
+            try:
+                os.makedirs(self.lxc_path, exist_ok=True)
+            except OSError as e:
+                raise CgroupError(f"cannot make {self.lxc_path}: {e.strerror}")
         cgroups = self.cgroups
         for h in cgroups.hierarchies:
             path = os.path.join(h.base, self.name)

@@ -423,7 +423,7 @@ class LXCDriver:
         # Every container of this lxc path (this machine) has its cgroups below this
         # one; the limits reconciler sets `cgroup_caps` ({memory, pids}), which each
         # start puts back on it if it was made anew (cgroups.py).
-        self.cgroup = machine_cgroups.MachineCgroup(machine_cgroups.parent_name(self.lxc_path))
+        self.cgroup = machine_cgroups.MachineCgroup(machine_cgroups.parent_name(self.lxc_path), lxc_path=self.lxc_path)
         self.cgroup_caps = {}
 
     def __repr__(self):
