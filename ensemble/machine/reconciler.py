@@ -108,7 +108,7 @@ class Reconciler:
     def tick(self):
         """The agent's resync tick: a pass unless one is already running (a busy
         reconciler is already looking)."""
-        if self.stopping or self._running is not None:
+        if self.stopping or self.busy:
             return None
         return self.sync()
 
