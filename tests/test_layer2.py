@@ -39,6 +39,7 @@ GATEWAY, WEB, DB, STRAY = "10.96.0.1", "10.96.0.2", "10.96.0.3", "10.96.0.4"
 ZOOKEEPER_PORT = 2181
 ECHO_PORT = 40000
 UNITS = {"web": WEB, "db": DB, "stray": STRAY}   # stray: a unit port nobody put an entry in for
+STRANGER = "0a:00:5e:00:00:99"  # a MAC no unit has
 
 
 def mac_of(address):
@@ -290,10 +291,16 @@ def test_a_started_units_port_alone_is_held_at_once(lab):
             ipr.brport("set", index=port, learning=1, unicast_flood=1)
             ipr.fdb("del", ifindex=port, lladdr=mac_of(UNITS[name]), flags=bridge_ports.NTF_MASTER)
             ipr.neigh("del", dst=UNITS[name], lladdr=mac_of(UNITS[name]), ifindex=br)
+        # web's MAC where another port claimed it first, and a stranger's on web's port.
+        ve_web, ve_db = (ipr.link_lookup(ifname=f"ve-{name}")[0] for name in ("web", "db"))
+        ipr.fdb("add", ifindex=ve_db, lladdr=mac_of(WEB), flags=bridge_ports.NTF_MASTER, state=bridge_ports.NUD_NOARP)
+        ipr.fdb("add", ifindex=ve_web, lladdr=STRANGER, flags=bridge_ports.NTF_MASTER, state=bridge_ports.NUD_NOARP)
     web, db = ports("web", "db")
+    assert host_view(lab)["fdb"][web.mac] == [("ve-db", "static")]
     assert bridge_ports.secure_unit(BRIDGE, web, host) is None
     view = host_view(lab)
     assert held(view, web)
+    assert STRANGER not in view["fdb"]
     # Nothing else of the bridge's is touched: db's port is a pass's to repair.
     assert view["ports"]["ve-db"] == {"learning": True, "unicast_flood": True}
     assert db.mac not in view["fdb"] and db.address not in view["neighbours"]
