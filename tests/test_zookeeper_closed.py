@@ -464,6 +464,52 @@ async def test_gone_units_quotas_are_pruned_once_they_outnumber_the_units(enviro
     assert await quota.limits_of(admin, "/units/web-0") is not None  # the live units' stay
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_add_unit_lists_the_units_only_once_one_was_removed_and_drops_its_grants(environment, tmp_path):
+    env = environment
+    admin = env.admin_client
+    machine = await env.as_(env.machine(0))
+    # A service in no relation: a relation's own part of an add-unit lists the units.
+    assert await _deploy(admin, make_charm(tmp_path / "solo", "solo"), to=0, n=2) == ["solo/0", "solo/1"]
+    charm = (await ServiceStateManager(admin).get_service("solo")).charm_id
+    listed = []
+    get_children = admin.get_children
+
+    def listing(path, *args, **kwargs):
+        listed.append(path)
+        return get_children(path, *args, **kwargs)
+
+    admin.get_children = listing
+
+    async def add_solo():
+        del listed[:]
+        [name] = await ServiceStateManager(admin).add_units("solo", 1, to=0)
+        return name, "/units" in listed
+
+    async def granted(path):
+        return {g[2] for g in (await admin.get_acl(path))[0]}
+
+    # No unit was removed since solo's deploy: no listing, though units were added.
+    assert not (await add_solo())[1]
+    assert not (await add_solo())[1]
+    # Units removed, one of another service: the next lists them and drops the grants
+    # of solo's removed unit, wherever they are.
+    for unit in ("solo/1", "db/0"):
+        await UnitStateManager(admin).remove_unit(unit)
+        await machine.delete_tree(f"/units/{unit.replace('/', '-')}")
+    assert env.unit(0, "solo/1").id in await granted("/services/solo")
+    name, listed_units = await add_solo()
+    assert listed_units
+    for path in ("/services/solo", "/services/solo/config", f"/charms/{charm}"):
+        ids = await granted(path)
+        assert env.unit(0, "solo/1").id not in ids and env.unit(0, name).id in ids, path
+    assert not (await add_solo())[1]
+    # A node written before the field existed: its add-unit lists, as all did before.
+    await nodes.update(admin, "/services/solo", nodes.merge({"units-seen": None}))
+    assert (await add_solo())[1]
+    assert not (await add_solo())[1]
+
+
 # -- the server ----------------------------------------------------------------------------
 
 

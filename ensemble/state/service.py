@@ -122,30 +122,51 @@ async def prepare_units(client, policy, placements):
 PRUNE_AFTER = 64
 
 
-async def prune_unit_quotas(client):
+async def prune_unit_quotas(client, units=None):
     """Forget the quotas of units that are gone (their machines removed them), once
-    there are PRUNE_AFTER more quotas than units."""
+    there are PRUNE_AFTER more quotas than units. `units`: /units' Stat, if read."""
     from ensemble.state.repair import QUOTA_GRACE
 
-    units = await client.exists(nodes.UNITS)
+    units = units or await client.exists(nodes.UNITS)
     quotas = await (await client.outside()).exists(quota.quota_path(client, nodes.UNITS))
     if units is None or quotas is None or quotas.num_children < units.num_children + PRUNE_AFTER:
         return []
     return await quota.prune(client, nodes.UNITS, await client.get_children(nodes.UNITS), QUOTA_GRACE)
 
 
-async def _grant_service(client, policy, name, charm_id, placements, drop=True):
+async def _grant_service(client, policy, name, charm_id, placements, drop=True, gone=True):
     """Let the new units and their machines read the config, the units their service and
     charm, and the machines remove the service and its charm when done: before the units
     exist, and again after without `drop` (a read, unless another admin's drop ran
-    between). `drop`: the grants of units gone meanwhile go."""
+    between). `drop` with `gone`: the grants of units gone meanwhile go."""
     if drop:
         await prepare_units(client, policy, placements)
     # Missing: a new charm (created with these grants), or config in the service node.
     await auth.change_acls(client, {service_path(name): policy.service_node(placements),
                                     charm_path(charm_id): policy.service_node(placements),
                                     config_path(name): policy.service_config(placements)},
-                           drop_gone_units=drop, skip_missing=True)
+                           drop_gone_units=drop and gone, skip_missing=True)
+
+
+# On a service node: /units' [cversion, children] read before its ACLs last lost the
+# grants of gone units. While no unit was removed anywhere since, none of its grants
+# can be of a gone unit, and an add-unit need not list every unit of the environment
+# to find them (7-9 ms at 10,000 units; docs/benchmarks.md).
+UNITS_SEEN = "units-seen"
+
+
+def units_seen(units):
+    """The service node's UNITS_SEEN field for /units' Stat `units` ({} if unread)."""
+    return {UNITS_SEEN: [units.cversion, units.num_children]} if units is not None else {}
+
+
+def units_removed_since(seen, units):
+    """Whether a unit may have left /units between `seen` (UNITS_SEEN) and its Stat
+    `units`: each child created moves cversion and the count up by one, each removed
+    moves cversion up and the count down, so any removal parts the two."""
+    if units is None or not (isinstance(seen, list) and len(seen) == 2 and all(type(v) is int for v in seen)):
+        return True
+    return units.cversion - seen[0] != units.num_children - seen[1]
 
 
 async def _store_charm(client, tx, charm_id, bundle, policy, placements):
@@ -212,8 +233,10 @@ class ServiceStateManager:
         policy = auth.admin_policy(self.client)
         placements = _placements(name, 0, machines)
         if policy is not None:
-            await prune_unit_quotas(self.client)
+            units = await self.client.exists(nodes.UNITS)
+            await prune_unit_quotas(self.client, units)
             await prepare_units(self.client, policy, placements)
+            data.update(units_seen(units))  # its ACLs are new: no gone unit in them
         tx = self.client.transaction()
         data[relation.RELATIONS_INDEX] = []
         if any(e["role"] == "peer" for e in endpoints.values()):
@@ -251,17 +274,22 @@ class ServiceStateManager:
     async def add_units(self, name, n=1, to=None):
         """Add `n` units of a service; returns their names."""
         machines = await self._placements(n, to)
+        units = None
         if auth.admin_policy(self.client) is not None:
-            await prune_unit_quotas(self.client)
+            # Read before any listing of the units below, so that a removal after it is
+            # seen by the next add-unit, never lost.
+            units = await self.client.exists(nodes.UNITS)
+            await prune_unit_quotas(self.client, units)
         while True:
             data, version = await self._read_alive(name)
             first = int(data.get("unit-sequence", 0))
             policy = auth.admin_policy(self.client)
             if policy is not None:
-                await _grant_service(self.client, policy, name, data.get("charm"), _placements(name, first, machines))
+                await _grant_service(self.client, policy, name, data.get("charm"), _placements(name, first, machines),
+                                     gone=units_removed_since(data.get(UNITS_SEEN), units))
                 # The grant moved the ACL version, not the data version: `version` holds.
             tx = self.client.transaction()
-            tx.set(service_path(name), nodes.dump({**data, "unit-sequence": first + n}), version)
+            tx.set(service_path(name), nodes.dump({**data, "unit-sequence": first + n, **units_seen(units)}), version)
             names = _add_unit_ops(tx, name, first, machines, policy)
             # Their settings nodes in the service's relations; a relation added meanwhile
             # moves /relations' version, so this round is retried and sees it.
