@@ -7,14 +7,18 @@ units added (services related in pairs), addressed from their machines' ranges a
 `started`, every agent's presence node held. Nothing runs for them.
 
 It measures, in the same run: add-unit to `started` on machine 0 in the empty
-environment; the ZooKeeper requests of each of machine 0's reconciler passes (from its
-agent's log at DEBUG) with its units in place; then fills the environment and measures
-both again (the passes first, with the same units on machine 0, then the deploys).
-Then the ZooKeeper server: its memory (the JVM's resident set), node count and
-requests per second while only machine 0 and its units are active. Prints one JSON
-object.
+environment, each step's own time (the machine agent's log, and the unit's own logs
+read through the agent's mount namespace); the ZooKeeper requests of each of machine
+0's reconciler passes (from its agent's log at DEBUG) with its units in place; then
+removes the units it added, fills the environment and measures both again (the
+deploys onto the same units of machine 0 as before, then the passes). For each phase,
+what the host spent meanwhile (bench/host_load.py: its busy share, the CPU seconds of
+ZooKeeper, the machine agent and this benchmark, the JVM's collections). Then the
+ZooKeeper server: its memory (the JVM's resident set), node count and requests per
+second while only machine 0 and its units are active. Prints one JSON object.
 
     .venv/bin/python bench/scale.py [--machines 1000] [--units 10000] [--samples 15] [--zookeeper-heap-mb N]
+                                    [--keep-empty-units]
 """
 
 import argparse
@@ -33,13 +37,14 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import netaddr  # noqa: E402
 import yaml  # noqa: E402
-from twisted.internet import defer, task  # noqa: E402
+from twisted.internet import defer, task, threads  # noqa: E402
 
 from ensemble import connection  # noqa: E402
 from ensemble.charm import Charm, bundle_id  # noqa: E402
 from ensemble.connection import AUTH_VARIABLE  # noqa: E402
 from ensemble.lab import Lab  # noqa: E402
 from ensemble.machine.container.names import container_name  # noqa: E402
+from ensemble.names import unit_key  # noqa: E402
 from ensemble.network.ipam import Allocator  # noqa: E402
 from ensemble.network.netns import netns_path  # noqa: E402
 from ensemble.state.client import count_requests  # noqa: E402
@@ -68,8 +73,11 @@ def outside(args):
             env[AUTH_VARIABLE] = lab.admin_auth
             inner = subprocess.run(
                 ["nsenter", f"--net={netns_path(lab.network.lab)}", "--", sys.executable, os.path.abspath(__file__),
-                 "--inside", "--agent-log", lab.agent_log(0), "--machines", str(args.machines),
-                 "--units", str(args.units), "--samples", str(args.samples)],
+                 "--inside", "--agent-log", lab.agent_log(0), "--agent-pid", str(lab.agents[0].pid),
+                 "--agent-home", lab.home(0), "--zookeeper-pid", str(lab.zookeeper.pid()),
+                 "--machines", str(args.machines),
+                 "--units", str(args.units), "--samples", str(args.samples),
+                 *(["--keep-empty-units"] if args.keep_empty_units else [])],
                 env=env, capture_output=True, text=True,
             )
             if inner.returncode != 0 or not inner.stdout.strip():
@@ -91,6 +99,20 @@ def _rss_mb(pid):
 async def inside(reactor, args):
     from deploy import _median_steps, started
     from deploy_timeline import durations, timeline
+    import host_load
+
+    # The unit agents' logs are bound over their directories in the machine agent's
+    # mount namespace (each unit's disk, container/disk.py): read them through it.
+    agent_home = f"/proc/{args.agent_pid}/root{args.agent_home}"
+    watched = {"zookeeper": args.zookeeper_pid, "machine_agent": args.agent_pid, "benchmark": os.getpid()}
+
+    async def measured(phase, work):
+        """`work`'s result; records in result["load"][phase] what the host spent meanwhile."""
+        before = await threads.deferToThread(host_load.sample, watched, args.zookeeper_pid)
+        value = await work
+        after = await threads.deferToThread(host_load.sample, watched, args.zookeeper_pid)
+        result.setdefault("load", {})[phase] = host_load.spent(before, after)
+        return value
 
     client = await connection.connect()
     server = client.servers.split(",")[0]
@@ -102,25 +124,33 @@ async def inside(reactor, args):
             for _ in range(args.samples):
                 begin = reactor.seconds()
                 (name,) = await defer.ensureDeferred(add_unit(client, requests))
+                added_units.append(name)
                 added = (reactor.seconds() - begin) * 1000
                 took = await started(reactor, client, [name], timeout=120, since=begin)
                 if name not in took:
                     raise SystemExit(f"{name} did not start within 120 s")
                 latencies.append(took[name] * 1000)
-                # The machine agent's steps from its log; the unit's own logs are on its
-                # disk here, so "seen" (`started` seen by the benchmark) takes the rest.
-                steps.append(durations({"added": added, **timeline(os.path.dirname(args.agent_log), 0, name, begin,
+                steps.append(durations({"added": added, **timeline(agent_home, 0, name, begin,
                                                                      machine_log=args.agent_log),
                                         "seen": latencies[-1]}))
             return latencies, _median_steps(steps), statistics.median(requests)
 
-        empty, result["empty_steps_p50_ms"], result["empty_add_unit_requests"] = await deploys()
-        result["empty_passes"] = await passes(reactor, args.agent_log)
+        added_units = []
+        empty, result["empty_steps_p50_ms"], result["empty_add_unit_requests"] = await measured(
+            "empty_deploys", deploys())
+        result["empty_passes"] = await measured("empty_passes", passes(reactor, args.agent_log))
+        # Machine 0 as it was before the empty environment's deploys, so that both
+        # phases deploy onto the same units of its own and differ in the environment
+        # alone (each deploy costs a little more with every unit on its host).
+        if not args.keep_empty_units:
+            await remove_units(reactor, client, added_units)
+        del added_units[:]
         began = time.monotonic()
         await populate(client, args.machines, args.units)
         result["populate_s"] = round(time.monotonic() - began, 1)
-        result["full_passes"] = await passes(reactor, args.agent_log)
-        full, result["full_steps_p50_ms"], result["full_add_unit_requests"] = await deploys()
+        full, result["full_steps_p50_ms"], result["full_add_unit_requests"] = await measured(
+            "full_deploys", deploys())
+        result["full_passes"] = await measured("full_passes", passes(reactor, args.agent_log))
         result["empty_add_unit_p50_ms"] = round(statistics.median(empty), 1)
         result["full_add_unit_p50_ms"] = round(statistics.median(full), 1)
         result["full_to_empty_p50"] = round(statistics.median(full) / statistics.median(empty), 2)
@@ -140,6 +170,19 @@ async def add_unit(client, requests):
         return await ServiceStateManager(client).add_units("idle", n=1, to=0)
     finally:
         requests.append(counted[0])
+
+
+async def remove_units(reactor, client, names, timeout=300):
+    """Remove the units `names` and wait until their machine has torn them down."""
+    units = UnitStateManager(client)
+    for name in names:
+        await units.remove_unit(name)
+    deadline = reactor.seconds() + timeout
+    for name in names:
+        while await client.exists(f"/units/{unit_key(name)}") is not None:
+            if reactor.seconds() > deadline:
+                raise SystemExit(f"{name} was not torn down within {timeout} s")
+            await task.deferLater(reactor, 0.2, lambda: None)
 
 
 async def passes(reactor, agent_log):
@@ -246,8 +289,14 @@ def main():
     parser.add_argument("--samples", type=int, default=15)
     parser.add_argument("--zookeeper-heap-mb", type=int, default=None,
                         help="the lab's ZooKeeper heap (default: ensemble/zookeeper.py's)")
+    parser.add_argument("--keep-empty-units", action="store_true",
+                        help="deploy the full environment's samples on top of the empty one's, as runs "
+                             "before 2026-12-03 evening did (machine 0 then has more units of its own)")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--agent-log", help=argparse.SUPPRESS)
+    parser.add_argument("--agent-pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--agent-home", help=argparse.SUPPRESS)
+    parser.add_argument("--zookeeper-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inside:
         sys.path.insert(0, HERE)
