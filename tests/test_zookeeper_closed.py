@@ -489,8 +489,11 @@ async def test_an_add_unit_lists_the_units_only_once_one_was_removed_and_drops_i
     async def granted(path):
         return {g[2] for g in (await admin.get_acl(path))[0]}
 
-    # No unit was removed since solo's deploy: no listing, though units were added.
+    # The first add-unit after a deploy lists them (the charm's ACL may be another
+    # service's too); then none was removed: no listing, though units were added.
+    assert (await add_solo())[1]
     assert not (await add_solo())[1]
+    await _deploy(admin, make_charm(tmp_path / "more", "more"), to=1)
     assert not (await add_solo())[1]
     # Units removed, one of another service: the next lists them and drops the grants
     # of solo's removed unit, wherever they are.
@@ -504,7 +507,7 @@ async def test_an_add_unit_lists_the_units_only_once_one_was_removed_and_drops_i
         ids = await granted(path)
         assert env.unit(0, "solo/1").id not in ids and env.unit(0, name).id in ids, path
     assert not (await add_solo())[1]
-    # A node written before the field existed: its add-unit lists, as all did before.
+    # A node without the field (written before it existed): its add-unit lists.
     await nodes.update(admin, "/services/solo", nodes.merge({"units-seen": None}))
     assert (await add_solo())[1]
     assert not (await add_solo())[1]

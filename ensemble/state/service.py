@@ -233,10 +233,10 @@ class ServiceStateManager:
         policy = auth.admin_policy(self.client)
         placements = _placements(name, 0, machines)
         if policy is not None:
-            units = await self.client.exists(nodes.UNITS)
-            await prune_unit_quotas(self.client, units)
+            await prune_unit_quotas(self.client)
             await prepare_units(self.client, policy, placements)
-            data.update(units_seen(units))  # its ACLs are new: no gone unit in them
+            # No `units-seen` yet: a charm stored already may hold the grants of another
+            # service's gone units, which the first add-unit's listing drops.
         tx = self.client.transaction()
         data[relation.RELATIONS_INDEX] = []
         if any(e["role"] == "peer" for e in endpoints.values()):
