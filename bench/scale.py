@@ -44,7 +44,6 @@ from ensemble.charm import Charm, bundle_id  # noqa: E402
 from ensemble.connection import AUTH_VARIABLE  # noqa: E402
 from ensemble.lab import Lab  # noqa: E402
 from ensemble.machine.container.names import container_name  # noqa: E402
-from ensemble.names import unit_key  # noqa: E402
 from ensemble.network.ipam import Allocator  # noqa: E402
 from ensemble.network.netns import netns_path  # noqa: E402
 from ensemble.state.client import count_requests  # noqa: E402
@@ -53,7 +52,7 @@ from ensemble.state.network import ZooKeeperAddressStore, lease_subnet  # noqa: 
 from ensemble.state.presence import agent_info  # noqa: E402
 from ensemble.state.relation import RelationStateManager  # noqa: E402
 from ensemble.state.service import ServiceStateManager  # noqa: E402
-from ensemble.state.unit import STARTED, UnitStateManager  # noqa: E402
+from ensemble.state.unit import STARTED, UnitStateManager, unit_path  # noqa: E402
 from ensemble.zookeeper import four_letter  # noqa: E402
 
 IDLE = os.path.join(HERE, "charms", "idle")
@@ -179,7 +178,7 @@ async def remove_units(reactor, client, names, timeout=300):
         await units.remove_unit(name)
     deadline = reactor.seconds() + timeout
     for name in names:
-        while await client.exists(f"/units/{unit_key(name)}") is not None:
+        while await client.exists(unit_path(name)) is not None:
             if reactor.seconds() > deadline:
                 raise SystemExit(f"{name} was not torn down within {timeout} s")
             await task.deferLater(reactor, 0.2, lambda: None)

@@ -45,8 +45,7 @@ def _fdb(ipr, bridge_index, port=None):
     """[(port index, MAC, state)] of the bridge's forwarding entries (its own local ones
     included), or of those on its port of index `port` alone."""
     entries = []
-    dump = netlink_dumps.forwarding(ipr, master=bridge_index) if port is None else netlink_dumps.forwarding(ipr, port=port)
-    for entry in dump:
+    for entry in netlink_dumps.forwarding(ipr, master=bridge_index, port=port):
         # The bridge device's own entries come too, without NDA_MASTER.
         if entry.get_attr("NDA_MASTER") != bridge_index or entry.get_attr("NDA_VLAN") is not None:
             continue

@@ -46,7 +46,7 @@ def neighbours(ipr, index, family=AF_INET):
 
 def forwarding(ipr, master=None, port=None):
     """Forwarding-database entries: those of bridge `master` and its ports, or those
-    of device `port` alone. The request is the ifinfomsg form `bridge fdb show br|dev`
+    of device `port` alone (with both, those of `port` that `master` holds). The request is the ifinfomsg form `bridge fdb show br|dev`
     sends, which kernels filter on without strict checking."""
     msg = ifinfmsg()
     msg["family"] = AF_BRIDGE
