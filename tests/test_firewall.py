@@ -2,7 +2,9 @@
 a bridge and three "units" (namespaces on veths named like our containers')."""
 
 import contextlib
+import json
 import socket
+import subprocess
 import threading
 import uuid
 
@@ -217,6 +219,56 @@ def test_related_units_reach_each_other_on_any_port_and_strangers_only_exposed_p
         assert talk(host["db"], WEB, 8080) == "TimeoutError"
         assert talk(host["web"], DB, 7070) == "hi"
         firewall.remove()
+
+
+def _nft(netns, *args):
+    return subprocess.run(["ip", "netns", "exec", netns, "nft", *args], capture_output=True, text=True, check=True)
+
+
+def _table_handles(netns):
+    """Both tables' handles: a table loaded again is a new table, with a new handle."""
+    listed = json.loads(_nft(netns, "-j", "list", "tables").stdout)["nftables"]
+    return {i["table"]["family"]: i["table"]["handle"] for i in listed if i.get("table", {}).get("name") == "ens-fw"}
+
+
+def test_a_sync_changes_only_the_sets_and_undoes_what_was_changed_by_hand(host):
+    netns = host["host"]
+    firewall = Firewall("fw", BRIDGE, GATEWAY, [ZOOKEEPER_PORT], netns=netns, subnet="10.93.0.0/24")
+    # Ports named like no interface here: only the sets' contents are looked at.
+    ports = [("ve-aaaa", "0a:01:0a:5d:00:02", WEB)]
+    assert firewall.sync({}, both((WEB, DB)), ports) is True  # the first: both tables whole
+    loaded = _table_handles(netns)
+    # A unit added, a relation taken out and another made, a port opened: the sets
+    # change, the tables stay the ones loaded.
+    ports.append(("ve-bbbb", "0a:01:0a:5d:00:03", DB))
+    assert firewall.sync({DB: [(7070, "tcp")]}, both((WEB, OTHER)), ports) is False
+    assert _table_handles(netns) == loaded
+    assert firewall.related() == both((WEB, OTHER))
+    assert firewall.opened() == {(DB, 7070, "tcp")}
+    assert firewall.ports() == set(ports)
+    inet_related = json.loads(_nft(netns, "-j", "list", "set", "inet", "ens-fw", "related").stdout)
+    assert {tuple(e["concat"]) for i in inet_related["nftables"] if "set" in i
+            for e in i["set"]["elem"]} == both((WEB, OTHER))  # the inet table's too
+
+    # An element deleted by hand, which the next change deletes as well: that change
+    # cannot apply, so both tables are loaded whole, as they should be.
+    _nft(netns, "delete", "element", "bridge", "ens-fw", "related", f"{{ {WEB} . {OTHER} }}")
+    assert firewall.sync({DB: [(7070, "tcp")]}, set(), ports) is True
+    assert firewall.related() == set() and firewall.opened() == {(DB, 7070, "tcp")}
+    # The tables deleted by hand (`nft flush ruleset`, say): the next sync, with
+    # nothing to change, finds them gone and loads them.
+    _nft(netns, "delete", "table", "bridge", "ens-fw")
+    assert firewall.sync({DB: [(7070, "tcp")]}, set(), ports) is True
+    assert firewall.present() == ["bridge", "inet"] and firewall.ports() == set(ports)
+    # A hand edit that no change runs into stays until a sync is asked to replace.
+    _nft(netns, "delete", "element", "bridge", "ens-fw", "tcp_open", f"{{ {DB} . 7070 }}")
+    assert firewall.sync({DB: [(7070, "tcp")]}, set(), ports) is False
+    assert firewall.opened() == set()
+    assert firewall.sync({DB: [(7070, "tcp")]}, set(), ports, replace=True) is True
+    assert firewall.opened() == {(DB, 7070, "tcp")}
+    assert _table_handles(netns) != loaded
+    firewall.remove()
+    assert firewall.present() == []
 
 
 def test_units_traffic_is_routed_only_to_the_environments_network(host):

@@ -8,7 +8,7 @@ from twisted.internet import defer, task
 
 from ensemble.errors import ServiceDying, ServiceNotFound
 from ensemble.machine.host import prepare_host
-from ensemble.machine.reconcilers.firewall import FirewallReconciler, reachability
+from ensemble.machine.reconcilers.firewall import REPLACE_EVERY, FirewallReconciler, reachability
 from ensemble.network.ipam import Allocator
 from ensemble.state.environment import initialize
 from ensemble.state.machine import MachineStateManager
@@ -68,10 +68,13 @@ class Recorder:
     def __init__(self):
         self.syncs = []
         self.ports = []
+        self.replace_asked = []
 
-    def sync(self, openings, related=(), ports=None):
+    def sync(self, openings, related=(), ports=None, replace=False):
         self.syncs.append((openings, set(related)))
         self.ports.append(ports)
+        self.replace_asked.append(replace)
+        return replace or len(self.syncs) == 1  # the first sync loads the tables whole
 
     @property
     def openings(self):
@@ -189,6 +192,27 @@ async def test_a_leaving_unit_loses_its_paths_before_its_address_is_freed(env):
     env.clock.advance(5)
     await env.reconciler.tick()
     assert env.firewall.related == env.pairs(("db/0", "db/2"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tick_replaces_the_tables_whole_once_a_minute_and_other_passes_change_them(env):
+    # Every pass of the set-up (the first, each unit addressed) changed the tables.
+    assert env.firewall.replace_asked and not any(env.firewall.replace_asked)
+    env.clock.advance(REPLACE_EVERY - 1)
+    await env.reconciler.tick()
+    assert env.firewall.replace_asked[-1] is False
+    env.clock.advance(1)
+    await env.reconciler.tick()
+    assert env.firewall.replace_asked[-1] is True
+    # A minute from that one, not from the first.
+    await RelationStateManager(env.admin).add_relation("web", "db")
+    assert env.firewall.replace_asked[-1] is False  # a watch's pass
+    env.clock.advance(REPLACE_EVERY - 1)
+    await env.reconciler.tick()
+    assert env.firewall.replace_asked[-1] is False
+    env.clock.advance(1)
+    await env.reconciler.tick()
+    assert env.firewall.replace_asked[-1] is True
 
 
 @pytest_twisted.ensureDeferred

@@ -112,22 +112,18 @@ def _rules(objects, chain):
     return [o["rule"]["expr"] for o in objects if "rule" in o and o["rule"]["chain"] == chain]
 
 
-def _elements(objects, name):
-    return next((o["element"]["elem"] for o in objects if "element" in o and o["element"]["name"] == name), [])
-
-
 def test_the_port_filter_binds_each_port_to_its_mac_and_address():
     ports = [("ve-aaaa", "0A:01:0a:4d:03:02", "10.77.3.2"), ("ve-bbbb", "0a:01:0a:4d:03:03", "10.77.3.3"),
              # Malformed: left out, so such a port would get nothing through.
              ("ve-cccc", "01:00:5e:00:00:01", "10.77.3.4"), ("ve-dddd", "0a:01:0a:4d:03:05", "nowhere"),
              ("ve-name-far-too-long", "0a:01:0a:4d:03:06", "10.77.3.6")]
-    objects = port_filter.objects("ens-x", ports, SUBNET)
-    assert _elements(objects, "unit_ports") == [
-        {"concat": ["ve-aaaa", "0a:01:0a:4d:03:02", "10.77.3.2"]},
-        {"concat": ["ve-bbbb", "0a:01:0a:4d:03:03", "10.77.3.3"]},
-    ]
-    assert _elements(objects, "unit_ifnames") == ["ve-aaaa", "ve-bbbb"]
-    assert _elements(objects, "unit_macs") == ["0a:01:0a:4d:03:02", "0a:01:0a:4d:03:03"]
+    elements = port_filter.elements(ports)
+    assert elements["unit_ports"] == {("ve-aaaa", "0a:01:0a:4d:03:02", "10.77.3.2"),
+                                      ("ve-bbbb", "0a:01:0a:4d:03:03", "10.77.3.3")}
+    assert elements["unit_hosts"] == {("ve-aaaa", "10.77.3.2"), ("ve-bbbb", "10.77.3.3")}
+    assert elements["unit_ifnames"] == {"ve-aaaa", "ve-bbbb"}
+    assert elements["unit_macs"] == {"0a:01:0a:4d:03:02", "0a:01:0a:4d:03:03"}
+    objects = port_filter.rules("ens-x", SUBNET)
     hooks = {o["chain"]["name"]: o["chain"].get("hook") for o in objects if "chain" in o}
     assert hooks["ports_in"] == "prerouting" and hooks["ports_out"] == "postrouting"
     # Every unit port's chain ends in a drop: what no rule accepts, nothing gets through.
@@ -140,13 +136,13 @@ def test_the_port_filter_binds_each_port_to_its_mac_and_address():
     prefixes = [e for rule in ins for e in rule if "prefix" in str(e)]
     assert len(prefixes) == 2 and all("10.77.3.0" in str(p) for p in prefixes)
     # Without a subnet, only what the ports themselves say is checked.
-    assert not [e for rule in _rules(port_filter.objects("ens-x", ports), "ports_in") for e in rule
+    assert not [e for rule in _rules(port_filter.rules("ens-x"), "ports_in") for e in rule
                 if "prefix" in str(e)]
 
 
 def test_no_ports_is_still_a_filter():
-    objects = port_filter.objects("ens-x", [], SUBNET)
-    assert _elements(objects, "unit_ports") == []
+    assert port_filter.elements([])["unit_ports"] == set()
+    objects = port_filter.rules("ens-x", SUBNET)
     assert _rules(objects, "unit_port_in")[-1] == [{"drop": None}]
     assert any("prefix" in str(rule) for rule in _rules(objects, "ports_in"))
 

@@ -71,24 +71,24 @@ def entries(ports):
     return sorted(found)
 
 
-def objects(table, ports, subnet=None):
-    """The sets, chains and rules for `ports` ([(veth, MAC, address)]) in the bridge
-    table `table`; `subnet`: this environment's unit subnet (CIDR) on this host, whose
-    addresses no other port may claim (None: not checked)."""
+def elements(ports):
+    """{set name: {element}} for `ports` ([(veth, MAC, address)]): a concatenation as a
+    tuple."""
     ports = entries(ports)
-    t = {"family": "bridge", "table": table}
-    elements = {
-        "unit_ports": [_concat(v, m, a) for v, m, a in ports],
-        "unit_hosts": sorted({(v, a) for v, _, a in ports}),
-        "unit_ifnames": sorted({v for v, _, _ in ports}),
-        "unit_macs": sorted({m for _, m, _ in ports}),
+    return {
+        "unit_ports": set(ports),
+        "unit_hosts": {(v, a) for v, _, a in ports},
+        "unit_ifnames": {v for v, _, _ in ports},
+        "unit_macs": {m for _, m, _ in ports},
     }
-    elements["unit_hosts"] = [_concat(v, a) for v, a in elements["unit_hosts"]]
-    result = []
-    for name, type_ in SETS.items():
-        result.append({"set": {**t, "name": name, "type": type_}})
-        if elements[name]:
-            result.append({"element": {**t, "name": name, "elem": elements[name]}})
+
+
+def rules(table, subnet=None):
+    """The sets (empty: `elements` fills them), chains and rules in the bridge table
+    `table`; `subnet`: this environment's unit subnet (CIDR) on this host, whose
+    addresses no other port may claim (None: not checked)."""
+    t = {"family": "bridge", "table": table}
+    result = [{"set": {**t, "name": name, "type": type_}} for name, type_ in SETS.items()]
 
     def chain(name, hook=None, prio=0):
         body = {**t, "name": name}

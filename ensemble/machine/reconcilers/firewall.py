@@ -11,6 +11,11 @@ The same tables bind each unit's port here to its MAC and address (layer 2: from
 reservation here, a leaving unit's included until its address is freed); a unit's
 container starts only once its port's entry is loaded (reconcilers/layer2.py).
 
+A pass changes only the sets' elements that changed (firewall.py). A tick replaces
+both tables whole once a minute, so that an edit by hand inside them (an element or a
+rule deleted, which no change runs into) stands a minute at most; tables deleted
+outright are loaded again by the next pass.
+
 Until a pass has loaded the tables, and whenever one cannot (no nftables binding, a
 batch nftables refuses), the firewall is not in place: no unit's container is created
 or started here (safeguards.py)."""
@@ -37,6 +42,8 @@ from ensemble.state.unit import OPEN_PORTS, UnitStateManager, unit_path
 from ensemble.state.watch import ChildrenWatch, DataWatch
 
 log = logging.getLogger("ensemble.machine")
+
+REPLACE_EVERY = 60.0  # seconds between ticks that replace both tables whole
 
 
 def service_of(unit):
@@ -115,6 +122,8 @@ class FirewallReconciler(Reconciler):
         self._followed = {}       # ("service", name) or ("machine", id) -> its watch
         self._relations_watch = None
         self._loaded_ports = {}   # unit here -> its UnitPort, as the last loaded tables hold it
+        self._replaced_at = None  # when a pass last replaced both tables whole
+        self._replace = False     # the next pass replaces them (a tick asked)
 
     def port_loaded(self, name):
         """Whether the tables loaded last bind `name`'s port to its identity."""
@@ -144,6 +153,12 @@ class FirewallReconciler(Reconciler):
         # Until now the pass that started it reads the value itself.
         state["started"] = True
         return watch
+
+    def tick(self):
+        now = self.host.reactor.seconds()
+        if self._replaced_at is not None and now - self._replaced_at >= REPLACE_EVERY:
+            self._replace = True
+        return super().tick()
 
     async def unit_addressed(self, unit):
         """`unit` has an address here: follow the ports it opens."""
@@ -226,12 +241,14 @@ class FirewallReconciler(Reconciler):
         openings, related = reachability(local, remote, relations, exposed, ports)
         entries = [(p.port, p.mac, p.address) for p in identities.values()]
         try:
-            await host.in_thread(self.firewall.sync, openings, related, entries)
+            replaced = await host.in_thread(self.firewall.sync, openings, related, entries, self._replace)
         except Exception as e:
             # Each sync is one atomic batch: a refused one leaves the tables as they were.
             host.safeguards.report(safeguards.FIREWALL, f"{e}; units running here keep the rules loaded last")
         else:
             self._loaded_ports = identities
+            if replaced:
+                self._replaced_at, self._replace = host.reactor.seconds(), False
             host.safeguards.report(safeguards.FIREWALL, None)
 
     async def _read_relations(self):
