@@ -150,6 +150,28 @@ async def test_a_unit_added_while_a_pass_runs_is_deployed_at_once_with_its_servi
     await host.agent.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_pass_leaves_a_unit_being_deployed_at_once_to_that_deploy(clock, tmp_path):
+    host = Host(clock, tmp_path)
+    await host.setup()
+    await deploy_charm(host.admin, host.charm, "db", n=2)
+    await host.start_agent()
+    # db/2's deploy, at once, is held making its container; meanwhile db/0's stops.
+    host.driver.delays["create"] = 30.0
+    await ServiceStateManager(host.admin).add_units("db", to=0)
+    new = host.container("db/2")
+    host.driver.crash(host.container("db/0"))
+    host.tick()
+    # The tick's pass started db/0 again and is done, not waiting for db/2's deploy.
+    assert host.driver.containers[host.container("db/0")].state == "RUNNING"
+    assert host.agent.units.busy is False
+    assert new not in host.driver.containers
+    clock.advance(30.0)
+    assert host.driver.containers[new].state == "RUNNING"
+    assert [c for c in host.driver.calls if c == ("create", new)] == [("create", new)]
+    await host.agent.stop()
+
+
 class PortListener:
     """A listener as layer 2 is: told when a unit's container started, before its agent
     may run. Records whether the agent was still waiting then."""
