@@ -281,8 +281,12 @@ def _leases(*machines):
 async def test_the_kernel_is_compared_when_peers_change_or_drift_is_due_not_on_every_tick(monkeypatch):
     """With 1,000 machines a comparison reads thousands of entries: the resync tick
     makes one only every DRIFT_CHECK seconds, while a lease change or an earlier
-    failure makes one at once."""
+    failure makes one at once. Nor does a tick read the leases again (21 ms of the
+    reactor's thread for 1,000 machines) while they have not changed."""
     monkeypatch.setattr(reconciler_module.namespaces, "ip_forwarding", lambda netns: True)
+    read = []
+    real = reconciler_module.peers_from_leases
+    monkeypatch.setattr(reconciler_module, "peers_from_leases", lambda *args: read.append(args[0]) or real(*args))
     clock = task.Clock()
     host = SimpleNamespace(
         reactor=clock, name="machine-0", machine_id=0, netns=None, machine=_Machine(),
@@ -296,6 +300,7 @@ async def test_the_kernel_is_compared_when_peers_change_or_drift_is_due_not_on_e
         clock.advance(MachineAgent.resync_interval)
         await reconciler.tick()
     assert len(fake.compared) == 1           # nothing changed: no tick looked
+    assert read == [_leases(0, 1)]           # nor read the leases again
     clock.advance(MachineAgent.resync_interval)
     await reconciler.tick()
     assert len(fake.compared) == 2           # the drift check was due
@@ -313,6 +318,7 @@ async def test_the_kernel_is_compared_when_peers_change_or_drift_is_due_not_on_e
     await reconciler.tick()
     assert "cannot add route" not in host.machine.data["network-error"]   # the bad lease still says why
     assert "lease 'x'" in host.machine.data["network-error"]
+    assert len(read) == 3                    # once for each of the three lease sets
     compared = len(fake.compared)
     clock.advance(MachineAgent.resync_interval)
     await reconciler.tick()
