@@ -151,24 +151,30 @@ async def test_a_unit_added_while_a_pass_runs_is_deployed_at_once_with_its_servi
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_pass_leaves_a_unit_being_deployed_at_once_to_that_deploy(clock, tmp_path):
+async def test_a_pass_leaves_units_being_deployed_at_once_to_those_deploys(clock, tmp_path):
     host = Host(clock, tmp_path)
     await host.setup()
     await deploy_charm(host.admin, host.charm, "db", n=2)
     await host.start_agent()
-    # db/2's deploy, at once, is held making its container; meanwhile db/0's stops.
+    # More units added at once than are deployed at a time, their containers' making
+    # held: some deploys are under way, the last waits its turn. Meanwhile db/0's stops.
     host.driver.delays["create"] = 30.0
-    await ServiceStateManager(host.admin).add_units("db", to=0)
-    new = host.container("db/2")
+    at_once = host.agent.units.max_concurrent_deploys
+    new = [host.container(n) for n in await ServiceStateManager(host.admin).add_units("db", n=at_once + 1, to=0)]
     host.driver.crash(host.container("db/0"))
     host.tick()
-    # The tick's pass started db/0 again and is done, not waiting for db/2's deploy.
+    # The tick's pass started db/0 again and is done: it neither waited for the
+    # deploys under way nor made the queued unit's container itself.
     assert host.driver.containers[host.container("db/0")].state == "RUNNING"
     assert host.agent.units.busy is False
-    assert new not in host.driver.containers
+    def made():
+        return sorted(name for op, name in host.driver.calls if op == "create" and name in new)
+
+    assert made() == sorted(new[:at_once])
     clock.advance(30.0)
-    assert host.driver.containers[new].state == "RUNNING"
-    assert [c for c in host.driver.calls if c == ("create", new)] == [("create", new)]
+    clock.advance(30.0)
+    assert all(host.driver.containers[n].state == "RUNNING" for n in new)
+    assert made() == sorted(new)  # each made once
     await host.agent.stop()
 
 

@@ -70,6 +70,7 @@ class UnitsReconciler(Reconciler):
         self._deploys = defer.DeferredSemaphore(self.max_concurrent_deploys)
         # Units deployed at once while a pass runs: as many again, not queued behind it.
         self._deploys_now = defer.DeferredSemaphore(self.max_concurrent_deploys)
+        self._deploying_now = set()  # units deployed at once, under way or queued
         self._unit_locks = {}     # unit -> DeferredLock: one operation on a unit at a time
         # Units that waited start as soon as the last missing layer is back.
         host.safeguards.opened.append(self._gate_opened)
@@ -109,12 +110,16 @@ class UnitsReconciler(Reconciler):
         defer.ensureDeferred(self.sync_quietly())
 
     async def _deploy_now(self, name):
-        await self._deploys_now.acquire()
+        self._deploying_now.add(name)
         try:
-            limits = await self._service_limits({name.rpartition("/")[0]})
-            await self._guard(name, self.ensure_unit(name, limits))
+            await self._deploys_now.acquire()
+            try:
+                limits = await self._service_limits({name.rpartition("/")[0]})
+                await self._guard(name, self.ensure_unit(name, limits))
+            finally:
+                self._deploys_now.release()
         finally:
-            self._deploys_now.release()
+            self._deploying_now.discard(name)
 
     def tick(self):
         # Containers stop behind our back (OOM, a host admin, a reboot): look again
@@ -150,11 +155,11 @@ class UnitsReconciler(Reconciler):
                 await driver.destroy(orphan)
             self._listed = listed & expected
             self._limits = await self._service_limits({u.rpartition("/")[0] for u in wanted})
-        # A unit under an operation now (deployed at once) is that operation's to
-        # finish: waiting for it would hold this pass, and every other unit's next
-        # look, as long as a burst of deploys lasts (29.6 s for 234 units added at
-        # once). The next pass looks at it.
-        wanted -= {n for n, lock in self._unit_locks.items() if lock.locked}
+        # A unit deployed at once (under way or queued) is that deploy's to finish:
+        # waiting for it, or deploying it too, held this pass, and every other unit's
+        # next look, as long as a burst of deploys lasted (29.6 and 38.5 s for 234
+        # units added at once). The next pass looks at it.
+        wanted -= self._deploying_now
         # Units without a container first: someone is waiting for them, and they need
         # not wait for LXC to say which containers run (`_running`).
         await self._bounded(sorted(wanted, key=lambda n: (self._has_container(n), n)), self.ensure_unit)
