@@ -336,19 +336,25 @@ class RelationStateManager:
         if endpoints is None:
             # Deployed before services kept their endpoints: only the implicit one is known.
             endpoints = stored(IMPLICIT)
-        return data, version, endpoints, await self._units(name)
+        return data, version, endpoints, (await self._units([name]))[name]
 
-    async def _units(self, service):
-        units = {}
-        for unit in await UnitStateManager(self.client).unit_names():
-            if unit.rpartition("/")[0] != service:
-                continue
-            try:
-                data, _ = await nodes.read(self.client, unit_path(unit))
-            except (NoNode, MalformedState):
-                continue
-            if data.get("machine") is not None:
-                units[unit] = data["machine"]
+    async def _units(self, services):
+        """{service: {unit: machine}} for each of `services`: its units that have a
+        machine. One listing of the units, and their nodes read at once."""
+        services = set(services)
+        names = sorted(n for n in await UnitStateManager(self.client).unit_names()
+                       if n.rpartition("/")[0] in services)
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(nodes.read(self.client, unit_path(n))) for n in names], consumeErrors=True)
+        units = {s: {} for s in services}
+        for name, (ok, value) in zip(names, results):
+            if not ok:
+                if value.check(NoNode, MalformedState):
+                    continue
+                value.raiseException()
+            machine = value[0].get("machine")
+            if machine is not None:
+                units[name.rpartition("/")[0]][name] = machine
         return units
 
     async def add_relation(self, a, b):
@@ -496,9 +502,13 @@ class RelationStateManager:
         for them (before `tx`), and create their settings nodes in `tx`. The caller
         checks the service's version and /relations' in `tx` too (see `counter`)."""
         policy = auth.admin_policy(self.client)
-        for relation in await self.relations_of(service, data):
+        relations = await self.relations_of(service, data)
+        # Every related service's units at once: a listing of the environment's units
+        # and a read per unit cost as much for one service as for all.
+        known = await self._units({e["service"] for r in relations for e in r.endpoints}) if relations else {}
+        for relation in relations:
             services = [e["service"] for e in relation.endpoints]
-            units = {s: await self._units(s) for s in set(services)}
+            units = {s: known[s] for s in set(services)}
             units[service] = {**units.get(service, {}), **placements}
             acls = RelationAcls(policy.admin, units, relation.key) if policy is not None else None
             if acls is not None:
