@@ -65,6 +65,15 @@ class Host:
             self.clock.advance(MachineAgent.resync_interval)
 
 
+async def running_host(clock, tmp_path, units=2):
+    """Machine 0 with `units` units of db, its agent started."""
+    host = Host(clock, tmp_path)
+    await host.setup()
+    await deploy_charm(host.admin, host.charm, "db", n=units)
+    await host.start_agent()
+    return host
+
+
 @pytest.fixture
 def clock(monkeypatch):
     # A Clock has no threads: the agent's blocking work (a removed unit's log given
@@ -75,10 +84,7 @@ def clock(monkeypatch):
 
 @pytest_twisted.ensureDeferred
 async def test_assigned_units_get_addresses_and_running_containers(clock, tmp_path):
-    host = Host(clock, tmp_path)
-    await host.setup()
-    await deploy_charm(host.admin, host.charm, "db", n=3)
-    await host.start_agent()
+    host = await running_host(clock, tmp_path, 3)
     # What forks their agents in was started first: the first unit does not wait for it.
     operations = [op for op, _ in host.driver.calls]
     assert operations.index("prepare_agents") < operations.index("create")
@@ -95,10 +101,7 @@ async def test_assigned_units_get_addresses_and_running_containers(clock, tmp_pa
 
 @pytest_twisted.ensureDeferred
 async def test_a_new_unit_is_deployed_alone_and_the_tick_looks_at_the_others(clock, tmp_path):
-    host = Host(clock, tmp_path)
-    await host.setup()
-    await deploy_charm(host.admin, host.charm, "db", n=2)
-    await host.start_agent()
+    host = await running_host(clock, tmp_path)
     # Asking LXC which containers run is slow (a process per pass), and a pass's checks
     # of the others would slow the new unit's deploy: it is deployed alone, at once.
     host.driver.delays["running"] = 3.0
@@ -121,10 +124,7 @@ async def test_a_new_unit_is_deployed_alone_and_the_tick_looks_at_the_others(clo
 @pytest.mark.parametrize("held_at", ["list", "running"])
 @pytest_twisted.ensureDeferred
 async def test_a_unit_added_while_a_pass_runs_is_deployed_at_once_with_its_services_limits(clock, tmp_path, held_at):
-    host = Host(clock, tmp_path)
-    await host.setup()
-    await deploy_charm(host.admin, host.charm, "db", n=2)
-    await host.start_agent()
+    host = await running_host(clock, tmp_path)
     # A tick's pass over the units here, held up listing the containers (before it
     # looks for orphans) or asking LXC which of them run.
     host.driver.delays[held_at] = 3.0
@@ -152,10 +152,7 @@ async def test_a_unit_added_while_a_pass_runs_is_deployed_at_once_with_its_servi
 
 @pytest_twisted.ensureDeferred
 async def test_a_pass_leaves_units_being_deployed_at_once_to_those_deploys(clock, tmp_path):
-    host = Host(clock, tmp_path)
-    await host.setup()
-    await deploy_charm(host.admin, host.charm, "db", n=2)
-    await host.start_agent()
+    host = await running_host(clock, tmp_path)
     # More units added at once than are deployed at a time, their containers' making
     # held: some deploys are under way, the last waits its turn. Meanwhile db/0's stops.
     host.driver.delays["create"] = 30.0
@@ -268,10 +265,7 @@ async def test_units_public_address_is_their_machines_unless_loopback(clock, tmp
 @pytest.mark.parametrize("drift", ["crash", "orphan", "lost"])
 @pytest_twisted.ensureDeferred
 async def test_the_resync_tick_repairs_what_changed_behind_the_agents_back(clock, tmp_path, drift):
-    host = Host(clock, tmp_path)
-    await host.setup()
-    await deploy_charm(host.admin, host.charm, "db", n=2)
-    await host.start_agent()
+    host = await running_host(clock, tmp_path)
     name = host.container("db/1")
     if drift == "crash":
         host.driver.crash(name)
@@ -291,10 +285,7 @@ async def test_the_resync_tick_repairs_what_changed_behind_the_agents_back(clock
 
 @pytest_twisted.ensureDeferred
 async def test_a_removed_unit_loses_its_container_address_and_node(clock, tmp_path):
-    host = Host(clock, tmp_path)
-    await host.setup()
-    await deploy_charm(host.admin, host.charm, "db", n=2)
-    await host.start_agent()
+    host = await running_host(clock, tmp_path)
     await UnitStateManager(host.admin).remove_unit("db/0")
     # Its agent is not alive (no presence): the stop hook is not waited for.
     assert sorted(host.driver.containers) == [host.container("db/1")]
