@@ -25,11 +25,12 @@ ethertype; to it only what is meant for it (ensemble/network/port_filter.py).
 
 Each sync is one atomic batch. The rules depend only on the host, so a sync after the
 first changes only the sets' elements that differ from those it loaded last: a new unit
-costs its own entries, not a reload of every unit's (at 250 units related 125 to 125, a
-whole reload took 463 ms). The whole tables are replaced on the first sync, when asked
-(`replace`: the agent does so every minute, to undo hand edits inside them) and when a
-change cannot apply (the tables deleted, an element gone). Blocking (netlink): agents
-run it in a thread. `netns`: a named namespace to act in (None: this one).
+costs its own entries, not a reload of every unit's (bench/firewall.py: at 250 units of
+two services related to each other, 295 ms reloading against 14.5 ms). The whole
+tables are replaced on the first sync, when asked (`replace`: the agent does so every
+minute, to undo hand edits inside them) and when a change cannot apply (the tables
+deleted, an element gone). Blocking (netlink): agents run it in a thread. `netns`: a
+named namespace to act in (None: this one).
 """
 
 import threading
