@@ -519,13 +519,13 @@ class MemoryClient:
 
         return self._read(read)
 
-    def get_children(self, path, watch=None):
+    def get_children(self, path, watch=None, stat=False):
         path = _normalize(path)
 
         def read():
             node = self._node(path)
             self.tree._watch(self.tree._child_watches, self, path, watch)
-            return list(node.children)
+            return (list(node.children), node.stat()) if stat else list(node.children)
 
         return self._read(read)
 

@@ -13,12 +13,15 @@ import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet import defer
 
+from conftest import eventually
 from ensemble.errors import MachineBusy
-from ensemble.network.ipam import AddressesExhausted, AddressRange, Allocator, SubnetsExhausted
+from ensemble.network.ipam import AddressesExhausted, AddressRange, Allocator, SubnetsExhausted, lease_key
 from ensemble.state.environment import initialize
 from ensemble.state.machine import MachineStateManager
-from ensemble.state.network import ZooKeeperAddressStore, lease_subnet, leases
+from ensemble.state import nodes
+from ensemble.state.network import ZooKeeperAddressStore, lease_subnet, leases, watch_leases
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,6 +139,60 @@ async def test_subnet_leases(client):
     assert "10.8.1.0/24" not in await leases(client)
     assert await client.exists("/network/addresses/machine-0000000001") is None
     assert await lease_subnet(client, ids[4]) == "10.8.1.0/24"
+
+
+@pytest_twisted.ensureDeferred
+async def test_watched_leases_read_only_those_that_came_unless_one_went_and_came_back(client):
+    """Every agent watches the leases: with 1,000 machines, reading them all for each
+    machine added made every agent read 1,000 nodes per machine. A lease made under a
+    key seen before (its subnet released and leased again) is read again all the same."""
+    await client.ensure_path(nodes.SUBNETS)
+
+    def path(subnet):
+        return f"{nodes.SUBNETS}/{lease_key(subnet)}"
+
+    async def lease(subnet, machine, tx=None):
+        own = tx is None
+        tx = tx or client.transaction()
+        tx.create(path(subnet), nodes.dump({"machine": machine, "address": f"192.0.2.{machine}"}))
+        if own:
+            await tx.commit()
+
+    await lease("10.8.0.0/24", 0)
+    await lease("10.8.1.0/24", 1)
+    seen, read = [], []
+    get = client.get
+    client.get = lambda path, watch=None: read.append(path) or get(path, watch)
+
+    async def changed(value):
+        seen.append(value)
+
+    def until(check):
+        return eventually(lambda: defer.succeed(check(seen[-1])))
+
+    watch = await watch_leases(client, changed)
+    try:
+        assert sorted(seen[-1]) == ["10.8.0.0/24", "10.8.1.0/24"] and len(read) == 2
+        del read[:]
+        await lease("10.8.2.0/24", 2)
+        await until(lambda leases: len(leases) == 3)
+        assert seen[-1]["10.8.2.0/24"] == {"machine": 2, "address": "192.0.2.2"}
+        assert read == [path("10.8.2.0/24")]  # the new one only
+
+        del read[:]
+        await client.delete(path("10.8.0.0/24"))
+        await until(lambda leases: "10.8.0.0/24" not in leases)
+        assert sorted(seen[-1]) == ["10.8.1.0/24", "10.8.2.0/24"] and read == []
+
+        # Gone and back under the same key in one change: the same names as before.
+        tx = client.transaction()
+        tx.delete(path("10.8.1.0/24"))
+        await lease("10.8.1.0/24", 3, tx)
+        await tx.commit()
+        await until(lambda leases: leases["10.8.1.0/24"]["machine"] == 3)
+        assert sorted(read) == [path("10.8.1.0/24"), path("10.8.2.0/24")]
+    finally:
+        watch.stop()
 
 
 @pytest_twisted.ensureDeferred

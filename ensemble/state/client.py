@@ -492,8 +492,17 @@ class ZKClient:
 
         return self._retried(issue)
 
-    def get_children(self, path, watch=None):
-        return self._retried(lambda: self._bridge(self._kz().get_children_async(path, watch=self._watcher(watch))))
+    def get_children(self, path, watch=None, stat=False):
+        """Fires with the children's names; with `stat`, (names, the node's Stat) of one
+        read, so that its cversion is that of those names."""
+
+        def issue():
+            d = self._bridge(self._kz().get_children_async(path, watch=self._watcher(watch), include_data=stat))
+            if stat:
+                d.addCallback(lambda r: (r[0], Stat(r[1])))
+            return d
+
+        return self._retried(issue)
 
     def ensure_path(self, path):
         return self._bridge(self._kz().ensure_path_async(path, acl=self._acl(None)))

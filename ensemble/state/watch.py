@@ -87,17 +87,28 @@ class _Watch:
 
 
 class ChildrenWatch(_Watch):
-    """Children names of a node (sorted); None while the node does not exist."""
+    """Children names of a node (sorted), or with `stat` (names, the node's Stat as of
+    those names); None while the node does not exist."""
+
+    def __init__(self, client, path, callback, stat=False):
+        super().__init__(client, path, callback)
+        self._stat = stat
 
     async def _read(self):
         try:
-            return sorted(await self.client.get_children(self.path, watch=self._fired))
+            return await self._children()
         except NoNode:
             stat = await self.client.exists(self.path, watch=self._fired)
             if stat is not None:
                 # Created between the two calls.
-                return sorted(await self.client.get_children(self.path, watch=self._fired))
+                return await self._children()
             return None
+
+    async def _children(self):
+        if self._stat:
+            names, stat = await self.client.get_children(self.path, watch=self._fired, stat=True)
+            return sorted(names), stat
+        return sorted(await self.client.get_children(self.path, watch=self._fired))
 
 
 class DataWatch(_Watch):
