@@ -193,11 +193,13 @@ class Overlay:
 
     # -- making it so ------------------------------------------------------------------
 
-    def sync(self, peers):
+    def sync(self, peers, since=None):
         """Make this host's paths exactly those to `peers`; returns a SyncReport. Each
-        peer's failure is reported and the others still go in."""
+        peer's failure is reported and the others still go in. With `since`, the peers
+        whose paths the kernel was found to hold exactly: only the paths that differ
+        between the two are changed, without reading the kernel's (up to three entries
+        per machine); what someone changed by hand waits for a sync without."""
         report = SyncReport()
-        wanted = {p.subnet: p for p in peers if p.subnet != self.subnet}
         with _ipr(self.netns) as ipr:
             # Peers route back to us by our address. Without a usable one (a laptop's
             # local environment records 127.0.0.1), or with one this host does not
@@ -205,20 +207,31 @@ class Overlay:
             unusable = usable_host_address(self.address, self.cidr)
             if unusable is None and not _holds(ipr, self.address):
                 unusable = f"host address {self.address} is not on any interface of this host"
+            wanted = self._wanted(peers)
             if unusable and wanted:
                 report.errors.append(f"no paths to other machines: this machine's {unusable}")
                 wanted = {}
+            # Unusable now, usable before: the kernel's paths say which to remove.
+            held = None if since is None or unusable else self._wanted(since)
             if self.mode == VXLAN and not unusable:
                 index = self._ensure_device(ipr, report)
                 if index is None:
                     return report
-                self._sync_vxlan_entries(ipr, index, wanted, report)
+                if report.added or report.removed:
+                    held = None  # a new device holds none of the old one's entries
+                self._sync_vxlan_entries(ipr, index, wanted, report, held)
                 desired = {s: (vtep_address(s), index) for s in wanted}
+                held_routes = None if held is None else {s: (vtep_address(s), index) for s in held}
             else:
                 self._remove_device(ipr, report)
                 desired = {s: (p.address, None) for s, p in wanted.items()}
-            report.paths = self._sync_routes(ipr, desired, wanted, report)
+                held_routes = None if held is None else {s: (p.address, None) for s, p in held.items()}
+            report.paths = self._sync_routes(ipr, desired, wanted, report, held_routes)
         return report
+
+    def _wanted(self, peers):
+        """{subnet: peer} of `peers` but this host."""
+        return {p.subnet: p for p in peers if p.subnet != self.subnet}
 
     def _ensure_device(self, ipr, report):
         mtu = self.container_mtu(ipr)  # on the sync's own netlink socket
@@ -263,8 +276,14 @@ class Overlay:
             ipr.link("del", index=index)
             report.removed.append(f"device {self.device}")
 
-    def _sync_vxlan_entries(self, ipr, index, wanted, report):
-        neighbours, fdb = _vxlan_entries(ipr, index)
+    def _sync_vxlan_entries(self, ipr, index, wanted, report, held=None):
+        """The device's entries made those of `wanted`, from those of `held` (the
+        peers the kernel holds entries for) or, without, from the kernel's own."""
+        if held is None:
+            neighbours, fdb = _vxlan_entries(ipr, index)
+        else:
+            neighbours = {vtep_address(s): vtep_mac(s) for s in held}
+            fdb = {vtep_mac(s): p.address for s, p in held.items()}
         want_neigh = {vtep_address(s): vtep_mac(s) for s in wanted}
         want_fdb = {vtep_mac(s): p.address for s, p in wanted.items()}
         for dst, mac in neighbours.items():
@@ -284,8 +303,10 @@ class Overlay:
                 ipr.fdb("append", ifindex=index, lladdr=mac, dst=dst)
                 report.added.append(f"fdb {mac} -> {dst}")
 
-    def _sync_routes(self, ipr, desired, wanted, report):
-        present = self._routes(ipr)
+    def _sync_routes(self, ipr, desired, wanted, report, held=None):
+        """Routes made those of `desired`, from `held` ({subnet: (gateway, oif)} the
+        kernel holds) or, without, from the kernel's own."""
+        present = self._routes(ipr) if held is None else dict(held)
         for subnet, (gateway, oif) in present.items():
             want = desired.get(subnet)
             if want is None or want[0] != gateway or (want[1] is not None and want[1] != oif):
