@@ -13,7 +13,8 @@ read through the agent's mount namespace); the ZooKeeper requests of each of mac
 removes the units it added, fills the environment and measures both again (the
 deploys onto the same units of machine 0 as before, then the passes). For each phase,
 what the host spent meanwhile (bench/host_load.py: its busy share, the CPU seconds of
-ZooKeeper, the machine agent and this benchmark, the JVM's collections). Then the
+ZooKeeper, the machine agent and this benchmark, the JVM's collections; for the
+populating too, what machine 0's agent spends on the machines joining). Then the
 ZooKeeper server: its memory (the JVM's resident set), node count and requests per
 second while only machine 0 and its units are active. Prints one JSON object.
 
@@ -145,7 +146,7 @@ async def inside(reactor, args):
             await remove_units(reactor, client, added_units)
         del added_units[:]
         began = time.monotonic()
-        await populate(client, args.machines, args.units)
+        await measured("populate", populate(client, args.machines, args.units))
         result["populate_s"] = round(time.monotonic() - began, 1)
         full, result["full_steps_p50_ms"], result["full_add_unit_requests"] = await measured(
             "full_deploys", deploys())
