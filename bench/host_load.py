@@ -14,11 +14,15 @@ GC_COUNTS = ("YGC", "YGCT", "FGC", "FGCT", "CGC", "CGCT", "GCT")
 
 
 def _host_ticks():
-    """(busy, total) clock ticks of every CPU since boot."""
+    """(busy, total, stolen) clock ticks of every CPU since boot: stolen is the time the
+    hypervisor ran something else while this VM had work (counted in busy too)."""
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal guest guest_nice; the guests are
+    # counted in user and nice already.
+    fields = fields[:8]
     idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+    return sum(fields) - idle, sum(fields), fields[7]
 
 
 def _process_seconds(pid):
@@ -56,12 +60,13 @@ def sample(processes, java_pid=None):
 
 
 def spent(before, after):
-    """What was spent between two samples: the host's busy share of all its CPUs, each
-    process's CPU seconds, the JVM's collections and the old generation's fill."""
-    busy = after["host"][0] - before["host"][0]
-    total = after["host"][1] - before["host"][1]
+    """What was spent between two samples: the host's busy share of all its CPUs and the
+    share the hypervisor took from them, each process's CPU seconds, the JVM's
+    collections and the old generation's fill."""
+    busy, total, stolen = (a - b for a, b in zip(after["host"], before["host"]))
     result = {"seconds": round(after["wall"] - before["wall"], 1),
               "host_busy": round(busy / total, 3) if total else None,
+              "host_stolen": round(stolen / total, 3) if total else None,
               "cpu_s": {k: round(after["processes"][k] - before["processes"][k], 2)
                         for k in after["processes"]
                         if after["processes"][k] is not None and before["processes"].get(k) is not None}}
