@@ -3,11 +3,10 @@ network mode, from the subnet leases in ZooKeeper; and IP forwarding in this
 machine's namespace once there is another machine to reach.
 
 Comparing the kernel's paths with the leases reads an entry per other machine (three
-under VXLAN): with 1,000 machines, about 0.25 s of a core, for every machine that
-comes or goes. A pass does it once every DRIFT_CHECK seconds (what someone changed by
-hand is put back within that) and when the last pass could not make every path; in
-between, a change of the leases changes only the paths of the machines that came,
-went or moved."""
+under VXLAN): with 1,000 machines, about 0.25 s of a core. A pass does it once every
+DRIFT_CHECK seconds (what someone changed by hand is put back within that) and when
+the last pass could not make every path; in between, a change of the leases changes
+only the paths of the machines that came, went or moved."""
 
 import logging
 
