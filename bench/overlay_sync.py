@@ -22,16 +22,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ensemble.network.overlay import MODES, Overlay, Peer  # noqa: E402
 
 CIDR = "10.64.0.0/14"
-HOSTS = netaddr.IPNetwork("192.168.240.0/20")  # on the namespace's dummy link alone
+SUBNET = "10.64.0.0/24"  # this host's
+HOSTS = netaddr.IPNetwork("192.168.240.0/20")  # on the namespace's own bridge alone
 
 
 def peers(n):
     """Machines 1..n-1 (this host is machine 0), with a /24 and a host address each."""
-    subnets = netaddr.IPNetwork(CIDR).subnet(24)
-    next(subnets)  # this host's
+    subnets = (str(s) for s in netaddr.IPNetwork(CIDR).subnet(24) if str(s) != SUBNET)
     hosts = HOSTS.iter_hosts()
     next(hosts)
-    return [Peer(m, str(next(subnets)), str(next(hosts))) for m in range(1, n)]
+    return [Peer(m, next(subnets), str(next(hosts))) for m in range(1, n)]
 
 
 def ms(samples):
@@ -73,8 +73,7 @@ def main():
             ipr.link("set", index=index, state="up")
         result = {"samples": args.samples}
         for mode in MODES:
-            overlay = Overlay(mode, "bench", CIDR, str(next(netaddr.IPNetwork(CIDR).subnet(24))), str(HOSTS[1]),
-                              netns=name)
+            overlay = Overlay(mode, "bench", CIDR, SUBNET, str(HOSTS[1]), netns=name)
             result[mode] = {n: measure(overlay, n, args.samples) for n in args.machines}
             overlay.remove()
         print(json.dumps(result))
