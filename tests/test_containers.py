@@ -377,6 +377,36 @@ async def test_lifecycle_and_destroy_leaves_nothing(driver, lab):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_create_cut_short_is_made_again_from_scratch(unprivileged_driver, lab):
+    # What a SIGKILL of the machine agent leaves: the directory and what create() had
+    # made by then (its disk mounted, its ids claimed), without the config that is
+    # written last. The agent's next create() must not take that for a container.
+    driver = unprivileged_driver
+    cut_early = lab.spec("web/0", idmap=OWN_RANGE)
+    os.makedirs(os.path.join(driver.lxc_path, cut_early.name, lxc_config.SERVICE_DIR))
+    cut_late = lab.spec("web/1", idmap=OWN_RANGE, disk="64M")
+    await driver.create(cut_late)
+    first_ids = await driver.id_range(cut_late.name)
+    os.unlink(driver.config_path(cut_late.name))
+    assert await driver.list() == sorted([cut_early.name, cut_late.name])
+    for spec in (cut_early, cut_late):
+        assert await driver.state(spec.name) is None
+        await driver.create(spec)
+        await driver.start(spec.name)
+        assert await driver.state(spec.name) == "RUNNING"
+    # Made anew: one disk mount, the range of the cut one given back and taken again.
+    with open("/proc/self/mountinfo") as f:
+        assert sum(cut_late.name in line for line in f) <= 1
+    assert await driver.id_range(cut_late.name) == first_ids
+    with pytest.raises(ContainerExists):  # what has its config is a container
+        await driver.create(cut_late)
+    for spec in (cut_early, cut_late):
+        await driver.destroy(spec.name)
+    for spec in (cut_early, cut_late):  # (leftovers() sees any mount under the lxc path)
+        assert leftovers(driver, lab, spec.name) == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_stop_is_forced_after_the_timeout(driver, lab):
     # An agent that ignores SIGTERM: the graceful stop gives up after the timeout.
     spec = lab.spec("stubborn/0", agent_command=["/bin/sh", "-c", "trap '' TERM; while :; do sleep 1; done"])

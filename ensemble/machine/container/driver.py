@@ -420,6 +420,7 @@ class LXCDriver:
         self._stager = None
         self._starter = None
         self._agents_waiting = {}  # container -> (its starter, its lock, the attach answer): start_agent() owed
+        self._creating = set()  # containers create() is making now: a directory without config is theirs
         # Every container of this lxc path (this machine) has its cgroups below this
         # one; the limits reconciler sets `cgroup_caps` ({memory, pids}), which each
         # start puts back on it if it was made anew (cgroups.py).
@@ -608,15 +609,31 @@ class LXCDriver:
         """Clone the template (an overlayfs snapshot: an empty upper directory over
         the template's rootfs; with a user namespace, over the template seen through an
         idmapped mount at start), claim its own id range (OWN_RANGE), make its disk,
-        render the config, the stage plan and the service directory."""
+        render the config, the stage plan and the service directory. A directory a
+        create cut short left (no config: it is written last) is undone first."""
         if not isinstance(spec, ContainerSpec):
             raise TypeError("create() takes a ContainerSpec")
+        name = spec.name
+        if name in self._creating:
+            raise ContainerExists(name)
+        self._creating.add(name)
+        try:
+            return await self._create(spec)
+        finally:
+            self._creating.discard(name)
+
+    async def _create(self, spec):
         name = spec.name
         container = self.container_dir(name)
         if not self.template.exists():
             raise ContainerError(f"no container template {self.template.name} in {self.template.cache_dir} "
                                  "(ensure() it first)")
         os.makedirs(self.lxc_path, exist_ok=True)
+        if os.path.isdir(container) and not os.path.lexists(self.config_path(name)):
+            # The agent was killed in the middle of a create (the cleanup below never
+            # ran): without this, the unit could never be made again.
+            log.warning("container %s: undoing a create that was cut short", name)
+            await self.destroy(name)
         try:
             os.mkdir(container, 0o750)
         except FileExistsError:
