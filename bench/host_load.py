@@ -77,3 +77,18 @@ def spent(before, after):
             result["gc"]["old_used_mb"] = round(gc_after["OU"] / 1024, 1)
             result["gc"]["old_capacity_mb"] = round(gc_after["OC"] / 1024, 1)
     return result
+
+
+def spent_over(spans):
+    """spent() summed over (before, after) pairs of readings: what was spent within
+    those spans alone (their processes' CPU, the host's ticks), not between them."""
+    zero = {"host": (0, 0, 0), "processes": {}, "gc": {}, "wall": 0.0}
+    total = {"host": [0, 0, 0], "processes": {}, "gc": {}, "wall": 0.0}
+    for before, after in spans:
+        total["host"] = [t + a - b for t, a, b in zip(total["host"], after["host"], before["host"])]
+        total["wall"] += after["wall"] - before["wall"]
+        for k, seconds in after["processes"].items():
+            if seconds is not None and before["processes"].get(k) is not None:
+                zero["processes"][k] = 0.0
+                total["processes"][k] = total["processes"].get(k, 0.0) + seconds - before["processes"][k]
+    return spent(zero, total)

@@ -1,28 +1,31 @@
-"""Scale benchmark: one ZooKeeper holding an environment of --machines machines and
---units units, of which only machine 0 is real: a lab host (ensemble/lab.py, a network
+"""Scale benchmark: an environment of --machines machines and --units units in one
+ZooKeeper, of which only machine 0 is real: a lab host (ensemble/lab.py, a network
 namespace with no route off the machine) running its machine agent, with containers.
 The other machines are simulated as their agents would leave them, without
 containers: registered with an address of their own, their subnets leased, their
 units added (services related in pairs), addressed from their machines' ranges and
 `started`, every agent's presence node held. Nothing runs for them.
 
-It measures, in the same run: add-unit to `started` on machine 0 in the empty
-environment, each step's own time (the machine agent's log, and the unit's own logs
-read through the agent's mount namespace); the ZooKeeper requests of each of machine
-0's reconciler passes (from its agent's log at DEBUG) with its units in place; then
-removes the units it added, fills the environment and measures both again (the
-deploys onto the same units of machine 0 as before, then the passes). For each phase,
-what the host spent meanwhile (bench/host_load.py: its busy share, the CPU seconds of
-ZooKeeper, the machine agent and this benchmark, the JVM's collections; for the
-populating too, what machine 0's agent spends on the machines joining). Then the
-ZooKeeper server: its memory (the JVM's resident set), node count and requests per
-second while only machine 0 and its units are active. Prints one JSON object.
+Beside it, in the same run, a second lab whose environment stays empty: its own
+ZooKeeper and machine 0. Once the full one is populated, add-unit to `started` on
+machine 0 is measured in both, one deploy in each in turn (which goes first
+alternating), so that whatever slows the host meanwhile (another tenant of the
+hypervisor, say) hits both alike; each deploy's steps are timed from the machine
+agent's log and the unit's own logs (read through the agent's mount namespace), and
+the host's ticks are read around it. Then the ZooKeeper requests of each of machine
+0's reconciler passes in both (from its agent's log at DEBUG). What the host spent
+meanwhile (bench/host_load.py: its busy share and the hypervisor's, the CPU seconds
+of both ZooKeepers, both machine agents and the measuring processes, the full
+ZooKeeper's collections) is recorded for the populating, for each lab's deploys and
+for the passes. Then the full ZooKeeper: its memory (the JVM's resident set), node
+count and requests per second while only machine 0 and its units are active. Prints
+one JSON object.
 
     .venv/bin/python bench/scale.py [--machines 1000] [--units 10000] [--samples 15] [--zookeeper-heap-mb N]
-                                    [--keep-empty-units]
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -53,7 +56,7 @@ from ensemble.state.network import ZooKeeperAddressStore, lease_subnet  # noqa: 
 from ensemble.state.presence import agent_info  # noqa: E402
 from ensemble.state.relation import RelationStateManager  # noqa: E402
 from ensemble.state.service import ServiceStateManager  # noqa: E402
-from ensemble.state.unit import STARTED, UnitStateManager, unit_path  # noqa: E402
+from ensemble.state.unit import STARTED, UnitStateManager  # noqa: E402
 from ensemble.zookeeper import four_letter  # noqa: E402
 
 IDLE = os.path.join(HERE, "charms", "idle")
@@ -64,28 +67,99 @@ PASS_RE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) DEBUG \S+: machine
 QUIET = 16  # seconds of passes read: three resync ticks
 
 
+LABS = ("empty", "full")
+
+
+class Worker:
+    """The measuring side in one lab's namespace (`--inside`): one JSON request a line
+    on its stdin, one JSON answer a line on its stdout."""
+
+    def __init__(self, lab):
+        env = dict(os.environ, ENSEMBLE_ZOOKEEPER=lab.zookeeper_address)
+        env[AUTH_VARIABLE] = lab.admin_auth
+        # A file, not a pipe: nobody reads it until the end, and a full pipe would stop it.
+        self.errors = open(os.path.join(lab.directory, "measuring.err"), "w+")
+        self.process = subprocess.Popen(
+            ["nsenter", f"--net={netns_path(lab.network.lab)}", "--", sys.executable, os.path.abspath(__file__),
+             "--inside", "--agent-log", lab.agent_log(0), "--agent-pid", str(lab.agents[0].pid),
+             "--agent-home", lab.home(0)],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True,
+        )
+
+    def request(self, op, **arguments):
+        self.process.stdin.write(json.dumps({"op": op, **arguments}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.errors.seek(0)
+            raise SystemExit(f"the measuring side failed: {self.errors.read().strip()[-2000:]}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise SystemExit(f"the measuring side failed: {answer['error']}")
+        return answer
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self.errors.close()
+
+
 def outside(args):
+    import host_load
+    from deploy import _median_steps
+
     os.environ["ENSEMBLE_LOG_LEVEL"] = "DEBUG"  # machine 0's agent: every pass, with its requests
-    with tempfile.TemporaryDirectory(prefix="ensemble-scale-", dir="/var/tmp") as tmp:
-        with Lab(tmp, hosts=1, mode="vxlan", cidr=NETWORK, zookeeper_heap_mb=args.zookeeper_heap_mb) as lab:
-            lab.ensemble("deploy", IDLE, "--to", "0")
-            env = dict(os.environ, ENSEMBLE_ZOOKEEPER=lab.zookeeper_address)
-            env[AUTH_VARIABLE] = lab.admin_auth
-            inner = subprocess.run(
-                ["nsenter", f"--net={netns_path(lab.network.lab)}", "--", sys.executable, os.path.abspath(__file__),
-                 "--inside", "--agent-log", lab.agent_log(0), "--agent-pid", str(lab.agents[0].pid),
-                 "--agent-home", lab.home(0), "--zookeeper-pid", str(lab.zookeeper.pid()),
-                 "--machines", str(args.machines),
-                 "--units", str(args.units), "--samples", str(args.samples),
-                 *(["--keep-empty-units"] if args.keep_empty_units else [])],
-                env=env, capture_output=True, text=True,
-            )
-            if inner.returncode != 0 or not inner.stdout.strip():
-                raise SystemExit(f"the measuring side failed: {inner.stderr.strip()[-2000:]}")
-            result = json.loads(inner.stdout)
-            result["zookeeper_rss_mb"] = _rss_mb(lab.zookeeper.pid())
-            result["zookeeper_heap_mb"] = lab.zookeeper.heap_mb
-            print(json.dumps(result))
+    result = {"machines": args.machines, "units": args.units, "samples": args.samples, "interleaved": True}
+    with tempfile.TemporaryDirectory(prefix="ensemble-scale-", dir="/var/tmp") as tmp, \
+            contextlib.ExitStack() as stack:
+        labs = {}
+        for kind in LABS:
+            labs[kind] = stack.enter_context(Lab(os.path.join(tmp, kind), hosts=1, mode="vxlan", cidr=NETWORK,
+                                                 zookeeper_heap_mb=args.zookeeper_heap_mb))
+            labs[kind].ensemble("deploy", IDLE, "--to", "0")
+        workers = {}
+        for kind in LABS:
+            workers[kind] = Worker(labs[kind])
+            stack.callback(workers[kind].close)
+        watched = {f"{kind}_{what}": pid for kind in LABS
+                   for what, pid in (("zookeeper", labs[kind].zookeeper.pid()),
+                                     ("machine_agent", labs[kind].agents[0].pid),
+                                     ("benchmark", workers[kind].process.pid))}
+
+        def measured(phase, work, *arguments, **keywords):
+            before = host_load.sample(watched, labs["full"].zookeeper.pid())
+            value = work(*arguments, **keywords)
+            after = host_load.sample(watched, labs["full"].zookeeper.pid())
+            result.setdefault("load", {})[phase] = host_load.spent(before, after)
+            return value
+
+        result["populate_s"] = measured("populate", workers["full"].request, "populate",
+                                        machines=args.machines, units=args.units)["seconds"]
+        deploys = {kind: [] for kind in LABS}
+        around = {kind: [] for kind in LABS}  # (before, after) host readings of each deploy
+        for n in range(args.samples):
+            for kind in (LABS if n % 2 == 0 else LABS[::-1]):
+                before = host_load.sample(watched)
+                deploys[kind].append(workers[kind].request("deploy"))
+                around[kind].append((before, host_load.sample(watched)))
+        for kind in LABS:
+            result["load"][f"{kind}_deploys"] = host_load.spent_over(around[kind])
+            latencies = [d["ms"] for d in deploys[kind]]
+            result[f"{kind}_add_unit_p50_ms"] = round(statistics.median(latencies), 1)
+            result[f"{kind}_steps_p50_ms"] = _median_steps([d["steps"] for d in deploys[kind]])
+            result[f"{kind}_add_unit_requests"] = statistics.median(d["requests"] for d in deploys[kind])
+            # Each deploy's share taken by the hypervisor: one far above the others
+            # says which samples it slowed.
+            result[f"{kind}_deploys_stolen_max"] = max(host_load.spent(b, a)["host_stolen"] or 0
+                                                       for b, a in around[kind])
+        result["full_to_empty_p50"] = round(result["full_add_unit_p50_ms"] / result["empty_add_unit_p50_ms"], 2)
+        for kind in LABS:
+            result[f"{kind}_passes"] = measured(f"{kind}_passes", workers[kind].request, "passes")["passes"]
+        result.update(workers["full"].request("census"))
+        result["zookeeper_rss_mb"] = _rss_mb(labs["full"].zookeeper.pid())
+        result["zookeeper_heap_mb"] = labs["full"].zookeeper.heap_mb
+        print(json.dumps(result))
 
 
 def _rss_mb(pid):
@@ -97,69 +171,57 @@ def _rss_mb(pid):
 
 
 async def inside(reactor, args):
-    from deploy import _median_steps, started
+    """Serves the outside's requests (Worker) in this lab until its stdin closes."""
+    from deploy import started
     from deploy_timeline import durations, timeline
-    import host_load
 
     # The unit agents' logs are bound over their directories in the machine agent's
     # mount namespace (each unit's disk, container/disk.py): read them through it.
     agent_home = f"/proc/{args.agent_pid}/root{args.agent_home}"
-    watched = {"zookeeper": args.zookeeper_pid, "machine_agent": args.agent_pid, "benchmark": os.getpid()}
-
-    async def measured(phase, work):
-        """`work`'s result; records in result["load"][phase] what the host spent meanwhile."""
-        before = await threads.deferToThread(host_load.sample, watched, args.zookeeper_pid)
-        value = await work
-        after = await threads.deferToThread(host_load.sample, watched, args.zookeeper_pid)
-        result.setdefault("load", {})[phase] = host_load.spent(before, after)
-        return value
-
     client = await connection.connect()
-    server = client.servers.split(",")[0]
-    result = {"machines": args.machines, "units": args.units, "samples": args.samples}
-    try:
-        async def deploys():
-            """add-unit to `started` (ms) of each sample, and each step's own time (p50)."""
-            latencies, steps, requests = [], [], []
-            for _ in range(args.samples):
-                begin = reactor.seconds()
-                (name,) = await defer.ensureDeferred(add_unit(client, requests))
-                added_units.append(name)
-                added = (reactor.seconds() - begin) * 1000
-                took = await started(reactor, client, [name], timeout=120, since=begin)
-                if name not in took:
-                    raise SystemExit(f"{name} did not start within 120 s")
-                latencies.append(took[name] * 1000)
-                steps.append(durations({"added": added, **timeline(agent_home, 0, name, begin,
-                                                                     machine_log=args.agent_log),
-                                        "seen": latencies[-1]}))
-            return latencies, _median_steps(steps), statistics.median(requests)
 
-        added_units = []
-        empty, result["empty_steps_p50_ms"], result["empty_add_unit_requests"] = await measured(
-            "empty_deploys", deploys())
-        result["empty_passes"] = await measured("empty_passes", passes(reactor, args.agent_log))
-        # Machine 0 as it was before the empty environment's deploys, so that both
-        # phases deploy onto the same units of its own and differ in the environment
-        # alone (each deploy costs a little more with every unit on its host).
-        if not args.keep_empty_units:
-            await remove_units(reactor, client, added_units)
-        del added_units[:]
+    async def deploy():
+        """add-unit to `started` (ms), each step's own time and the add-unit's requests."""
+        begin = reactor.seconds()
+        requests = []
+        (name,) = await add_unit(client, requests)
+        added = (reactor.seconds() - begin) * 1000
+        took = await started(reactor, client, [name], timeout=120, since=begin)
+        if name not in took:
+            raise RuntimeError(f"{name} did not start within 120 s")
+        ms = took[name] * 1000
+        steps = durations({"added": added, **timeline(agent_home, 0, name, begin, machine_log=args.agent_log),
+                           "seen": ms})
+        return {"ms": ms, "steps": steps, "requests": requests[0]}
+
+    async def populated(machines, units):
         began = time.monotonic()
-        await measured("populate", populate(client, args.machines, args.units))
-        result["populate_s"] = round(time.monotonic() - began, 1)
-        full, result["full_steps_p50_ms"], result["full_add_unit_requests"] = await measured(
-            "full_deploys", deploys())
-        result["full_passes"] = await measured("full_passes", passes(reactor, args.agent_log))
-        result["empty_add_unit_p50_ms"] = round(statistics.median(empty), 1)
-        result["full_add_unit_p50_ms"] = round(statistics.median(full), 1)
-        result["full_to_empty_p50"] = round(statistics.median(full) / statistics.median(empty), 2)
-        result["units_in_environment"] = len(await client.get_children("/units"))
-        result["machines_in_environment"] = len(await MachineStateManager(client).machine_ids())
-        result["zookeeper"] = await server_load(reactor, server)
+        await populate(client, machines, units)
+        return {"seconds": round(time.monotonic() - began, 1)}
+
+    async def census():
+        return {"units_in_environment": len(await client.get_children("/units")),
+                "machines_in_environment": len(await MachineStateManager(client).machine_ids()),
+                "zookeeper": await server_load(reactor, client.servers.split(",")[0])}
+
+    async def measured_passes():
+        return {"passes": await passes(reactor, args.agent_log)}
+
+    operations = {"deploy": deploy, "populate": populated, "census": census, "passes": measured_passes}
+    try:
+        while True:
+            line = await threads.deferToThread(sys.stdin.readline)
+            if not line:
+                return
+            request = json.loads(line)
+            try:
+                answer = await operations[request.pop("op")](**request)
+            except Exception as e:  # the outside says it and stops the run
+                answer = {"error": f"{type(e).__name__}: {e}"}
+            sys.stdout.write(json.dumps(answer) + "\n")
+            sys.stdout.flush()
     finally:
         await client.close()
-    print(json.dumps(result))
 
 
 async def add_unit(client, requests):
@@ -170,19 +232,6 @@ async def add_unit(client, requests):
         return await ServiceStateManager(client).add_units("idle", n=1, to=0)
     finally:
         requests.append(counted[0])
-
-
-async def remove_units(reactor, client, names, timeout=300):
-    """Remove the units `names` and wait until their machine has torn them down."""
-    units = UnitStateManager(client)
-    for name in names:
-        await units.remove_unit(name)
-    deadline = reactor.seconds() + timeout
-    for name in names:
-        while await client.exists(unit_path(name)) is not None:
-            if reactor.seconds() > deadline:
-                raise SystemExit(f"{name} was not torn down within {timeout} s")
-            await task.deferLater(reactor, 0.2, lambda: None)
 
 
 async def passes(reactor, agent_log):
@@ -289,17 +338,13 @@ def main():
     parser.add_argument("--samples", type=int, default=15)
     parser.add_argument("--zookeeper-heap-mb", type=int, default=None,
                         help="the lab's ZooKeeper heap (default: ensemble/zookeeper.py's)")
-    parser.add_argument("--keep-empty-units", action="store_true",
-                        help="deploy the full environment's samples on top of the empty one's, as runs "
-                             "before 2026-12-03 evening did (machine 0 then has more units of its own)")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--agent-log", help=argparse.SUPPRESS)
     parser.add_argument("--agent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--agent-home", help=argparse.SUPPRESS)
-    parser.add_argument("--zookeeper-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sys.path.insert(0, HERE)
     if args.inside:
-        sys.path.insert(0, HERE)
         task.react(lambda reactor: defer.ensureDeferred(inside(reactor, args)))
     else:
         outside(args)
