@@ -1,7 +1,8 @@
 """A unit's agent forked into its container by the machine agent's agent starter
 (agent_starter.py): confined exactly as one runsv starts, stopped by the container's
-stop like one, followed by runsv's own when it ends, and run only once the machine
-agent lets it (real LXC and ZooKeeper)."""
+stop like one, followed by runsv's own when it ends, run only once the machine agent
+lets it, and reaped by its starter even when the machine agent died mid-request (real
+LXC and ZooKeeper)."""
 
 import os
 import signal
@@ -173,3 +174,28 @@ async def test_a_forked_agent_readies_itself_but_runs_only_once_let_or_once_its_
     assert logged(logs[1]) == ""
     await driver.close()
     await until(lambda: "cannot reach ZooKeeper" in logged(logs[1]), 30, "the second agent's attempt")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_starter_whose_machine_agent_died_mid_request_still_reaps_its_agent(
+        unprivileged_driver, lab):  # noqa: F811
+    driver = unprivileged_driver
+    # An address on the lab's bridge that nobody has: the agent waits in its connect.
+    zookeeper = {"ENSEMBLE_ZOOKEEPER": f"{lab.gateway.rpartition('.')[0]}.250:2181", "ENSEMBLE_CONNECT_TIMEOUT": "300"}
+    spec = lab.spec("web/0", idmap=OWN_RANGE, agent_forked=True, agent_environment=zookeeper,
+                    agent_command=[agent_python(), "-m", "ensemble", "unit-agent", "--unit", "web/0"])
+    await driver.create(spec)
+    await driver.start(spec.name)
+    agent = await one_agent("web/0", lambda pid: "agent_starter" in _title(_parent(pid)))
+    starter = _parent(agent)
+    # The machine agent killed with a request under way: the answer finds no reader.
+    driver._starter.transport.closeChildFD(1)
+    await task.deferLater(reactor, 0.1, lambda: None)  # closed by the reactor's next turn
+    driver._starter.request(op="release", lock="/nonexistent").addErrback(lambda _: None)
+    await task.deferLater(reactor, 1, lambda: None)
+    # The starter lives on as its agent's parent, and reaps it when the container stops
+    # (left to the host's init, it could stay a zombie, and the container with it).
+    assert _parent(agent) == starter
+    await driver.stop(spec.name)
+    await until(lambda: not os.path.exists(f"/proc/{agent}"), 30, "the agent reaped")
+    await until(lambda: not os.path.exists(f"/proc/{starter}"), 30, "the starter ended after its last agent")

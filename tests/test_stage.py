@@ -83,3 +83,17 @@ def test_the_end_of_requests_lets_what_runs_finish(server, plan):
     server.stdin.close()
     assert answers(server, 1)[0]["output"] == "done\n"
     assert server.wait(timeout=5) == 0
+
+
+def test_a_driver_gone_mid_request_leaves_what_runs_waited_for(server, plan, tmp_path):
+    # Its agent killed: the answer of a command that ends finds no reader. The server
+    # must still wait for (reap) the commands under way, not end with them orphaned.
+    path, _ = plan
+    ended = tmp_path / "ended"
+    send(server, {"id": 1, "plan": path, "argv": ["true"], "timeout": None})
+    send(server, {"id": 2, "plan": path, "argv": ["sh", "-c", f"sleep 1; echo $$ > {ended}"], "timeout": None})
+    server.stdout.close()
+    time.sleep(0.5)  # the first answered into the closed pipe meanwhile
+    assert server.poll() is None and not ended.exists()
+    assert server.wait(timeout=10) == 0
+    assert ended.exists()

@@ -20,8 +20,8 @@ answered {"id"} ("attach": with "pid", the agent's host pid, and "load_ms" and
 agent of the container, forked in or runsv's). The lock is
 what the container's runsv script waits on (config.agent_run_script): an agent started
 here holds it while it runs, and runsv starts one the usual way once it has ended. Its
-stdin closed, the starter lets every waiting agent go and exits once they have all
-ended. A forked agent waits on a pipe whose other end only the starter holds: "go"
+stdin closed, or its stdout (the machine agent killed with a request under way), the
+starter lets every waiting agent go and exits once they have all ended. A forked agent waits on a pipe whose other end only the starter holds: "go"
 closes it, and so does the starter's end, however it comes.
 
 What the fork carries into a unit is this process's memory: imported modules and the
@@ -252,12 +252,23 @@ def _reap():
 
 
 def serve(stdin=0, stdout=1):
-    """Answer requests until stdin closes, then reap the agents until none is left: an
-    orphan would be reaped by the host's init, if at all, and a container whose agent
-    is left a zombie does not stop. Single-threaded on purpose: liblxc forks this
-    process, and a thread's lock held at that moment would stay held in the unit."""
+    """Answer requests until stdin closes (or stdout does: the machine agent is gone),
+    then reap the agents until none is left: an orphan would be reaped by the host's
+    init, if at all, and a container whose agent is left a zombie does not stop.
+    Single-threaded on purpose: liblxc forks this process, and a thread's lock held at
+    that moment would stay held in the unit."""
     starter = Starter()
     ops = {"hold": starter.hold, "attach": starter.attach, "go": starter.go, "release": starter.release}
+
+    def asked_no_more():
+        # Every lock let go (runsv's script starts the agent of a start left half
+        # done) and every waiting agent let run: nobody is left to say go.
+        selector.unregister(stdin)
+        for lock in list(starter.held):
+            starter.release({"lock": lock})
+        for lock in list(starter.waiting):
+            starter.go({"lock": lock})
+
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
@@ -282,11 +293,7 @@ def serve(stdin=0, stdout=1):
             continue
         data = os.read(stdin, 65536)
         if not data:
-            selector.unregister(stdin)
-            for lock in list(starter.held):
-                starter.release({"lock": lock})
-            for lock in list(starter.waiting):
-                starter.go({"lock": lock})
+            asked_no_more()
             if not _reap():
                 return
             continue
@@ -302,9 +309,17 @@ def serve(stdin=0, stdout=1):
             except Exception as e:
                 answer = {"error": f"{type(e).__name__}: {e}"}
             answer["id"] = request["id"]
-            # Unbuffered: a buffered answer would be copied into the next fork.
-            os.write(stdout, json.dumps(answer).encode() + b"\n")
-        _reap()
+            try:
+                # Unbuffered: a buffered answer would be copied into the next fork.
+                os.write(stdout, json.dumps(answer).encode() + b"\n")
+            except BrokenPipeError:
+                # The machine agent was killed with this request under way: what is
+                # left of its requests goes unanswered, and the agents here still
+                # need reaping (ending here would leave them to the host's init).
+                asked_no_more()
+                break
+        if not _reap() and stdin not in selector.get_map():
+            return
 
 
 if __name__ == "__main__":

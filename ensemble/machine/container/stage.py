@@ -161,7 +161,8 @@ def _child(plan_path, argv, output):
 
 
 def serve(requests=0, answers=1):
-    """Fork a staged command per request line on `requests`; answer on `answers`."""
+    """Fork a staged command per request line on `requests`; answer on `answers`. Ends
+    once `requests` is closed (or `answers` is) and every command has exited."""
     selector = selectors.DefaultSelector()
     selector.register(requests, selectors.EVENT_READ, None)
     running = {}  # output fd -> [id, pid, chunks, deadline, timed_out]
@@ -205,7 +206,17 @@ def serve(requests=0, answers=1):
             code = os.waitstatus_to_exitcode(status)
             answer = {"id": entry[0], "code": code if code >= 0 else 128 - code,
                       "output": b"".join(entry[2]).decode("utf-8", "replace"), "timed_out": entry[4]}
-            os.write(answers, json.dumps(answer).encode() + b"\n")
+            if answers is None:
+                continue
+            try:
+                os.write(answers, json.dumps(answer).encode() + b"\n")
+            except BrokenPipeError:
+                # The driver is gone (its agent killed): the commands under way are
+                # still waited for, or the host's init would be left to reap them.
+                answers = None
+                if reading:
+                    selector.unregister(requests)
+                    reading = False
         now = time.monotonic()
         for entry in running.values():
             if entry[3] is not None and now >= entry[3] and not entry[4]:
