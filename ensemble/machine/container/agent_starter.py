@@ -21,8 +21,9 @@ agent of the container, forked in or runsv's). The lock is
 what the container's runsv script waits on (config.agent_run_script): an agent started
 here holds it while it runs, and runsv starts one the usual way once it has ended. Its
 stdin closed, or its stdout (the machine agent killed with a request under way), the
-starter lets every waiting agent go and exits once they have all ended. A forked agent waits on a pipe whose other end only the starter holds: "go"
-closes it, and so does the starter's end, however it comes.
+starter lets every waiting agent go and exits once they have all ended. A forked agent
+waits on a pipe whose other end only the starter holds: "go" closes it, and so does
+the starter's end, however it comes.
 
 What the fork carries into a unit is this process's memory: imported modules and the
 requests' container names and paths, nothing secret. The agent's credential is read

@@ -173,6 +173,8 @@ def serve(requests=0, answers=1):
         wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         for key, _ in selector.select(wait):
             if key.fd == requests:
+                if not reading:  # unregistered by a failed answer earlier in this batch
+                    continue
                 data = os.read(requests, 65536)
                 if not data:
                     # No more requests: answer those under way, then end.
