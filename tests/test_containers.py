@@ -394,7 +394,7 @@ async def test_a_create_cut_short_is_made_again_from_scratch(unprivileged_driver
         await driver.create(spec)
         await driver.start(spec.name)
         assert await driver.state(spec.name) == "RUNNING"
-    # Made anew: one disk mount, the range of the cut one given back and taken again.
+    # Made anew: its disk not mounted twice, the range of the cut one given back and taken again.
     with open("/proc/self/mountinfo") as f:
         assert sum(cut_late.name in line for line in f) <= 1
     assert await driver.id_range(cut_late.name) == first_ids
