@@ -82,13 +82,12 @@ def spent(before, after):
 def spent_over(spans):
     """spent() summed over (before, after) pairs of readings: what was spent within
     those spans alone (their processes' CPU, the host's ticks), not between them."""
-    zero = {"host": (0, 0, 0), "processes": {}, "gc": {}, "wall": 0.0}
-    total = {"host": [0, 0, 0], "processes": {}, "gc": {}, "wall": 0.0}
+    host, processes, wall = [0, 0, 0], {}, 0.0
     for before, after in spans:
-        total["host"] = [t + a - b for t, a, b in zip(total["host"], after["host"], before["host"])]
-        total["wall"] += after["wall"] - before["wall"]
+        host = [t + a - b for t, a, b in zip(host, after["host"], before["host"])]
+        wall += after["wall"] - before["wall"]
         for k, seconds in after["processes"].items():
             if seconds is not None and before["processes"].get(k) is not None:
-                zero["processes"][k] = 0.0
-                total["processes"][k] = total["processes"].get(k, 0.0) + seconds - before["processes"][k]
-    return spent(zero, total)
+                processes[k] = processes.get(k, 0.0) + seconds - before["processes"][k]
+    zero = {"host": (0, 0, 0), "processes": dict.fromkeys(processes, 0.0), "gc": {}, "wall": 0.0}
+    return spent(zero, {"host": host, "processes": processes, "gc": {}, "wall": wall})

@@ -149,8 +149,8 @@ def outside(args):
             result[f"{kind}_add_unit_p50_ms"] = round(statistics.median(latencies), 1)
             result[f"{kind}_steps_p50_ms"] = _median_steps([d["steps"] for d in deploys[kind]])
             result[f"{kind}_add_unit_requests"] = statistics.median(d["requests"] for d in deploys[kind])
-            # Each deploy's share taken by the hypervisor: one far above the others
-            # says which samples it slowed.
+            # The most the hypervisor took of any one deploy: whether it slowed some
+            # samples, even where the sum over all of them is small.
             result[f"{kind}_deploys_stolen_max"] = max(host_load.spent(b, a)["host_stolen"] or 0
                                                        for b, a in around[kind])
         result["full_to_empty_p50"] = round(result["full_add_unit_p50_ms"] / result["empty_add_unit_p50_ms"], 2)
